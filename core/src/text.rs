@@ -1,0 +1,329 @@
+//! The sentence-transformers text pipeline shared by every backend's text
+//! encoder: the model folder layout, tokenisation with truncation reporting,
+//! and attention-masked mean pooling + L2 normalisation.
+//!
+//! Only the transformer forward pass differs between candle, ONNX Runtime and
+//! libtorch; everything before and after it lives here so the three backends
+//! cannot drift apart.
+
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use std::path::{Path, PathBuf};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// A sentence-transformers model folder (`modules.json`, `1_Pooling/`, ...).
+#[derive(Clone, Debug)]
+pub struct SentenceModelDir {
+    /// The folder.
+    pub root: PathBuf,
+    /// `max_seq_length` from `sentence_bert_config.json` (else the position limit).
+    pub max_seq_length: usize,
+    /// Output dimension from `1_Pooling/config.json` (else `hidden_size`).
+    pub dim: usize,
+    /// Whether `modules.json` ends in a Normalize module.
+    pub normalize: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct BertConfigLite {
+    hidden_size: usize,
+    max_position_embeddings: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct PoolingConfig {
+    word_embedding_dimension: usize,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).or_err(ErrorKind::Model, path.display())
+}
+
+impl SentenceModelDir {
+    /// Open and check a model folder; every missing file is named.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::not_found(format!(
+                "model folder {} does not exist (run scripts/setup.sh to fetch the test weights)",
+                root.display()
+            )));
+        }
+        let cfg: BertConfigLite = read_json(&root.join("config.json"))?;
+        let max_seq_length = match root.join("sentence_bert_config.json") {
+            p if p.exists() => {
+                let v: serde_json::Value = read_json(&p)?;
+                v["max_seq_length"]
+                    .as_u64()
+                    .map_or(cfg.max_position_embeddings, |n| n as usize)
+            }
+            _ => cfg.max_position_embeddings,
+        };
+        let mut dim = cfg.hidden_size;
+        let pooling = root.join("1_Pooling/config.json");
+        if pooling.exists() {
+            let p: PoolingConfig = read_json(&pooling)?;
+            if !p.pooling_mode_mean_tokens || p.pooling_mode_cls_token || p.pooling_mode_max_tokens {
+                return Err(Error::unsupported(format!(
+                    "{}: only mean pooling is implemented",
+                    pooling.display()
+                )));
+            }
+            dim = p.word_embedding_dimension;
+        }
+        let normalize = match root.join("modules.json") {
+            p if p.exists() => {
+                let v: serde_json::Value = read_json(&p)?;
+                v.as_array().is_some_and(|mods| {
+                    mods.iter()
+                        .any(|m| m["type"].as_str().is_some_and(|t| t.ends_with("Normalize")))
+                })
+            }
+            // A bare transformers folder: normalise, as retrieval uses cosine anyway.
+            _ => true,
+        };
+        Ok(SentenceModelDir {
+            root: root.to_path_buf(),
+            max_seq_length,
+            dim,
+            normalize,
+        })
+    }
+
+    /// A file inside the folder that must exist.
+    pub fn file(&self, name: &str) -> Result<PathBuf> {
+        let p = self.root.join(name);
+        if !p.exists() {
+            return Err(Error::not_found(format!("missing model file {}", p.display())));
+        }
+        Ok(p)
+    }
+
+    /// The folder's tokenizer, set up for [`SentenceTokenizer`].
+    pub fn tokenizer(&self) -> Result<SentenceTokenizer> {
+        SentenceTokenizer::from_file(&self.file("tokenizer.json")?, self.max_seq_length)
+    }
+}
+
+/// A batch of token ids, padded to its longest member.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenBatch {
+    /// Rows in the batch.
+    pub batch: usize,
+    /// Padded sequence length.
+    pub seq_len: usize,
+    /// `[batch * seq_len]` token ids.
+    pub ids: Vec<i64>,
+    /// `[batch * seq_len]` 1 for real tokens, 0 for padding.
+    pub mask: Vec<i64>,
+    /// `[batch * seq_len]` segment ids (all 0 for single sentences).
+    pub type_ids: Vec<i64>,
+    /// Indices of texts that were truncated to `max_seq_length`.
+    pub truncated: Vec<u32>,
+}
+
+/// A tokenizer with sentence-transformers' truncation and dynamic padding.
+///
+/// The tokenizer.json shipped with all-MiniLM-L6-v2 pads and truncates to a
+/// fixed 128 tokens; sentence-transformers instead truncates at
+/// `max_seq_length` (256) and pads to the longest text in the batch. Both
+/// settings are replaced here so every backend sees what the reference sees.
+pub struct SentenceTokenizer {
+    inner: Tokenizer,
+    max_len: usize,
+}
+
+impl SentenceTokenizer {
+    /// Load `tokenizer.json`, truncating at `max_len` tokens (special tokens included).
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        let mut inner = Tokenizer::from_file(path).or_err(ErrorKind::Model, path.display())?;
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .or_err(ErrorKind::Model, path.display())?;
+        let pad_id = inner.token_to_id("[PAD]").unwrap_or(0);
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id,
+            pad_token: "[PAD]".into(),
+            ..Default::default()
+        }));
+        Ok(SentenceTokenizer { inner, max_len })
+    }
+
+    /// Longest sequence in tokens.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Tokenise a batch of texts.
+    pub fn encode(&self, texts: &[String]) -> Result<TokenBatch> {
+        let enc = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::invalid_input(format!("tokenising: {e}")))?;
+        let seq_len = enc.first().map_or(0, |e| e.len());
+        let mut b = TokenBatch {
+            batch: enc.len(),
+            seq_len,
+            ids: Vec::with_capacity(enc.len() * seq_len),
+            mask: Vec::with_capacity(enc.len() * seq_len),
+            type_ids: Vec::with_capacity(enc.len() * seq_len),
+            truncated: Vec::new(),
+        };
+        for (i, e) in enc.iter().enumerate() {
+            b.ids.extend(e.get_ids().iter().map(|&x| x as i64));
+            b.mask.extend(e.get_attention_mask().iter().map(|&x| x as i64));
+            b.type_ids.extend(e.get_type_ids().iter().map(|&x| x as i64));
+            if !e.get_overflowing().is_empty() {
+                b.truncated.push(i as u32);
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// Attention-masked mean over tokens, then (optionally) L2 normalisation:
+/// sentence-transformers' Pooling(mean) + Normalize. `hidden` is
+/// `[batch, seq_len, dim]` row-major.
+pub fn mean_pool(hidden: &[f32], batch: &TokenBatch, dim: usize, normalize: bool) -> Vec<Vec<f32>> {
+    (0..batch.batch)
+        .map(|b| {
+            let mut acc = vec![0f32; dim];
+            let mut count = 0f32;
+            for t in 0..batch.seq_len {
+                if batch.mask[b * batch.seq_len + t] == 0 {
+                    continue;
+                }
+                count += 1.0;
+                let row = &hidden[(b * batch.seq_len + t) * dim..][..dim];
+                acc.iter_mut().zip(row).for_each(|(a, x)| *a += x);
+            }
+            // sentence-transformers clamps the token count at 1e-9.
+            let count = count.max(1e-9);
+            acc.iter_mut().for_each(|a| *a /= count);
+            if normalize {
+                // F.normalize: x / max(||x||, 1e-12).
+                let norm = acc.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                acc.iter_mut().for_each(|a| *a /= norm);
+            }
+            acc
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pool_ignores_padding_and_normalises() {
+        let batch = TokenBatch {
+            batch: 1,
+            seq_len: 3,
+            ids: vec![1, 2, 0],
+            mask: vec![1, 1, 0],
+            type_ids: vec![0; 3],
+            truncated: vec![],
+        };
+        // Third token is padding with a huge value that must not count.
+        let hidden = [1.0, 0.0, 3.0, 4.0, 100.0, 100.0];
+        let raw = mean_pool(&hidden, &batch, 2, false);
+        assert_eq!(raw, vec![vec![2.0, 2.0]]);
+        let unit = mean_pool(&hidden, &batch, 2, true);
+        let s = 1.0 / 2f32.sqrt();
+        assert!((unit[0][0] - s).abs() < 1e-6 && (unit[0][1] - s).abs() < 1e-6);
+    }
+}
+
+/// The `params:` of a sentence-transformers text encoder, the same for every
+/// backend so that `encoder.backend=...` switches backend and nothing else.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentenceEncoderParams {
+    /// The model folder (`${RAGAR_CACHE}` and config-relative paths allowed).
+    pub model_dir: String,
+    /// Texts per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// The weights file inside `model_dir`, when not the backend's default
+    /// (`model.safetensors` for candle, `model.onnx` for ort, `model.ts` for tch).
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+fn default_batch() -> usize {
+    32
+}
+
+impl SentenceEncoderParams {
+    /// Parse from a spec and open the model folder.
+    pub fn open(spec: &crate::ComponentSpec) -> Result<(Self, SentenceModelDir)> {
+        let params: Self = spec.params()?;
+        if params.batch_size == 0 {
+            return Err(Error::config(format!(
+                "{}.params.batch_size must be at least 1",
+                spec.key
+            )));
+        }
+        let dir = SentenceModelDir::open(&spec.resolve_path(&params.model_dir))?;
+        Ok((params, dir))
+    }
+}
+
+/// Embed `texts` in chunks of `batch_size` with `forward`, which maps a token
+/// batch to its last hidden state `[batch, seq_len, hidden]` (row-major).
+/// This is the whole encoder except the transformer itself.
+pub fn embed_in_batches(
+    texts: &[String],
+    batch_size: usize,
+    tokenizer: &SentenceTokenizer,
+    dir: &SentenceModelDir,
+    mut forward: impl FnMut(&TokenBatch) -> Result<Vec<f32>>,
+) -> Result<crate::stage::TextEmbeddings> {
+    let mut rows = Vec::with_capacity(texts.len());
+    let mut truncated = Vec::new();
+    for (c, chunk) in texts.chunks(batch_size.max(1)).enumerate() {
+        let batch = tokenizer.encode(chunk)?;
+        let hidden = forward(&batch)?;
+        let want = batch.batch * batch.seq_len * dir.dim;
+        if hidden.len() != want {
+            return Err(Error::model(format!(
+                "transformer returned {} values, expected {want} ({} x {} x {})",
+                hidden.len(),
+                batch.batch,
+                batch.seq_len,
+                dir.dim
+            )));
+        }
+        rows.extend(mean_pool(&hidden, &batch, dir.dim, dir.normalize));
+        truncated.extend(batch.truncated.iter().map(|i| i + (c * batch_size) as u32));
+    }
+    let vectors = if rows.is_empty() {
+        crate::Tensor::from_f32(&[0, dir.dim], vec![])?
+    } else {
+        crate::Tensor::from_rows(&rows)?
+    };
+    Ok(crate::stage::TextEmbeddings {
+        vectors,
+        truncated: truncated.into(),
+    })
+}
+
+/// The [`crate::stage::EncoderInfo`] of a sentence-transformers model.
+pub fn encoder_info(dir: &SentenceModelDir) -> crate::stage::EncoderInfo {
+    crate::stage::EncoderInfo {
+        dim: dir.dim as u32,
+        text: true,
+        image: false,
+        max_tokens: dir.max_seq_length as u32,
+        normalized: dir.normalize,
+    }
+}

@@ -1,0 +1,126 @@
+//! The user's surface: `ragar stage`, `validate`, `print-config`, `plugins`.
+
+use crate::config::{self, stage_key, Loaded, Overrides};
+use crate::io::{read_lines, write_matrix};
+use crate::registry::{check_device, Registry};
+use ragar_core::{DType, Device, Error, Result, Stage};
+use std::path::Path;
+
+/// Load a config and the registry it asks for.
+pub fn open(config: Option<&Path>, overrides: &[String]) -> Result<(Loaded, Registry)> {
+    let loaded = config::load(config, &Overrides::parse(overrides)?)?;
+    let registry = Registry::discover(&loaded.config.plugins, &loaded.base_dir());
+    Ok((loaded, registry))
+}
+
+/// `ragar stage encoder --text-file F --out OUT`: embed one text per line.
+pub fn stage_encoder(loaded: &Loaded, registry: &Registry, text_file: &Path, out: &Path) -> Result<usize> {
+    registry.ensure_loaded()?;
+    let texts = read_lines(text_file)?;
+    let encoder = registry.encoder(loaded)?;
+    let emb = encoder.embed_text(&texts)?;
+    for i in emb.truncated.iter() {
+        eprintln!(
+            "note: {}:{} is longer than {} tokens and was truncated",
+            text_file.display(),
+            i + 1,
+            encoder.info().max_tokens
+        );
+    }
+    write_matrix(out, "embeddings", &emb.vectors)?;
+    Ok(texts.len())
+}
+
+/// `ragar validate`: everything checkable without loading weights. Returns
+/// the list of problems (empty = valid).
+pub fn validate(loaded: &Loaded, registry: &Registry) -> Vec<String> {
+    let mut problems: Vec<String> = registry.failures().iter().map(|f| format!("plugin {f}")).collect();
+    let mut any = false;
+    for stage in Stage::ALL {
+        let Some(c) = loaded.config.component(stage) else {
+            continue;
+        };
+        any = true;
+        let key = stage_key(stage);
+        if let Err(e) = DType::parse(&c.dtype) {
+            problems.push(format!("{key}.dtype: {e}"));
+        }
+        if let Err(e) = Device::parse(&c.device) {
+            problems.push(format!("{key}.device: {e}"));
+        }
+        match registry.find(stage, &c.name, &c.backend) {
+            Ok(entry) => {
+                if let Err(e) = check_device(&entry.component.descriptor, &c.device) {
+                    problems.push(format!("{key}.device: {e}"));
+                }
+            }
+            Err(e) => problems.push(format!("{key}: {e}")),
+        }
+    }
+    if !any {
+        problems
+            .push("the config configures no stage (captioner, encoder, keyword_llm, mapper, generator, ranker)".into());
+    }
+    problems
+}
+
+/// `ragar print-config`: the resolved config, one `key = value  # source` per line.
+pub fn print_config(loaded: &Loaded) -> String {
+    let rows = loaded.provenance();
+    let width = rows
+        .iter()
+        .map(|(k, v, _)| k.len() + v.to_string().len() + 3)
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for (k, v, src) in rows {
+        let kv = format!("{k} = {v}");
+        out.push_str(&format!("{kv:<width$}  # {src}\n"));
+    }
+    out.push_str(&format!("# cache_dir (resolved) = {}\n", loaded.cache_dir().display()));
+    out
+}
+
+/// `ragar plugins`: every component, then every load failure.
+pub fn plugins(registry: &Registry) -> String {
+    let mut rows = vec![[
+        "STAGE".to_string(),
+        "NAME".into(),
+        "BACKEND".into(),
+        "VERSION".into(),
+        "DEVICES".into(),
+        "ORIGIN".into(),
+    ]];
+    for e in registry.entries() {
+        let d = &e.component.descriptor;
+        let devs: Vec<&str> = d.devices.iter().map(|s| s.as_str()).collect();
+        rows.push([
+            d.stage.to_string(),
+            d.name.to_string(),
+            d.backend.to_string(),
+            d.version.to_string(),
+            devs.join(","),
+            e.origin.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    for f in registry.failures() {
+        out.push_str(&format!("failed to load {f}\n"));
+    }
+    out
+}
+
+/// An error for a stage the `stage` command does not drive yet.
+pub fn stage_not_available(stage: Stage) -> Error {
+    Error::unsupported(format!(
+        "`ragar stage {stage}` needs a {stage} implementation; this build has encoder only"
+    ))
+}

@@ -1,0 +1,112 @@
+//! Files in and out: line-oriented text inputs and atomic writes.
+
+use ragar_core::{Error, Result, Tensor};
+use std::io::Write;
+use std::path::Path;
+
+/// One entry per line of `path` (a final newline does not add an empty
+/// entry; `\r\n` is accepted). Empty lines are kept as empty strings so that
+/// output row i always belongs to input line i+1. A line that is not UTF-8
+/// is an error naming the file and line.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    body.split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, line)| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            String::from_utf8(line.to_vec()).map_err(|e| {
+                Error::invalid_input(format!(
+                    "{}:{}: not valid UTF-8 (byte {} of the line)",
+                    path.display(),
+                    i + 1,
+                    e.utf8_error().valid_up_to() + 1
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same folder,
+/// flushed and synced, then renamed over the target.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Save a `[n, d]` tensor as `.json` (array of arrays) or `.safetensors`
+/// (one f32 tensor named `name`), chosen by the extension.
+pub fn write_matrix(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let bytes = match ext {
+        "json" => {
+            let rows = t.to_rows()?;
+            let mut s = serde_json::to_vec(&rows).map_err(|e| Error::io(path, e))?;
+            s.push(b'\n');
+            s
+        }
+        "safetensors" => {
+            let data: Vec<u8> = t.to_f32_vec().iter().flat_map(|x| x.to_le_bytes()).collect();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims(), &data)
+                .map_err(|e| Error::io(path, e))?;
+            safetensors::tensor::serialize([(name, view)], None).map_err(|e| Error::io(path, e))?
+        }
+        _ => {
+            return Err(Error::invalid_input(format!(
+                "{}: unknown output format (use .json or .safetensors)",
+                path.display()
+            )))
+        }
+    };
+    write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_keep_empties_and_name_bad_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.txt");
+        std::fs::write(&p, b"a\r\n\nb\n").unwrap();
+        assert_eq!(read_lines(&p).unwrap(), vec!["a", "", "b"]);
+        std::fs::write(&p, b"ok\nbad \xff here\n").unwrap();
+        let err = read_lines(&p).unwrap_err().to_string();
+        assert!(err.contains("in.txt:2: not valid UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn matrices_round_trip_through_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let t = Tensor::from_rows(&[vec![1.0, 2.0], vec![3.0, 4.0]]).unwrap();
+        write_matrix(&p, "embeddings", &t).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let v = st.tensor("embeddings").unwrap();
+        assert_eq!(v.shape(), &[2, 2]);
+        assert!(write_matrix(&dir.path().join("m.txt"), "x", &t).is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! `ragar`: run, train and evaluate RAGAR pipelines composed from YAML.
+
+use clap::{Parser, Subcommand};
+use ragar_core::Stage;
+use ragar_host::commands;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ragar",
+    version,
+    about = "Retrieval-augmented personalized image generation guided by recommendation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one stage on given inputs (the debugging and parity tool).
+    Stage {
+        /// captioner | encoder | keyword-llm | mapper | generator | ranker
+        stage: String,
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// One text per line (empty lines are embedded as the empty string).
+        #[arg(long)]
+        text_file: Option<PathBuf>,
+        /// Output: .json (array of arrays) or .safetensors.
+        #[arg(long)]
+        out: PathBuf,
+        /// key.path=value overrides, applied last.
+        overrides: Vec<String>,
+    },
+    /// Check a config without loading weights.
+    Validate {
+        /// Config file.
+        config: PathBuf,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// Show the resolved config and where each value came from.
+    PrintConfig {
+        /// Config file.
+        config: PathBuf,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// List every component (static and dynamic) and plugin load failures.
+    Plugins {
+        /// Also load the plugins this config lists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
+    match cli.command {
+        Command::Stage {
+            stage,
+            config,
+            text_file,
+            out,
+            overrides,
+        } => {
+            let stage = Stage::parse(&stage)?;
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            match stage {
+                Stage::Encoder => {
+                    let file = text_file.ok_or_else(|| {
+                        ragar_core::Error::invalid_input("`ragar stage encoder` needs --text-file FILE")
+                    })?;
+                    let n = commands::stage_encoder(&loaded, &registry, &file, &out)?;
+                    eprintln!("embedded {n} lines -> {}", out.display());
+                }
+                other => return Err(commands::stage_not_available(other)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { config, overrides } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let problems = commands::validate(&loaded, &registry);
+            if problems.is_empty() {
+                println!("{}: ok", config.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{}: {} problem(s)", config.display(), problems.len());
+                for p in problems {
+                    eprintln!("- {p}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::PrintConfig { config, overrides } => {
+            let (loaded, _) = commands::open(Some(&config), &overrides)?;
+            print!("{}", commands::print_config(&loaded));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins { config } => {
+            let (_, registry) = commands::open(config.as_deref(), &[])?;
+            print!("{}", commands::plugins(&registry));
+            Ok(if registry.failures().is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! From the config's device and dtype strings to candle's.
+
+use candle_core::{DType, Device};
+use ragar_core::{ComponentSpec, Error, Result};
+
+/// The candle device a spec asks for. `cuda` without a CUDA build or driver
+/// is an error; only `auto` falls back to the CPU.
+pub fn device(spec: &ComponentSpec) -> Result<Device> {
+    match spec.device()? {
+        ragar_core::Device::Cpu => Ok(Device::Cpu),
+        ragar_core::Device::Cuda(n) => cuda(n),
+        ragar_core::Device::Auto => Ok(cuda(0).unwrap_or(Device::Cpu)),
+    }
+}
+
+fn cuda(n: usize) -> Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::device(
+            "CUDA was asked for but this ragar-candle was built without the `cuda` feature \
+             (build with scripts/build-cuda.sh), or say `device: auto` to allow the CPU",
+        ));
+    }
+    Device::new_cuda(n).map_err(|e| Error::device(format!("cuda:{n}: {e}")))
+}
+
+/// The candle dtype for a spec's dtype.
+pub fn dtype(spec: &ComponentSpec) -> DType {
+    match spec.dtype {
+        ragar_core::DType::F32 => DType::F32,
+        ragar_core::DType::F16 => DType::F16,
+        ragar_core::DType::BF16 => DType::BF16,
+    }
+}
+
+/// A candle error as a model error with context.
+pub fn model_err(context: impl std::fmt::Display) -> impl FnOnce(candle_core::Error) -> Error {
+    move |e| Error::model(format!("{context}: {e}"))
+}

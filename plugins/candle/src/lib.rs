@@ -1,0 +1,28 @@
+//! ragar-candle: RAGAR stages on candle, on CPU and (with the `cuda`
+//! feature) CUDA.
+//!
+//! One file per model family; each opens with the paper and reference
+//! implementation it follows. Link statically (the `ragar` binary's `candle`
+//! feature) or load `ragar-candle-plugin` as a shared library: both expose
+//! the same [`components`].
+#![deny(missing_docs)]
+
+pub mod bert;
+pub mod device;
+pub mod minilm;
+
+use ragar_core::{component, Component};
+
+/// Every component this plugin offers.
+pub fn components() -> Vec<Component> {
+    vec![component!(
+        Encoder,
+        "minilm",
+        "candle",
+        ["cpu", "cuda"],
+        "sentence-transformers BERT text encoder (all-MiniLM-L6-v2) from model.safetensors",
+        minilm::SentenceEncoder::load
+    )]
+}
+
+ragar_core::register_static!("candle", components);

@@ -1,0 +1,27 @@
+//! ragar-ort: RAGAR stages on ONNX Runtime.
+//!
+//! ONNX Runtime is loaded at run time (ort's `load-dynamic`), from
+//! `ORT_DYLIB_PATH` or the project cache (`scripts/setup.sh` installs
+//! `libonnxruntime.so.1.32.0` from the PyPI wheel); nothing is downloaded at
+//! build time. Models are ONNX graphs exported from the same checkpoints the
+//! other backends read (see `scripts/export_minilm.py`).
+#![deny(missing_docs)]
+
+pub mod minilm;
+pub mod runtime;
+
+use ragar_core::{component, Component};
+
+/// Every component this plugin offers.
+pub fn components() -> Vec<Component> {
+    vec![component!(
+        Encoder,
+        "minilm",
+        "ort",
+        ["cpu", "cuda"],
+        "sentence-transformers BERT text encoder from an ONNX graph (model.onnx, or model_int8.onnx)",
+        minilm::SentenceEncoder::load
+    )]
+}
+
+ragar_core::register_static!("ort", components);

@@ -1,0 +1,114 @@
+//! Finding and starting ONNX Runtime once per process, and opening sessions
+//! with the graph's inputs and outputs checked against what a stage expects.
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ragar_core::{ComponentSpec, Error, ErrorKind, Result};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The ONNX Runtime version `scripts/setup.sh` installs.
+pub const ORT_LIB: &str = "libonnxruntime.so.1.32.0";
+
+static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// Where libonnxruntime is: `$ORT_DYLIB_PATH`, else `<cache>/lib/onnxruntime/`.
+pub fn library_path(cache_dir: &Path) -> PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir.join("lib/onnxruntime").join(ORT_LIB))
+}
+
+/// The process's ONNX Runtime environment, loading the library on first use.
+/// A missing library is an error naming the setup script, never a panic.
+pub fn environment(cache_dir: &Path) -> Result<&'static Environment> {
+    let env = ENV.get_or_init(|| {
+        let lib = library_path(cache_dir);
+        if !lib.is_file() {
+            return Err(format!(
+                "ONNX Runtime library not found at {} (run scripts/setup.sh, or set ORT_DYLIB_PATH)",
+                lib.display()
+            ));
+        }
+        // ort reports a bad library by panicking inside its loader; keep that
+        // at this boundary.
+        std::panic::catch_unwind(|| {
+            ort::init_from(&lib)
+                .map_err(|e| e.to_string())?
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|_| Err(format!("{} could not be loaded as ONNX Runtime", lib.display())))
+        .map_err(|e| format!("{}: {e}", lib.display()))
+    });
+    env.as_ref().map_err(|e| Error::new(ErrorKind::NativeLibrary, e))
+}
+
+/// Open `model` on the spec's device with two intra-op threads per session
+/// unless `threads` says otherwise.
+pub fn session(spec: &ComponentSpec, model: &Path, threads: usize) -> Result<Session> {
+    let env = environment(Path::new(spec.cache_dir.as_str()))?;
+    if !model.is_file() {
+        return Err(Error::not_found(format!(
+            "missing ONNX model {} (run scripts/setup.sh, or export it with scripts/export_minilm.py)",
+            model.display()
+        )));
+    }
+    let err = |e: ort::Error| Error::model(format!("{}: {e}", model.display()));
+    let mut builder = Session::builder(env).map_err(err)?;
+    builder = match spec.device()? {
+        ragar_core::Device::Cpu => builder,
+        ragar_core::Device::Cuda(_) if !cfg!(feature = "cuda") => {
+            return Err(Error::device(
+                "CUDA was asked for but ragar-ort was built without its `cuda` feature \
+                 (ONNX Runtime's CUDA provider is unverified here); say `device: auto` to allow the CPU",
+            ))
+        }
+        _ => with_cuda(builder, spec)?,
+    };
+    builder = builder
+        .with_intra_threads(threads.max(1))
+        .map_err(|e| Error::model(e.to_string()))?;
+    builder.commit_from_file(model).map_err(err)
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    spec: &ComponentSpec,
+) -> Result<ort::session::builder::SessionBuilder> {
+    let id = match spec.device()? {
+        ragar_core::Device::Cuda(n) => n as i32,
+        _ => 0,
+    };
+    builder
+        .with_execution_providers([ort::ep::CUDA::default().with_device_id(id).build()])
+        .map_err(|e| Error::device(e.to_string()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    _spec: &ComponentSpec,
+) -> Result<ort::session::builder::SessionBuilder> {
+    // `auto` without the CUDA provider: the CPU.
+    Ok(builder)
+}
+
+/// Check that the graph declares `required` inputs (and only names from
+/// `allowed`), and has `output`; the error lists expected and found names.
+pub fn check_io(session: &Session, model: &Path, required: &[&str], allowed: &[&str], output: &str) -> Result<()> {
+    let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+    let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let missing = required.iter().any(|r| !inputs.contains(r));
+    let unknown = inputs.iter().any(|i| !allowed.contains(i));
+    if missing || unknown || !outputs.contains(&output) {
+        return Err(Error::model(format!(
+            "{}: graph does not match the stage: expected inputs {required:?} (optionally {:?}) and output \
+             '{output}', found inputs {inputs:?} and outputs {outputs:?}",
+            model.display(),
+            allowed.iter().filter(|a| !required.contains(a)).collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+// Shared build script (ragar-tch, ragar-tch-plugin, ragar-host with `tch`):
+// find libtorch at run time without LD_LIBRARY_PATH, by an rpath to
+// $LIBTORCH/lib (LIBTORCH is set by .cargo/config.toml to the cache's link).
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let host = std::env::var("CARGO_PKG_NAME").is_ok_and(|n| n == "ragar-host");
+    if host && std::env::var_os("CARGO_FEATURE_TCH").is_none() {
+        return;
+    }
+    if let Ok(dir) = std::env::var("LIBTORCH") {
+        let lib = std::path::Path::new(&dir).join("lib");
+        let lib = lib.canonicalize().unwrap_or(lib);
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    }
+}

@@ -1,0 +1,43 @@
+//! ragar-tch: RAGAR stages on libtorch, from TorchScript modules exported by
+//! the reference Python libraries (`scripts/export_minilm.py`).
+//!
+//! libtorch comes from the PyPI torch 2.11.0 wheel installed by
+//! `scripts/setup.sh` (tch 0.24 pairs with torch 2.11); `.cargo/config.toml`
+//! points `LIBTORCH` at it and the binaries carry an rpath to its `lib/`.
+#![deny(missing_docs)]
+
+pub mod minilm;
+
+use ragar_core::{component, Component, ComponentSpec, Error, Result};
+
+/// Every component this plugin offers.
+pub fn components() -> Vec<Component> {
+    vec![component!(
+        Encoder,
+        "minilm",
+        "tch",
+        ["cpu", "cuda"],
+        "sentence-transformers BERT text encoder from a TorchScript module (model.ts)",
+        minilm::SentenceEncoder::load
+    )]
+}
+
+ragar_core::register_static!("tch", components);
+
+/// The libtorch device a spec asks for; `cuda` without CUDA is an error,
+/// only `auto` falls back to the CPU.
+pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
+    match spec.device()? {
+        ragar_core::Device::Cpu => Ok(tch::Device::Cpu),
+        ragar_core::Device::Auto => Ok(tch::Device::cuda_if_available()),
+        ragar_core::Device::Cuda(n) => {
+            if !tch::Cuda::is_available() {
+                return Err(Error::device(
+                    "CUDA was asked for but libtorch sees no CUDA device (no driver, or a build \
+                     without libtorch_cuda: see scripts/build-cuda.sh); say `device: auto` to allow the CPU",
+                ));
+            }
+            Ok(tch::Device::Cuda(n))
+        }
+    }
+}

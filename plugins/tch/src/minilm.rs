@@ -1,0 +1,92 @@
+//! Sentence-transformers text encoder (all-MiniLM-L6-v2) from a TorchScript
+//! module taking `(input_ids, attention_mask, token_type_ids)` int64
+//! `[batch, seq]` and returning `last_hidden_state` `[batch, seq, hidden]`
+//! (`scripts/export_minilm.py`). Tokenisation and pooling are shared
+//! (`ragar_core::text`).
+
+use crate::device;
+use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
+use ragar_core::text::{
+    embed_in_batches, encoder_info, SentenceEncoderParams, SentenceModelDir, SentenceTokenizer, TokenBatch,
+};
+use ragar_core::{ComponentSpec, Error, Result};
+use std::sync::Mutex;
+use tch::{CModule, Kind, Tensor};
+
+/// A BERT sentence encoder on libtorch.
+pub struct SentenceEncoder {
+    // CModule is not Sync; the contract is `&self`.
+    module: Mutex<CModule>,
+    device: tch::Device,
+    tokenizer: SentenceTokenizer,
+    dir: SentenceModelDir,
+    batch_size: usize,
+}
+
+impl SentenceEncoder {
+    /// Build from a spec: `params: { model_dir, batch_size, file }`, the
+    /// module being `file` (default `model.ts`) inside the folder.
+    pub fn load(spec: &ComponentSpec) -> Result<Self> {
+        let (params, dir) = SentenceEncoderParams::open(spec)?;
+        let path = dir.root.join(params.file.as_deref().unwrap_or("model.ts"));
+        if !path.is_file() {
+            return Err(Error::not_found(format!(
+                "missing TorchScript module {} (run scripts/setup.sh, or export it with scripts/export_minilm.py)",
+                path.display()
+            )));
+        }
+        let device = device(spec)?;
+        let mut module = CModule::load_on_device(&path, device).map_err(|e| {
+            Error::model(format!(
+                "{}: not a TorchScript module this libtorch ({}) can read: {}",
+                path.display(),
+                tch_version(),
+                first_line(&e.to_string())
+            ))
+        })?;
+        module.set_eval();
+        Ok(SentenceEncoder {
+            module: Mutex::new(module),
+            device,
+            tokenizer: dir.tokenizer()?,
+            dir,
+            batch_size: params.batch_size,
+        })
+    }
+
+    fn forward(&self, b: &TokenBatch) -> Result<Vec<f32>> {
+        let shape = [b.batch as i64, b.seq_len as i64];
+        let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(self.device);
+        let module = self
+            .module
+            .lock()
+            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+        let out = tch::no_grad(|| module.forward_ts(&[t(&b.ids), t(&b.mask), t(&b.type_ids)]))
+            .map_err(|e| Error::model(format!("TorchScript forward: {}", first_line(&e.to_string()))))?;
+        let out = out
+            .to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .contiguous()
+            .view(-1);
+        Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+    }
+}
+
+fn tch_version() -> &'static str {
+    "torch 2.11"
+}
+
+/// libtorch errors carry a C++ backtrace; the first line says what happened.
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+impl Encoder for SentenceEncoder {
+    fn info(&self) -> EncoderInfo {
+        encoder_info(&self.dir)
+    }
+
+    fn embed_text(&self, texts: &[String]) -> Result<TextEmbeddings> {
+        embed_in_batches(texts, self.batch_size, &self.tokenizer, &self.dir, |b| self.forward(b))
+    }
+}

