@@ -278,6 +278,22 @@ impl SentenceEncoderParams {
     }
 }
 
+impl SentenceEncoderParams {
+    /// The backend's model file: `file` if set, else `default`, inside the
+    /// folder. A missing one is an error that says how to make it.
+    pub fn model_file(&self, dir: &SentenceModelDir, default: &str) -> Result<PathBuf> {
+        let path = dir.root.join(self.file.as_deref().unwrap_or(default));
+        if !path.is_file() {
+            return Err(Error::not_found(format!(
+                "missing model file {} (run scripts/setup.sh; for other checkpoints export ONNX/TorchScript \
+                 with scripts/export_minilm.py)",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+}
+
 /// Embed `texts` in chunks of `batch_size` with `forward`, which maps a token
 /// batch to its last hidden state `[batch, seq_len, hidden]` (row-major).
 /// This is the whole encoder except the transformer itself.

@@ -69,6 +69,17 @@ fn missing_and_corrupt_weights_name_the_file() {
         "{msg}"
     );
 
+    // Exported files that are not what they claim to be.
+    std::fs::write(model.join("model.ts"), b"PK\x03\x04 not a torchscript archive").unwrap();
+    let (ok, msg) = stage(&[&dir_arg, "encoder.backend=tch"], &input, &out, &[]);
+    assert!(
+        !ok && msg.contains("model.ts") && msg.contains("not a TorchScript module"),
+        "{msg}"
+    );
+    std::fs::write(model.join("model.onnx"), b"not a protobuf").unwrap();
+    let (ok, msg) = stage(&[&dir_arg, "encoder.backend=ort"], &input, &out, &[]);
+    assert!(!ok && msg.contains("model.onnx"), "{msg}");
+
     let (ok, msg) = stage(&["encoder.params.model_dir=/does/not/exist"], &input, &out, &[]);
     assert!(
         !ok && msg.contains("/does/not/exist") && msg.contains("scripts/setup.sh"),

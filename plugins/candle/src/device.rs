@@ -17,7 +17,7 @@ fn cuda(n: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::device(
             "CUDA was asked for but this ragar-candle was built without the `cuda` feature \
-             (build with scripts/build-cuda.sh), or say `device: auto` to allow the CPU",
+             (build ragar with `--features cuda`), or say `device: auto` to allow the CPU",
         ));
     }
     Device::new_cuda(n).map_err(|e| Error::device(format!("cuda:{n}: {e}")))

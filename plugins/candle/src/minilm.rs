@@ -31,7 +31,7 @@ impl SentenceEncoder {
         let cfg: Config =
             serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?)
                 .or_err(ErrorKind::Model, cfg_path.display())?;
-        let weights = dir.file(params.file.as_deref().unwrap_or("model.safetensors"))?;
+        let weights = params.model_file(&dir, "model.safetensors")?;
         // Safety: the file is memory-mapped read-only; ragar never writes to a
         // model file while it is loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype(spec), &device) }

@@ -33,7 +33,7 @@ impl SentenceEncoder {
     /// graph installed by the setup is `model_int8.onnx`).
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = SentenceEncoderParams::open(spec)?;
-        let graph = dir.root.join(params.file.as_deref().unwrap_or("model.onnx"));
+        let graph = params.model_file(&dir, "model.onnx")?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let session = session(spec, &graph, threads)?;
         check_io(&session, &graph, &INPUTS[..2], &INPUTS, OUTPUT)?;

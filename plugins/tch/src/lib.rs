@@ -34,7 +34,7 @@ pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
             if !tch::Cuda::is_available() {
                 return Err(Error::device(
                     "CUDA was asked for but libtorch sees no CUDA device (no driver, or a build \
-                     without libtorch_cuda: see scripts/build-cuda.sh); say `device: auto` to allow the CPU",
+                     whose libtorch lacks CUDA); say `device: auto` to allow the CPU",
                 ));
             }
             Ok(tch::Device::Cuda(n))

@@ -28,19 +28,12 @@ impl SentenceEncoder {
     /// module being `file` (default `model.ts`) inside the folder.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = SentenceEncoderParams::open(spec)?;
-        let path = dir.root.join(params.file.as_deref().unwrap_or("model.ts"));
-        if !path.is_file() {
-            return Err(Error::not_found(format!(
-                "missing TorchScript module {} (run scripts/setup.sh, or export it with scripts/export_minilm.py)",
-                path.display()
-            )));
-        }
+        let path = params.model_file(&dir, "model.ts")?;
         let device = device(spec)?;
         let mut module = CModule::load_on_device(&path, device).map_err(|e| {
             Error::model(format!(
-                "{}: not a TorchScript module this libtorch ({}) can read: {}",
+                "{}: not a TorchScript module this libtorch (torch 2.11, tch 0.24) can read: {}",
                 path.display(),
-                tch_version(),
                 first_line(&e.to_string())
             ))
         })?;
@@ -70,10 +63,6 @@ impl SentenceEncoder {
             .view(-1);
         Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
     }
-}
-
-fn tch_version() -> &'static str {
-    "torch 2.11"
 }
 
 /// libtorch errors carry a C++ backtrace; the first line says what happened.
