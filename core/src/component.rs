@@ -4,7 +4,7 @@
 use crate::data::DType;
 use crate::error::{Error, Result};
 use crate::stage::{CaptionerBox, EncoderBox, GeneratorBox, KeywordLlmBox, MapperBox, RankerBox};
-use abi_stable::std_types::{RResult, RString, RVec};
+use abi_stable::std_types::{RResult, RString, RVec, Tuple2};
 use abi_stable::StableAbi;
 use std::path::{Path, PathBuf};
 
@@ -212,6 +212,45 @@ factories! {
     Ranker => RankerBox,
 }
 
+/// What a component will need and produce, found without loading weights
+/// (for `ragar validate`): the files it will read (each checked to exist)
+/// and named shape facts the host wires between stages, e.g. an encoder's
+/// `text_dim`, an LLM's `hidden_size`, a mapper's `keyword_dim`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+pub struct Probe {
+    /// Files the component will read.
+    pub files: RVec<RString>,
+    /// Shape facts, name -> value.
+    pub facts: RVec<Tuple2<RString, u64>>,
+}
+
+impl Probe {
+    /// Add a file that must exist (checked here, so the error names it).
+    pub fn file(mut self, path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::not_found(format!("missing file {}", path.display())));
+        }
+        self.files.push(path.to_string_lossy().as_ref().into());
+        Ok(self)
+    }
+    /// Add a shape fact.
+    pub fn fact(mut self, name: &str, value: u64) -> Self {
+        self.facts.push(Tuple2(name.into(), value));
+        self
+    }
+    /// Look a fact up.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.facts.iter().find(|t| t.0 == name).map(|t| t.1)
+    }
+}
+
+/// A probe for components that read nothing before building: parses nothing,
+/// reports nothing.
+pub extern "C" fn no_probe(_spec: &ComponentSpec) -> RResult<Probe, Error> {
+    RResult::ROk(Probe::default())
+}
+
 /// A component a plugin offers.
 #[repr(C)]
 #[derive(StableAbi, Clone)]
@@ -220,14 +259,29 @@ pub struct Component {
     pub descriptor: ComponentDescriptor,
     /// How to build it.
     pub factory: Factory,
+    /// What it needs and produces, without loading weights.
+    pub probe: extern "C" fn(&ComponentSpec) -> RResult<Probe, Error>,
 }
 
 /// Declare a [`Component`]: `component!(Encoder, "minilm", "candle", ["cpu", "cuda"],
-/// "summary", MiniLm::load)` where `MiniLm::load: fn(&ComponentSpec) -> Result<MiniLm>`
-/// and `MiniLm: stage::Encoder`. The generated factory catches panics.
+/// "summary", MiniLm::load, MiniLm::probe)` where `MiniLm::load: fn(&ComponentSpec) ->
+/// Result<MiniLm>`, `MiniLm: stage::Encoder`, and the optional `probe: fn(&ComponentSpec)
+/// -> Result<Probe>` checks params and files without loading weights. The generated
+/// functions catch panics.
 #[macro_export]
 macro_rules! component {
     ($stage:ident, $name:expr, $backend:expr, [$($dev:expr),*], $summary:expr, $ctor:expr) => {{
+        $crate::component!(@make $stage, $name, $backend, [$($dev),*], $summary, $ctor, $crate::component::no_probe)
+    }};
+    ($stage:ident, $name:expr, $backend:expr, [$($dev:expr),*], $summary:expr, $ctor:expr, $probe:expr) => {{
+        extern "C" fn probe(
+            spec: &$crate::ComponentSpec,
+        ) -> $crate::abi_stable::std_types::RResult<$crate::component::Probe, $crate::Error> {
+            $crate::guard(|| ($probe)(spec))
+        }
+        $crate::component!(@make $stage, $name, $backend, [$($dev),*], $summary, $ctor, probe)
+    }};
+    (@make $stage:ident, $name:expr, $backend:expr, [$($dev:expr),*], $summary:expr, $ctor:expr, $probe:expr) => {{
         extern "C" fn make(
             spec: &$crate::ComponentSpec,
         ) -> $crate::abi_stable::std_types::RResult<$crate::__stage_box!($stage), $crate::Error> {
@@ -243,6 +297,7 @@ macro_rules! component {
                 $summary,
             ),
             factory: $crate::Factory::$stage(make),
+            probe: $probe,
         }
     }};
 }

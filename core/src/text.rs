@@ -294,6 +294,20 @@ impl SentenceEncoderParams {
     }
 }
 
+/// The probe of a sentence encoder whose backend reads `default_file`:
+/// params parse, the folder and its configs are readable, the weights file
+/// exists; reports `text_dim` and `max_tokens`. Reads no weights.
+pub fn probe(spec: &crate::ComponentSpec, default_file: &str) -> Result<crate::component::Probe> {
+    let (params, dir) = SentenceEncoderParams::open(spec)?;
+    let weights = params.model_file(&dir, default_file)?;
+    let probe = crate::component::Probe::default()
+        .file(&weights)?
+        .file(&dir.file("tokenizer.json")?)?;
+    Ok(probe
+        .fact("text_dim", dir.dim as u64)
+        .fact("max_tokens", dir.max_seq_length as u64))
+}
+
 /// Embed `texts` in chunks of `batch_size` with `forward`, which maps a token
 /// batch to its last hidden state `[batch, seq_len, hidden]` (row-major).
 /// This is the whole encoder except the transformer itself.

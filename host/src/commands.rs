@@ -31,37 +31,79 @@ pub fn stage_encoder(loaded: &Loaded, registry: &Registry, text_file: &Path, out
     Ok(texts.len())
 }
 
-/// `ragar validate`: everything checkable without loading weights. Returns
-/// the list of problems (empty = valid).
+/// `ragar validate`: everything checkable without loading weights — plugin
+/// loading, names, backends, devices, dtypes, each component's params and
+/// files (its probe), and the shape facts wired between stages. Returns the
+/// problems (empty = valid).
 pub fn validate(loaded: &Loaded, registry: &Registry) -> Vec<String> {
     let mut problems: Vec<String> = registry.failures().iter().map(|f| format!("plugin {f}")).collect();
-    let mut any = false;
+    let mut probes = Vec::new();
     for stage in Stage::ALL {
         let Some(c) = loaded.config.component(stage) else {
             continue;
         };
-        any = true;
         let key = stage_key(stage);
+        let before = problems.len();
         if let Err(e) = DType::parse(&c.dtype) {
             problems.push(format!("{key}.dtype: {e}"));
         }
         if let Err(e) = Device::parse(&c.device) {
             problems.push(format!("{key}.device: {e}"));
         }
-        match registry.find(stage, &c.name, &c.backend) {
-            Ok(entry) => {
-                if let Err(e) = check_device(&entry.component.descriptor, &c.device) {
-                    problems.push(format!("{key}.device: {e}"));
-                }
+        let entry = match registry.find(stage, &c.name, &c.backend) {
+            Ok(entry) => entry,
+            Err(e) => {
+                problems.push(format!("{key}: {e}"));
+                continue;
             }
+        };
+        if let Err(e) = check_device(&entry.component.descriptor, &c.device) {
+            problems.push(format!("{key}.device: {e}"));
+        }
+        if problems.len() > before {
+            continue;
+        }
+        match loaded
+            .spec(stage)
+            .and_then(|spec| (entry.component.probe)(&spec).into_result())
+        {
+            Ok(p) => probes.push((stage, p)),
             Err(e) => problems.push(format!("{key}: {e}")),
         }
     }
-    if !any {
+    if loaded.config.component_count() == 0 {
         problems
             .push("the config configures no stage (captioner, encoder, keyword_llm, mapper, generator, ranker)".into());
     }
+    problems.extend(check_wiring(&probes));
     problems
+}
+
+/// Shape facts that must agree between two stages' components.
+const WIRING: [(Stage, &str, Stage, &str); 4] = [
+    // The keyword feature (Eq. 9) comes from the text encoder.
+    (Stage::Encoder, "text_dim", Stage::Mapper, "keyword_dim"),
+    // The Modal Mapper reads the LLM's [IMG] hidden states (Eq. 7-8).
+    (Stage::KeywordLlm, "hidden_size", Stage::Mapper, "input_dim"),
+    // The general preference conditions the generator (Eq. 9).
+    (Stage::Mapper, "output_tokens", Stage::Generator, "embedding_tokens"),
+    (Stage::Mapper, "output_dim", Stage::Generator, "embedding_dim"),
+];
+
+/// Compare every wired pair of facts that both components report.
+pub fn check_wiring(probes: &[(Stage, ragar_core::component::Probe)]) -> Vec<String> {
+    let fact = |stage: Stage, name: &str| probes.iter().find(|(s, _)| *s == stage).and_then(|(_, p)| p.get(name));
+    WIRING
+        .iter()
+        .filter_map(|&(a, fa, b, fb)| match (fact(a, fa), fact(b, fb)) {
+            (Some(x), Some(y)) if x != y => Some(format!(
+                "wiring: {} {fa} is {x} but {} {fb} is {y}",
+                stage_key(a),
+                stage_key(b)
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `ragar print-config`: the resolved config, one `key = value  # source` per line.
@@ -123,4 +165,23 @@ pub fn stage_not_available(stage: Stage) -> Error {
     Error::unsupported(format!(
         "`ragar stage {stage}` needs a {stage} implementation; this build has encoder only"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ragar_core::component::Probe;
+
+    #[test]
+    fn wiring_reports_mismatched_dimensions_only() {
+        let enc = Probe::default().fact("text_dim", 384);
+        let mapper = Probe::default().fact("keyword_dim", 512).fact("input_dim", 576);
+        let llm = Probe::default().fact("hidden_size", 576);
+        let problems = check_wiring(&[(Stage::Encoder, enc), (Stage::Mapper, mapper), (Stage::KeywordLlm, llm)]);
+        assert_eq!(
+            problems,
+            vec!["wiring: encoder text_dim is 384 but mapper keyword_dim is 512".to_string()]
+        );
+        assert!(check_wiring(&[(Stage::Encoder, Probe::default().fact("text_dim", 384))]).is_empty());
+    }
 }

@@ -69,6 +69,11 @@ fn default_dtype() -> String {
 }
 
 impl Config {
+    /// How many stages are configured.
+    pub fn component_count(&self) -> usize {
+        Stage::ALL.iter().filter(|s| self.component(**s).is_some()).count()
+    }
+
     /// The component block of `stage`, if configured.
     pub fn component(&self, stage: Stage) -> Option<&ComponentConfig> {
         match stage {

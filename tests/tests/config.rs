@@ -131,7 +131,34 @@ fn validate_catches_miswiring_before_loading_weights() {
     assert!(out.contains("encoder.dtype: unknown dtype 'f8'"), "{out}");
     assert!(out.contains("runs on cpu, not 'cuda:0'"), "{out}");
 
-    let good = write(dir.path(), "g.yaml", BASE);
-    let o = run(Command::new(ragar()).arg("validate").arg(&good));
-    assert!(o.status.success(), "{}", text(&o));
+    // A missing model folder and a misspelt parameter are found without
+    // loading any weights.
+    let o = run(Command::new(ragar())
+        .arg("validate")
+        .arg(&write(dir.path(), "m.yaml", BASE)));
+    let out = text(&o);
+    assert!(
+        !o.status.success() && out.contains("model folder /nowhere does not exist"),
+        "{out}"
+    );
+    let o = run(Command::new(ragar()).current_dir(root()).args([
+        "validate",
+        "configs/minilm.yaml",
+        "encoder.params.batchsize=8",
+    ]));
+    let out = text(&o);
+    assert!(
+        !o.status.success() && out.contains("unknown field `batchsize`"),
+        "{out}"
+    );
+
+    cache();
+    for backend in ["candle", "ort", "tch"] {
+        let o = run(Command::new(ragar()).current_dir(root()).args([
+            "validate",
+            "configs/minilm.yaml",
+            &format!("encoder.backend={backend}"),
+        ]));
+        assert!(o.status.success(), "{backend}: {}", text(&o));
+    }
 }

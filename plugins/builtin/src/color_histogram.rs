@@ -36,6 +36,12 @@ impl ColorHistogram {
         Ok(ColorHistogram { bins: p.bins })
     }
 
+    /// Params check and `image_dim`, for `ragar validate`.
+    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+        let h = Self::load(spec)?;
+        Ok(ragar_core::component::Probe::default().fact("image_dim", h.bins.pow(3) as u64))
+    }
+
     fn feature(&self, img: &Image) -> Result<Vec<f32>> {
         let b = self.bins as usize;
         let mut h = vec![0f32; b * b * b];

@@ -14,7 +14,8 @@ pub fn components() -> Vec<Component> {
         "builtin",
         ["cpu"],
         "joint RGB colour histogram image features (weight-free baseline for Eq. 4)",
-        color_histogram::ColorHistogram::load
+        color_histogram::ColorHistogram::load,
+        color_histogram::ColorHistogram::probe
     )]
 }
 

@@ -11,7 +11,7 @@ pub mod bert;
 pub mod device;
 pub mod minilm;
 
-use ragar_core::{component, Component};
+use ragar_core::{component, Component, ComponentSpec};
 
 /// Every component this plugin offers.
 pub fn components() -> Vec<Component> {
@@ -21,7 +21,8 @@ pub fn components() -> Vec<Component> {
         "candle",
         ["cpu", "cuda"],
         "sentence-transformers BERT text encoder (all-MiniLM-L6-v2) from model.safetensors",
-        minilm::SentenceEncoder::load
+        minilm::SentenceEncoder::load,
+        |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.safetensors")
     )]
 }
 

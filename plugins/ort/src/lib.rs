@@ -10,7 +10,7 @@
 pub mod minilm;
 pub mod runtime;
 
-use ragar_core::{component, Component};
+use ragar_core::{component, Component, ComponentSpec};
 
 /// Every component this plugin offers.
 pub fn components() -> Vec<Component> {
@@ -20,7 +20,8 @@ pub fn components() -> Vec<Component> {
         "ort",
         ["cpu", "cuda"],
         "sentence-transformers BERT text encoder from an ONNX graph (model.onnx, or model_int8.onnx)",
-        minilm::SentenceEncoder::load
+        minilm::SentenceEncoder::load,
+        |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.onnx")
     )]
 }
 

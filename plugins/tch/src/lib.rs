@@ -18,7 +18,8 @@ pub fn components() -> Vec<Component> {
         "tch",
         ["cpu", "cuda"],
         "sentence-transformers BERT text encoder from a TorchScript module (model.ts)",
-        minilm::SentenceEncoder::load
+        minilm::SentenceEncoder::load,
+        |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.ts")
     )]
 }
 
