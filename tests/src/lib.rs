@@ -80,13 +80,15 @@ pub fn ragar_minimal() -> PathBuf {
 
 /// Build the cdylib package `package` (optionally with `features`) and return
 /// the library's path (copied aside so feature variants do not overwrite it).
+/// Without features the whole workspace is built, so the plugin shares the
+/// test build's dependency artifacts instead of re-resolving features alone.
 pub fn cdylib(package: &str, features: &[&str]) -> PathBuf {
-    let mut args = vec!["-p", package, "--lib"];
     let joined = features.join(",");
-    if !features.is_empty() {
-        args.extend(["--features", joined.as_str()]);
+    if features.is_empty() {
+        cargo_build(&["--workspace"]);
+    } else {
+        cargo_build(&["-p", package, "--lib", "--features", joined.as_str()]);
     }
-    cargo_build(&args);
     let lib = target_dir().join(format!("debug/lib{}.so", package.replace('-', "_")));
     let tag = if features.is_empty() {
         "default".to_string()

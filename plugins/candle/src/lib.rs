@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod clip;
 pub mod device;
 pub mod minilm;
 
