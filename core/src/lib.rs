@@ -26,9 +26,9 @@ pub mod data;
 pub mod error;
 pub mod plugin;
 pub mod stage;
-pub mod vision;
 #[cfg(feature = "text")]
 pub mod text;
+pub mod vision;
 
 pub use component::{Component, ComponentDescriptor, ComponentSpec, Device, Factory, Stage};
 pub use data::{DType, Image, Tensor, TensorData};

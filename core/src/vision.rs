@@ -38,8 +38,9 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as isize).max(0) as usize;
             let xmax = (((center + support + 0.5) as isize).min(in_size as isize) as usize).max(xmin);
-            let mut k: Vec<f64> =
-                (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) / filterscale)).collect();
+            let mut k: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .collect();
             let total: f64 = k.iter().sum();
             if total != 0.0 {
                 k.iter_mut().for_each(|w| *w /= total);
@@ -47,7 +48,13 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
             let one = (1u32 << PRECISION_BITS) as f64;
             let weights = k
                 .iter()
-                .map(|&w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 })
+                .map(|&w| {
+                    if w < 0.0 {
+                        (-0.5 + w * one) as i32
+                    } else {
+                        (0.5 + w * one) as i32
+                    }
+                })
                 .collect();
             Taps { start: xmin, weights }
         })
@@ -221,5 +228,8 @@ pub fn decode(path: &std::path::Path) -> Result<Decoded> {
     } else {
         img.to_rgb8().into_raw()
     };
-    Ok(Decoded { image: Image::new(w, h, rgb)?, notes })
+    Ok(Decoded {
+        image: Image::new(w, h, rgb)?,
+        notes,
+    })
 }

@@ -31,6 +31,36 @@ pub fn stage_encoder(loaded: &Loaded, registry: &Registry, text_file: &Path, out
     Ok(texts.len())
 }
 
+/// `ragar stage encoder --image-file F --out OUT`: embed one image per line
+/// of F (paths relative to F's folder). Conversions (grayscale, alpha,
+/// 16-bit) are reported; an unreadable image is an error naming it and its line.
+pub fn stage_encoder_images(loaded: &Loaded, registry: &Registry, list: &Path, out: &Path) -> Result<usize> {
+    registry.ensure_loaded()?;
+    let images = read_images(list)?;
+    let encoder = registry.encoder(loaded)?;
+    let vectors = encoder.embed_image(&images)?;
+    write_matrix(out, "embeddings", &vectors)?;
+    Ok(images.len())
+}
+
+/// Decode every image listed in `list` (one path per line).
+pub fn read_images(list: &Path) -> Result<Vec<ragar_core::Image>> {
+    let base = list.parent().unwrap_or(Path::new("."));
+    read_lines(list)?
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let path = base.join(line.trim());
+            let decoded =
+                ragar_core::vision::decode(&path).map_err(|e| e.context(format!("{}:{}", list.display(), i + 1)))?;
+            for note in &decoded.notes {
+                eprintln!("note: {note}");
+            }
+            Ok(decoded.image)
+        })
+        .collect()
+}
+
 /// `ragar validate`: everything checkable without loading weights — plugin
 /// loading, names, backends, devices, dtypes, each component's params and
 /// files (its probe), and the shape facts wired between stages. Returns the

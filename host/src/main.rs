@@ -27,8 +27,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         /// One text per line (empty lines are embedded as the empty string).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "image_file")]
         text_file: Option<PathBuf>,
+        /// One image path per line (relative to this file's folder).
+        #[arg(long)]
+        image_file: Option<PathBuf>,
         /// Output: .json (array of arrays) or .safetensors.
         #[arg(long)]
         out: PathBuf,
@@ -73,6 +76,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             stage,
             config,
             text_file,
+            image_file,
             out,
             overrides,
         } => {
@@ -80,11 +84,16 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;
             match stage {
                 Stage::Encoder => {
-                    let file = text_file.ok_or_else(|| {
-                        ragar_core::Error::invalid_input("`ragar stage encoder` needs --text-file FILE")
-                    })?;
-                    let n = commands::stage_encoder(&loaded, &registry, &file, &out)?;
-                    eprintln!("embedded {n} lines -> {}", out.display());
+                    let n = match (text_file, image_file) {
+                        (Some(f), _) => commands::stage_encoder(&loaded, &registry, &f, &out)?,
+                        (None, Some(f)) => commands::stage_encoder_images(&loaded, &registry, &f, &out)?,
+                        (None, None) => {
+                            return Err(ragar_core::Error::invalid_input(
+                                "`ragar stage encoder` needs --text-file FILE or --image-file FILE",
+                            ))
+                        }
+                    };
+                    eprintln!("embedded {n} inputs -> {}", out.display());
                 }
                 other => return Err(commands::stage_not_available(other)),
             }

@@ -23,10 +23,16 @@ fn read_npy(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
         _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen]).unwrap();
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
     let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
     let shape: Vec<usize> = shape.split(',').filter_map(|s| s.trim().parse().ok()).collect();
-    let data = bytes[start + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let data = bytes[start + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (shape, data)
 }
 

@@ -9,6 +9,7 @@
 
 pub mod bert;
 pub mod clip;
+pub mod clip_encoder;
 pub mod device;
 pub mod minilm;
 
@@ -16,15 +17,26 @@ use ragar_core::{component, Component, ComponentSpec};
 
 /// Every component this plugin offers.
 pub fn components() -> Vec<Component> {
-    vec![component!(
-        Encoder,
-        "minilm",
-        "candle",
-        ["cpu", "cuda"],
-        "sentence-transformers BERT text encoder (all-MiniLM-L6-v2) from model.safetensors",
-        minilm::SentenceEncoder::load,
-        |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.safetensors")
-    )]
+    vec![
+        component!(
+            Encoder,
+            "minilm",
+            "candle",
+            ["cpu", "cuda"],
+            "sentence-transformers BERT text encoder (all-MiniLM-L6-v2) from model.safetensors",
+            minilm::SentenceEncoder::load,
+            |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.safetensors")
+        ),
+        component!(
+            Encoder,
+            "clip",
+            "candle",
+            ["cpu", "cuda"],
+            "CLIP text and image features (HF CLIPModel checkpoints, e.g. ViT-B/32, ViT-L/14)",
+            clip_encoder::ClipEncoder::load,
+            clip_encoder::ClipEncoder::probe
+        ),
+    ]
 }
 
 ragar_core::register_static!("candle", components);
