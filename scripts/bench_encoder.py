@@ -8,7 +8,7 @@ ragar is timed as a user runs it (`ragar stage encoder`), and the fixed cost
 on the first batch only: throughput = (N - 32) / (t_N - t_32). Best of
 --repeats for every row. Prints a markdown table; --json writes the figures.
 
-Usage: .ragar/venv/bin/python scripts/bench_encoder.py [--ragar target/release/ragar] [--repeats 3]
+Usage: cargo build -p ragar-host --bin ragar && .ragar/venv/bin/python scripts/bench_encoder.py [--ragar PATH] [--repeats 3]
 """
 import argparse
 import json
@@ -41,7 +41,8 @@ def ragar_seconds(binary, backend, corpus, extra):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ragar", default=os.path.join(ROOT, "target", "release", "ragar"))
+    # The test profile: dependencies (candle, tokenizers, ...) and ragar-core optimised.
+    ap.add_argument("--ragar", default=os.path.join(ROOT, "target", "debug", "ragar"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--corpus", default=os.path.join(ROOT, "scripts", "bench_titles.txt"))
     ap.add_argument("--json")

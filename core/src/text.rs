@@ -8,7 +8,7 @@
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use std::path::{Path, PathBuf};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 /// A sentence-transformers model folder (`modules.json`, `1_Pooling/`, ...).
 #[derive(Clone, Debug)]
@@ -136,10 +136,13 @@ pub struct TokenBatch {
 pub struct SentenceTokenizer {
     inner: Tokenizer,
     max_len: usize,
+    pad_id: i64,
 }
 
 impl SentenceTokenizer {
-    /// Load `tokenizer.json`, truncating at `max_len` tokens (special tokens included).
+    /// Load `tokenizer.json`, truncating at `max_len` tokens (special tokens
+    /// included); batches are padded with the pad token named by the sibling
+    /// `tokenizer_config.json` (else `[PAD]`, else id 0).
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
         let mut inner = Tokenizer::from_file(path).or_err(ErrorKind::Model, path.display())?;
         inner
@@ -148,14 +151,20 @@ impl SentenceTokenizer {
                 ..Default::default()
             }))
             .or_err(ErrorKind::Model, path.display())?;
-        let pad_id = inner.token_to_id("[PAD]").unwrap_or(0);
-        inner.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            pad_id,
-            pad_token: "[PAD]".into(),
-            ..Default::default()
-        }));
-        Ok(SentenceTokenizer { inner, max_len })
+        let pad_token = path
+            .parent()
+            .map(|d| d.join("tokenizer_config.json"))
+            .filter(|p| p.is_file())
+            .and_then(|p| read_json::<serde_json::Value>(&p).ok())
+            .and_then(|v| match &v["pad_token"] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => other["content"].as_str().map(str::to_string),
+            })
+            .unwrap_or_else(|| "[PAD]".into());
+        let pad_id = inner.token_to_id(&pad_token).unwrap_or(0) as i64;
+        // Padding is ours (TokenBatch::pad), per batch of similar lengths.
+        inner.with_padding(None);
+        Ok(SentenceTokenizer { inner, max_len, pad_id })
     }
 
     /// Longest sequence in tokens.
@@ -163,30 +172,66 @@ impl SentenceTokenizer {
         self.max_len
     }
 
-    /// Tokenise a batch of texts.
-    pub fn encode(&self, texts: &[String]) -> Result<TokenBatch> {
+    /// Tokenise each text on its own (no padding).
+    pub fn encode_each(&self, texts: &[String]) -> Result<Vec<Encoded>> {
         let enc = self
             .inner
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| Error::invalid_input(format!("tokenising: {e}")))?;
-        let seq_len = enc.first().map_or(0, |e| e.len());
+        Ok(enc
+            .iter()
+            .map(|e| Encoded {
+                ids: e.get_ids().iter().map(|&x| x as i64).collect(),
+                type_ids: e.get_type_ids().iter().map(|&x| x as i64).collect(),
+                truncated: !e.get_overflowing().is_empty(),
+            })
+            .collect())
+    }
+
+    /// Tokenise a batch of texts, padded to its longest.
+    pub fn encode(&self, texts: &[String]) -> Result<TokenBatch> {
+        let enc = self.encode_each(texts)?;
+        Ok(TokenBatch::pad(&enc.iter().collect::<Vec<_>>(), self.pad_id))
+    }
+}
+
+/// One tokenised text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    /// Token ids, special tokens included.
+    pub ids: Vec<i64>,
+    /// Segment ids.
+    pub type_ids: Vec<i64>,
+    /// Whether the text was cut at the tokenizer's limit.
+    pub truncated: bool,
+}
+
+impl TokenBatch {
+    /// Pad `items` to the longest with `pad_id` (mask 0, segment 0).
+    pub fn pad(items: &[&Encoded], pad_id: i64) -> TokenBatch {
+        let seq_len = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let n = items.len() * seq_len;
         let mut b = TokenBatch {
-            batch: enc.len(),
+            batch: items.len(),
             seq_len,
-            ids: Vec::with_capacity(enc.len() * seq_len),
-            mask: Vec::with_capacity(enc.len() * seq_len),
-            type_ids: Vec::with_capacity(enc.len() * seq_len),
+            ids: Vec::with_capacity(n),
+            mask: Vec::with_capacity(n),
+            type_ids: Vec::with_capacity(n),
             truncated: Vec::new(),
         };
-        for (i, e) in enc.iter().enumerate() {
-            b.ids.extend(e.get_ids().iter().map(|&x| x as i64));
-            b.mask.extend(e.get_attention_mask().iter().map(|&x| x as i64));
-            b.type_ids.extend(e.get_type_ids().iter().map(|&x| x as i64));
-            if !e.get_overflowing().is_empty() {
+        for (i, e) in items.iter().enumerate() {
+            let pad = seq_len - e.ids.len();
+            b.ids
+                .extend(e.ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            b.mask
+                .extend(std::iter::repeat_n(1, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
+            b.type_ids
+                .extend(e.type_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            if e.truncated {
                 b.truncated.push(i as u32);
             }
         }
-        Ok(b)
+        b
     }
 }
 
@@ -318,10 +363,16 @@ pub fn embed_in_batches(
     dir: &SentenceModelDir,
     mut forward: impl FnMut(&TokenBatch) -> Result<Vec<f32>>,
 ) -> Result<crate::stage::TextEmbeddings> {
-    let mut rows = Vec::with_capacity(texts.len());
+    // Batch texts of similar length together (longest first), as
+    // sentence-transformers does: padding to each batch's longest text then
+    // wastes little work. Rows are put back in input order afterwards.
+    let encoded = tokenizer.encode_each(texts)?;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));
+    let mut rows = vec![Vec::new(); texts.len()];
     let mut truncated = Vec::new();
-    for (c, chunk) in texts.chunks(batch_size.max(1)).enumerate() {
-        let batch = tokenizer.encode(chunk)?;
+    for idx in order.chunks(batch_size.max(1)) {
+        let batch = TokenBatch::pad(&idx.iter().map(|&i| &encoded[i]).collect::<Vec<_>>(), tokenizer.pad_id);
         let hidden = forward(&batch)?;
         let want = batch.batch * batch.seq_len * dir.dim;
         if hidden.len() != want {
@@ -333,9 +384,15 @@ pub fn embed_in_batches(
                 dir.dim
             )));
         }
-        rows.extend(mean_pool(&hidden, &batch, dir.dim, dir.normalize));
-        truncated.extend(batch.truncated.iter().map(|i| i + (c * batch_size) as u32));
+        for (k, row) in mean_pool(&hidden, &batch, dir.dim, dir.normalize)
+            .into_iter()
+            .enumerate()
+        {
+            rows[idx[k]] = row;
+        }
+        truncated.extend(batch.truncated.iter().map(|&k| idx[k as usize] as u32));
     }
+    truncated.sort_unstable();
     let vectors = if rows.is_empty() {
         crate::Tensor::from_f32(&[0, dir.dim], vec![])?
     } else {
