@@ -24,6 +24,8 @@
 pub mod component;
 pub mod data;
 pub mod error;
+#[cfg(feature = "hub")]
+pub mod model;
 pub mod plugin;
 pub mod stage;
 #[cfg(feature = "text")]

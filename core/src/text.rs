@@ -308,9 +308,24 @@ fn default_batch() -> usize {
     32
 }
 
+/// Optional files of a sentence-transformers folder, fetched when present upstream.
+const OPTIONAL_FILES: [&str; 4] = [
+    "sentence_bert_config.json",
+    "modules.json",
+    "1_Pooling/config.json",
+    "tokenizer_config.json",
+];
+
 impl SentenceEncoderParams {
-    /// Parse from a spec and open the model folder.
-    pub fn open(spec: &crate::ComponentSpec) -> Result<(Self, SentenceModelDir)> {
+    /// Parse from a spec, resolve `model_dir` (a folder or `hf:org/name@rev`)
+    /// and find the backend's weights file (`file`, else `default_file`).
+    /// With [`Fetch::Never`](crate::model::Fetch) nothing is downloaded.
+    pub fn open(
+        spec: &crate::ComponentSpec,
+        default_file: &str,
+        fetch: crate::model::Fetch,
+    ) -> Result<(Self, SentenceModelDir, PathBuf)> {
+        use crate::model::ModelSource;
         let params: Self = spec.params()?;
         if params.batch_size == 0 {
             return Err(Error::config(format!(
@@ -318,33 +333,31 @@ impl SentenceEncoderParams {
                 spec.key
             )));
         }
-        let dir = SentenceModelDir::open(&spec.resolve_path(&params.model_dir))?;
-        Ok((params, dir))
-    }
-}
-
-impl SentenceEncoderParams {
-    /// The backend's model file: `file` if set, else `default`, inside the
-    /// folder. A missing one is an error that says how to make it.
-    pub fn model_file(&self, dir: &SentenceModelDir, default: &str) -> Result<PathBuf> {
-        let path = dir.root.join(self.file.as_deref().unwrap_or(default));
-        if !path.is_file() {
-            return Err(Error::not_found(format!(
-                "missing model file {} (run scripts/setup.sh; for other checkpoints export ONNX/TorchScript \
-                 with scripts/export_minilm.py)",
-                path.display()
-            )));
-        }
-        Ok(path)
+        let source = ModelSource::parse(&params.model_dir, |p| spec.resolve_path(p))?;
+        let root = source.resolve(&["config.json", "tokenizer.json"], &OPTIONAL_FILES, fetch)?;
+        let dir = SentenceModelDir::open(&root)?;
+        let file = params.file.as_deref().unwrap_or(default_file);
+        let weights = match source.resolve(&[file], &[], fetch) {
+            Ok(d) => d.join(file),
+            Err(_) if matches!(source, ModelSource::Local(_)) => {
+                return Err(Error::not_found(format!(
+                    "missing model file {} (run scripts/setup.sh; for other checkpoints export ONNX/TorchScript \
+                     with scripts/export_minilm.py)",
+                    root.join(file).display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        Ok((params, dir, weights))
     }
 }
 
 /// The probe of a sentence encoder whose backend reads `default_file`:
-/// params parse, the folder and its configs are readable, the weights file
-/// exists; reports `text_dim` and `max_tokens`. Reads no weights.
+/// params parse, the folder (local or already in the HF cache) and its
+/// configs are readable, the weights file exists; reports `text_dim` and
+/// `max_tokens`. Reads no weights and downloads nothing.
 pub fn probe(spec: &crate::ComponentSpec, default_file: &str) -> Result<crate::component::Probe> {
-    let (params, dir) = SentenceEncoderParams::open(spec)?;
-    let weights = params.model_file(&dir, default_file)?;
+    let (_, dir, weights) = SentenceEncoderParams::open(spec, default_file, crate::model::Fetch::Never)?;
     let probe = crate::component::Probe::default()
         .file(&weights)?
         .file(&dir.file("tokenizer.json")?)?;

@@ -136,6 +136,50 @@ pub fn check_wiring(probes: &[(Stage, ragar_core::component::Probe)]) -> Vec<Str
         .collect()
 }
 
+/// `ragar models`: for each configured component, the files it needs and
+/// whether they are present (local folders and the Hugging Face cache are
+/// looked at; nothing is downloaded). Returns the report and whether all
+/// components are ready.
+pub fn models(loaded: &Loaded, registry: &Registry) -> (String, bool) {
+    let mut out = String::new();
+    let mut ready = true;
+    for stage in Stage::ALL {
+        let Some(c) = loaded.config.component(stage) else {
+            continue;
+        };
+        let key = stage_key(stage);
+        let result = registry.find(stage, &c.name, &c.backend).and_then(|entry| {
+            loaded
+                .spec(stage)
+                .and_then(|spec| (entry.component.probe)(&spec).into_result())
+        });
+        match result {
+            Ok(p) => {
+                out.push_str(&format!(
+                    "{key}: {} ({}) ready
+",
+                    c.name, c.backend
+                ));
+                for f in p.files.iter() {
+                    out.push_str(&format!(
+                        "  {f}
+"
+                    ));
+                }
+            }
+            Err(e) => {
+                ready = false;
+                out.push_str(&format!(
+                    "{key}: {} ({}) NOT ready: {e}
+",
+                    c.name, c.backend
+                ));
+            }
+        }
+    }
+    (out, ready)
+}
+
 /// `ragar print-config`: the resolved config, one `key = value  # source` per line.
 pub fn print_config(loaded: &Loaded) -> String {
     let rows = loaded.provenance();

@@ -52,6 +52,14 @@ enum Command {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// What each configured component needs and whether it is present
+    /// (local folders, the Hugging Face cache); downloads nothing.
+    Models {
+        /// Config file.
+        config: PathBuf,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
     /// List every component (static and dynamic) and plugin load failures.
     Plugins {
         /// Also load the plugins this config lists.
@@ -117,6 +125,12 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             let (loaded, _) = commands::open(Some(&config), &overrides)?;
             print!("{}", commands::print_config(&loaded));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Models { config, overrides } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let (report, ready) = commands::models(&loaded, &registry);
+            print!("{report}");
+            Ok(if ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Plugins { config } => {
             let (_, registry) = commands::open(config.as_deref(), &[])?;

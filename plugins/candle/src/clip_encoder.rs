@@ -9,6 +9,7 @@ use crate::device::{device, dtype, model_err};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ragar_core::component::Probe;
+use ragar_core::model::{Fetch, ModelSource};
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::SentenceTokenizer;
 use ragar_core::vision::{clip_preprocess, CLIP_MEAN, CLIP_STD};
@@ -44,7 +45,7 @@ struct Files {
     std: [f32; 3],
 }
 
-fn files(spec: &ComponentSpec) -> Result<(Params, Files)> {
+fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
     let params: Params = spec.params()?;
     if params.batch_size == 0 {
         return Err(Error::config(format!(
@@ -52,20 +53,13 @@ fn files(spec: &ComponentSpec) -> Result<(Params, Files)> {
             spec.key
         )));
     }
-    let dir = spec.resolve_path(&params.model_dir);
-    let need = |name: &str| -> Result<PathBuf> {
-        let p = dir.join(name);
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(Error::not_found(format!(
-                "missing model file {} (CLIP needs config.json, model.safetensors, tokenizer.json)",
-                p.display()
-            )))
-        }
-    };
-    let config: Config = read_json(&need("config.json")?)?;
-    let (weights, tokenizer) = (need("model.safetensors")?, need("tokenizer.json")?);
+    let dir = ModelSource::parse(&params.model_dir, |p| spec.resolve_path(p))?.resolve(
+        &["config.json", "model.safetensors", "tokenizer.json"],
+        &["preprocessor_config.json", "tokenizer_config.json"],
+        fetch,
+    )?;
+    let config: Config = read_json(&dir.join("config.json"))?;
+    let (weights, tokenizer) = (dir.join("model.safetensors"), dir.join("tokenizer.json"));
     let pre = dir.join("preprocessor_config.json");
     let (mean, std) = if pre.is_file() {
         let p: Preprocessor = read_json(&pre)?;
@@ -102,7 +96,7 @@ pub struct ClipEncoder {
 impl ClipEncoder {
     /// Build from `params: { model_dir, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, files) = files(spec)?;
+        let (params, files) = files(spec, Fetch::IfMissing)?;
         let device = device(spec)?;
         // Safety: read-only memory map of a file ragar does not modify.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype(spec), &device) }
@@ -121,7 +115,7 @@ impl ClipEncoder {
 
     /// Params, files and `text_dim` / `image_dim` without loading weights.
     pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
-        let (_, f) = files(spec)?;
+        let (_, f) = files(spec, Fetch::Never)?;
         let d = f.config.projection_dim as u64;
         Ok(Probe::default()
             .file(&f.weights)?

@@ -7,6 +7,7 @@ use crate::bert::{BertModel, Config};
 use crate::device::{device, dtype, model_err};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
     embed_in_batches, encoder_info, SentenceEncoderParams, SentenceModelDir, SentenceTokenizer, TokenBatch,
@@ -25,13 +26,12 @@ pub struct SentenceEncoder {
 impl SentenceEncoder {
     /// Build from a component spec (`params: { model_dir, batch_size }`).
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, dir) = SentenceEncoderParams::open(spec)?;
+        let (params, dir, weights) = SentenceEncoderParams::open(spec, "model.safetensors", Fetch::IfMissing)?;
         let device = device(spec)?;
         let cfg_path = dir.file("config.json")?;
         let cfg: Config =
             serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?)
                 .or_err(ErrorKind::Model, cfg_path.display())?;
-        let weights = params.model_file(&dir, "model.safetensors")?;
         // Safety: the file is memory-mapped read-only; ragar never writes to a
         // model file while it is loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype(spec), &device) }

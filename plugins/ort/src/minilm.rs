@@ -7,6 +7,7 @@
 use crate::runtime::{check_io, session};
 use ort::session::Session;
 use ort::value::Tensor;
+use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
     embed_in_batches, encoder_info, SentenceEncoderParams, SentenceModelDir, SentenceTokenizer, TokenBatch,
@@ -32,8 +33,7 @@ impl SentenceEncoder {
     /// graph is `file` inside the folder, default `model.onnx` (the int8
     /// graph installed by the setup is `model_int8.onnx`).
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, dir) = SentenceEncoderParams::open(spec)?;
-        let graph = params.model_file(&dir, "model.onnx")?;
+        let (params, dir, graph) = SentenceEncoderParams::open(spec, "model.onnx", Fetch::IfMissing)?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let session = session(spec, &graph, threads)?;
         check_io(&session, &graph, &INPUTS[..2], &INPUTS, OUTPUT)?;

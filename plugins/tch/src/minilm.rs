@@ -5,6 +5,7 @@
 //! (`ragar_core::text`).
 
 use crate::device;
+use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
     embed_in_batches, encoder_info, SentenceEncoderParams, SentenceModelDir, SentenceTokenizer, TokenBatch,
@@ -27,8 +28,7 @@ impl SentenceEncoder {
     /// Build from a spec: `params: { model_dir, batch_size, file }`, the
     /// module being `file` (default `model.ts`) inside the folder.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, dir) = SentenceEncoderParams::open(spec)?;
-        let path = params.model_file(&dir, "model.ts")?;
+        let (params, dir, path) = SentenceEncoderParams::open(spec, "model.ts", Fetch::IfMissing)?;
         let device = device(spec)?;
         let mut module = CModule::load_on_device(&path, device).map_err(|e| {
             Error::model(format!(
