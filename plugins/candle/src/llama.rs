@@ -1,0 +1,440 @@
+//! Llama-architecture decoder (Touvron et al. 2023), also used by SmolLM2 and
+//! other Llama-style checkpoints: RMSNorm, rotary position embeddings,
+//! grouped-query attention, SwiGLU MLP.
+//!
+//! Reference implementation: `transformers.models.llama.modeling_llama`
+//! (`LlamaForCausalLM`). Two weight layouts load into the same model:
+//! - HF safetensors (`model.layers.{i}.self_attn.q_proj.weight`, ...), whose
+//!   q/k projections use the "rotate half" rotary layout;
+//! - GGUF (`blk.{i}.attn_q.weight`, ...; quantized matmuls), whose q/k rows
+//!   llama.cpp's converter permuted into the interleaved rotary layout.
+//!
+//! `forward` returns the final (post-norm) hidden states — what the paper's
+//! Eq. 7 reads at the [IMG] positions — and `logits` maps them to the vocabulary.
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use std::io::{Read, Seek};
+
+/// The fields of a HF `config.json` (or of GGUF `llama.*` metadata) the model needs.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "eps")]
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    #[serde(default = "theta")]
+    pub rope_theta: f64,
+    /// Context length.
+    #[serde(default = "ctx")]
+    pub max_position_embeddings: usize,
+    /// Whether the LM head shares the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Per-head width when not `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// transformers >= 5 writes the rotary settings here instead.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+}
+
+/// `rope_parameters` of transformers >= 5 configs.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct RopeParameters {
+    /// Rotary base.
+    pub rope_theta: Option<f64>,
+    /// Only `default` (no scaling) is implemented.
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+fn eps() -> f64 {
+    1e-6
+}
+fn theta() -> f64 {
+    10000.0
+}
+fn ctx() -> usize {
+    2048
+}
+
+impl Config {
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
+    }
+    /// Refuse settings the forward pass does not implement.
+    pub fn check(&self) -> Result<()> {
+        let ty = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_deref())
+            .unwrap_or("default");
+        if ty != "default" {
+            candle_core::bail!("rope_type '{ty}' (rotary scaling) is not implemented; only 'default'");
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            candle_core::bail!("num_attention_heads must be a multiple of num_key_value_heads");
+        }
+        Ok(())
+    }
+}
+
+/// Which rotary layout the q/k weights are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rope {
+    /// HF: the two halves of each head are rotated together.
+    Halves,
+    /// llama.cpp/GGUF: adjacent pairs are rotated together.
+    Interleaved,
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Computed in f32 as the reference does, then cast back.
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+struct Layer {
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    attn_norm: RmsNorm,
+    mlp_norm: RmsNorm,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Default)]
+pub struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    /// Tokens already cached.
+    pub fn len(&self) -> usize {
+        self.kv
+            .first()
+            .and_then(|c| c.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The decoder.
+pub struct Llama {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    rope: Rope,
+    cfg: Config,
+    dtype: DType,
+}
+
+fn rotary_tables(cfg: &Config, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.theta().powf(2.0 * i as f64 / hd as f64) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, hd / 2), dev)?;
+    let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?;
+    let freqs = t.matmul(&inv)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
+impl Llama {
+    /// Load HF safetensors weights (`LlamaForCausalLM` layout).
+    pub fn from_safetensors(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.check()?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+        let lin =
+            |vb: VarBuilder, o: usize, i: usize| -> Result<QMatMul> { Ok(QMatMul::Tensor(vb.get((o, i), "weight")?)) };
+        let norm = |vb: VarBuilder| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: vb.get(h, "weight")?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+        let m = vb.pp("model");
+        let embed_w = m.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                Ok(Layer {
+                    q: lin(l.pp("self_attn.q_proj"), nq, h)?,
+                    k: lin(l.pp("self_attn.k_proj"), nkv, h)?,
+                    v: lin(l.pp("self_attn.v_proj"), nkv, h)?,
+                    o: lin(l.pp("self_attn.o_proj"), h, nq)?,
+                    gate: lin(l.pp("mlp.gate_proj"), cfg.intermediate_size, h)?,
+                    up: lin(l.pp("mlp.up_proj"), cfg.intermediate_size, h)?,
+                    down: lin(l.pp("mlp.down_proj"), h, cfg.intermediate_size)?,
+                    attn_norm: norm(l.pp("input_layernorm"))?,
+                    mlp_norm: norm(l.pp("post_attention_layernorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            QMatMul::Tensor(embed_w.clone())
+        } else {
+            lin(vb.pp("lm_head"), cfg.vocab_size, h)?
+        };
+        let (cos, sin) = rotary_tables(cfg, vb.dtype(), vb.device())?;
+        Ok(Llama {
+            embed: Embedding::new(embed_w, h),
+            layers,
+            norm: norm(m.pp("norm"))?,
+            lm_head,
+            cos,
+            sin,
+            rope: Rope::Halves,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Load a GGUF file (llama.cpp layout; quantized weights stay quantized).
+    pub fn from_gguf<R: Read + Seek>(content: &gguf_file::Content, r: &mut R, dev: &Device) -> Result<Self> {
+        let md = |k: &str| {
+            content
+                .metadata
+                .get(k)
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks {k}")))
+        };
+        let arch = md("general.architecture")?.to_string()?.clone();
+        let key = |k: &str| format!("{arch}.{k}");
+        let u = |k: &str| md(&key(k)).and_then(|v| v.to_u32()).map(|v| v as usize);
+        let embed_q = content.tensor(r, "token_embd.weight", dev)?;
+        let vocab_size = embed_q.shape().dims()[0];
+        let cfg = Config {
+            vocab_size,
+            hidden_size: u("embedding_length")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_hidden_layers: u("block_count")?,
+            num_attention_heads: u("attention.head_count")?,
+            num_key_value_heads: Some(u("attention.head_count_kv")?),
+            rms_norm_eps: md(&key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64,
+            rope_theta: md(&key("rope.freq_base"))
+                .and_then(|v| v.to_f32())
+                .map_or(10000.0, |v| v as f64),
+            max_position_embeddings: u("context_length")?,
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            head_dim: None,
+            rope_parameters: None,
+        };
+        cfg.check()?;
+        let q = |r: &mut R, name: &str| -> Result<QMatMul> { QMatMul::from_qtensor(content.tensor(r, name, dev)?) };
+        let f = |r: &mut R, name: &str| -> Result<Tensor> { content.tensor(r, name, dev)?.dequantize(dev) };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                q: q(r, &format!("{p}.attn_q.weight"))?,
+                k: q(r, &format!("{p}.attn_k.weight"))?,
+                v: q(r, &format!("{p}.attn_v.weight"))?,
+                o: q(r, &format!("{p}.attn_output.weight"))?,
+                gate: q(r, &format!("{p}.ffn_gate.weight"))?,
+                up: q(r, &format!("{p}.ffn_up.weight"))?,
+                down: q(r, &format!("{p}.ffn_down.weight"))?,
+                attn_norm: RmsNorm {
+                    weight: f(r, &format!("{p}.attn_norm.weight"))?,
+                    eps: cfg.rms_norm_eps,
+                },
+                mlp_norm: RmsNorm {
+                    weight: f(r, &format!("{p}.ffn_norm.weight"))?,
+                    eps: cfg.rms_norm_eps,
+                },
+            });
+        }
+        let norm = RmsNorm {
+            weight: f(r, "output_norm.weight")?,
+            eps: cfg.rms_norm_eps,
+        };
+        let lm_head = q(
+            r,
+            if cfg.tie_word_embeddings {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            },
+        )?;
+        let embed = Embedding::new(embed_q.dequantize(dev)?, cfg.hidden_size);
+        let (cos, sin) = rotary_tables(&cfg, DType::F32, dev)?;
+        Ok(Llama {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            rope: Rope::Interleaved,
+            cfg,
+            dtype: DType::F32,
+        })
+    }
+
+    /// The configuration (for GGUF, read from its metadata).
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Token embeddings `[b, t, h]` (the input of [`Llama::forward_embeds`]).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed.forward(ids)
+    }
+
+    /// The token embedding matrix `[vocab, h]`.
+    pub fn embedding_matrix(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+
+    /// Final hidden states `[b, t, h]` (after the last RMSNorm) for `ids`
+    /// `[b, t]` continuing what `cache` holds.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.forward_embeds(&self.embed.forward(ids)?, cache)
+    }
+
+    /// As [`Llama::forward`], from input embeddings (so callers can supply
+    /// rows for tokens the checkpoint does not have, such as [IMG]).
+    pub fn forward_embeds(&self, x: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let offset = cache.len();
+        if offset + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        cache.kv.resize_with(self.layers.len(), || None);
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, offset, x.dtype(), x.device())?)
+        } else {
+            None
+        };
+        let mut x = x.to_dtype(self.dtype)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            x = self.layer(layer, &x, &cos, &sin, mask.as_ref(), kv, b, t)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Vocabulary logits `[b, t, vocab]` (f32) from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+        b: usize,
+        t: usize,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let h = l.attn_norm.forward(x)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = heads(l.q.forward(&h)?, nh)?;
+        let k = heads(l.k.forward(&h)?, nkv)?;
+        let v = heads(l.v.forward(&h)?, nkv)?;
+        let (q, k) = match self.rope {
+            Rope::Halves => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            Rope::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+        };
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+            ),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        // Grouped-query attention: each key/value head serves nh / nkv query heads.
+        let rep = nh / nkv;
+        let expand = |y: &Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(y.clone());
+            }
+            let (b, n, s, d) = y.dims4()?;
+            y.unsqueeze(2)?.expand((b, n, rep, s, d))?.reshape((b, n * rep, s, d))
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let mut w = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        if let Some(m) = mask {
+            w = w.broadcast_add(m)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let attn = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let x = (x + l.o.forward(&attn)?)?;
+        let h = l.mlp_norm.forward(&x)?;
+        let mlp = l
+            .down
+            .forward(&(candle_nn::ops::silu(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
+        x + mlp
+    }
+}
+
+/// `[1, 1, t, offset + t]`: query i (at position offset + i) sees keys up to offset + i.
+fn causal_mask(t: usize, offset: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..offset + t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (1, 1, t, offset + t), dev)?.to_dtype(dtype)
+}
