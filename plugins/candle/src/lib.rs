@@ -11,6 +11,7 @@ pub mod bert;
 pub mod clip;
 pub mod clip_encoder;
 pub mod device;
+pub mod keyword_llm;
 pub mod llama;
 pub mod minilm;
 
