@@ -61,6 +61,63 @@ pub fn read_images(list: &Path) -> Result<Vec<ragar_core::Image>> {
         .collect()
 }
 
+/// `ragar stage keyword-llm --text-file F --out OUT.json`: one generation per
+/// prompt line (Eq. 6), written as `[{"text", "tokens", "prompt_truncated"}]`.
+pub fn stage_keyword_llm(
+    loaded: &Loaded,
+    registry: &Registry,
+    prompts: &Path,
+    opts: &ragar_core::stage::GenerateOptions,
+    out: &Path,
+) -> Result<usize> {
+    registry.ensure_loaded()?;
+    let prompts = read_lines(prompts)?;
+    let llm = registry.keyword_llm(loaded)?;
+    let gens = llm.generate(&prompts, opts)?;
+    for (i, g) in gens.iter().enumerate() {
+        if g.prompt_truncated {
+            eprintln!(
+                "note: prompt {} is longer than the context ({} tokens) and was cut from the front",
+                i + 1,
+                llm.info().context
+            );
+        }
+    }
+    let rows: Vec<serde_json::Value> = gens
+        .iter()
+        .map(|g| serde_json::json!({"text": g.text.as_str(), "tokens": g.tokens, "prompt_truncated": g.prompt_truncated}))
+        .collect();
+    let mut bytes = serde_json::to_vec_pretty(&rows).map_err(|e| Error::io(out, e))?;
+    bytes.push(b'\n');
+    crate::io::write_atomic(out, &bytes)?;
+    Ok(rows.len())
+}
+
+/// `ragar stage keyword-llm --img-states`: the [IMG] hidden states and the
+/// text-related embedding of each preference prompt (Eq. 7), written as
+/// safetensors `img_states` `[n, n_img, d]` and `text_embedding` `[n, d]`.
+pub fn stage_preference_states(loaded: &Loaded, registry: &Registry, prompts: &Path, out: &Path) -> Result<usize> {
+    registry.ensure_loaded()?;
+    let prompts = read_lines(prompts)?;
+    let llm = registry.keyword_llm(loaded)?;
+    let states = llm.preference_states(&prompts)?;
+    let (n, k, d) = (
+        states.len(),
+        llm.info().n_img_tokens as usize,
+        llm.info().hidden_size as usize,
+    );
+    let img: Vec<f32> = states.iter().flat_map(|s| s.img_states.to_f32_vec()).collect();
+    let txt: Vec<f32> = states.iter().flat_map(|s| s.text_embedding.to_f32_vec()).collect();
+    crate::io::write_tensors(
+        out,
+        &[
+            ("img_states", ragar_core::Tensor::from_f32(&[n, k, d], img)?),
+            ("text_embedding", ragar_core::Tensor::from_f32(&[n, d], txt)?),
+        ],
+    )?;
+    Ok(n)
+}
+
 /// `ragar validate`: everything checkable without loading weights — plugin
 /// loading, names, backends, devices, dtypes, each component's params and
 /// files (its probe), and the shape facts wired between stages. Returns the
@@ -237,7 +294,7 @@ pub fn plugins(registry: &Registry) -> String {
 /// An error for a stage the `stage` command does not drive yet.
 pub fn stage_not_available(stage: Stage) -> Error {
     Error::unsupported(format!(
-        "`ragar stage {stage}` needs a {stage} implementation; this build has encoder only"
+        "`ragar stage {stage}` is not available yet: this version drives the encoder and keyword-llm stages"
     ))
 }
 

@@ -82,6 +82,36 @@ pub fn write_matrix(path: &Path, name: &str, t: &Tensor) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Save named f32 tensors as one `.safetensors` file, atomically.
+pub fn write_tensors(path: &Path, tensors: &[(&str, Tensor)]) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(Error::invalid_input(format!(
+            "{}: this output must be .safetensors",
+            path.display()
+        )));
+    }
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.to_string(),
+                t.dims(),
+                t.to_f32_vec().iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.as_str(), v))
+                .map_err(|e| Error::io(path, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::tensor::serialize(views, None).map_err(|e| Error::io(path, e))?;
+    write_atomic(path, &bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

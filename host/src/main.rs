@@ -35,6 +35,24 @@ enum Command {
         /// Output: .json (array of arrays) or .safetensors.
         #[arg(long)]
         out: PathBuf,
+        /// keyword-llm: most new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// keyword-llm: 0 = greedy, else sampling temperature.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// keyword-llm: nucleus threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// keyword-llm: sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// keyword-llm: stop before this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// keyword-llm: write the [IMG] hidden states (Eq. 7) instead of generating.
+        #[arg(long)]
+        img_states: bool,
         /// key.path=value overrides, applied last.
         overrides: Vec<String>,
     },
@@ -87,6 +105,12 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             image_file,
             out,
             overrides,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            img_states,
         } => {
             let stage = Stage::parse(&stage)?;
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;
@@ -102,6 +126,27 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                         }
                     };
                     eprintln!("embedded {n} inputs -> {}", out.display());
+                }
+                Stage::KeywordLlm => {
+                    let file = text_file.ok_or_else(|| {
+                        ragar_core::Error::invalid_input(
+                            "`ragar stage keyword-llm` needs --text-file FILE (one prompt per line)",
+                        )
+                    })?;
+                    let n = if img_states {
+                        commands::stage_preference_states(&loaded, &registry, &file, &out)?
+                    } else {
+                        let opts = ragar_core::stage::GenerateOptions {
+                            max_tokens,
+                            temperature,
+                            top_p,
+                            seed,
+                            stop: stop.into_iter().map(Into::into).collect(),
+                            chat_template: true,
+                        };
+                        commands::stage_keyword_llm(&loaded, &registry, &file, &opts, &out)?
+                    };
+                    eprintln!("{n} prompts -> {}", out.display());
                 }
                 other => return Err(commands::stage_not_available(other)),
             }

@@ -38,6 +38,15 @@ pub fn components() -> Vec<Component> {
             clip_encoder::ClipEncoder::load,
             clip_encoder::ClipEncoder::probe
         ),
+        component!(
+            KeywordLlm,
+            "llama",
+            "candle",
+            ["cpu", "cuda"],
+            "Llama-architecture LLM (SmolLM2, Llama 2/3, ...) from GGUF or HF safetensors: keywords and [IMG] hidden states",
+            keyword_llm::LlamaKeywordLlm::load,
+            keyword_llm::LlamaKeywordLlm::probe
+        ),
     ]
 }
 
