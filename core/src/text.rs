@@ -428,6 +428,12 @@ pub fn encoder_info(dir: &SentenceModelDir) -> crate::stage::EncoderInfo {
     }
 }
 
+/// Qwen2's split rule (single digits), from its tokenizer.json.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's split rule (digit runs of up to three), from its tokenizer.json.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A byte-level BPE tokenizer rebuilt from GGUF metadata
 /// (`tokenizer.ggml.model = gpt2`): `tokens` by id, `merges` as "a b",
 /// `types` (3 = control tokens, kept whole as special tokens), and the
@@ -455,11 +461,22 @@ pub fn gguf_bpe_tokenizer(tokens: &[String], types: &[i32], merges: &[String], p
         .build()
         .map_err(|e| Error::model(format!("GGUF tokenizer: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
-    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
-    let pre_tok = if pre == "smollm" {
-        Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level])
-    } else {
-        Sequence::new(vec![byte_level])
+    // llama.cpp's pre-tokenizer names -> the split rules of the original tokenizer.json.
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        let pattern = tokenizers::pre_tokenizers::split::SplitPattern::Regex(re.into());
+        tokenizers::pre_tokenizers::split::Split::new(pattern, tokenizers::SplitDelimiterBehavior::Isolated, false)
+            .map(PreTokenizerWrapper::Split)
+            .map_err(|e| Error::model(format!("GGUF pre-tokenizer '{pre}': {e}")))
+    };
+    let bytes_only = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false));
+    let pre_tok = match pre {
+        "smollm" => Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ]),
+        "qwen2" => Sequence::new(vec![split(QWEN2_SPLIT)?, bytes_only]),
+        "llama-bpe" | "llama3" => Sequence::new(vec![split(LLAMA3_SPLIT)?, bytes_only]),
+        _ => Sequence::new(vec![PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))]),
     };
     tok.with_pre_tokenizer(Some(pre_tok));
     tok.with_decoder(Some(ByteLevelDecoder::default()));

@@ -47,6 +47,17 @@ pub fn components() -> Vec<Component> {
             keyword_llm::LlamaKeywordLlm::load,
             keyword_llm::LlamaKeywordLlm::probe
         ),
+        // Qwen2 / Qwen2.5 (the paper's KeywordLLM) run on the same decoder;
+        // the name lets configs say what they mean.
+        component!(
+            KeywordLlm,
+            "qwen2",
+            "candle",
+            ["cpu", "cuda"],
+            "Qwen2/Qwen2.5 LLM from GGUF or HF safetensors: keywords and [IMG] hidden states",
+            keyword_llm::LlamaKeywordLlm::load,
+            keyword_llm::LlamaKeywordLlm::probe
+        ),
     ]
 }
 

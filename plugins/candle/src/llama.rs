@@ -1,9 +1,10 @@
 //! Llama-architecture decoder (Touvron et al. 2023), also used by SmolLM2 and
-//! other Llama-style checkpoints: RMSNorm, rotary position embeddings,
-//! grouped-query attention, SwiGLU MLP.
+//! other Llama-style checkpoints, and by Qwen2 / Qwen2.5 (Bai et al. 2023;
+//! the paper's KeywordLLM), which only adds biases to the q/k/v projections:
+//! RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP.
 //!
-//! Reference implementation: `transformers.models.llama.modeling_llama`
-//! (`LlamaForCausalLM`). Two weight layouts load into the same model:
+//! Reference implementations: `transformers.models.llama.modeling_llama`
+//! (`LlamaForCausalLM`) and `transformers.models.qwen2.modeling_qwen2`. Two weight layouts load into the same model:
 //! - HF safetensors (`model.layers.{i}.self_attn.q_proj.weight`, ...), whose
 //!   q/k projections use the "rotate half" rotary layout;
 //! - GGUF (`blk.{i}.attn_q.weight`, ...; quantized matmuls), whose q/k rows
@@ -132,6 +133,8 @@ struct Layer {
     q: QMatMul,
     k: QMatMul,
     v: QMatMul,
+    /// Qwen2 adds biases to the q/k/v projections; Llama has none.
+    qkv_bias: Option<[Tensor; 3]>,
     o: QMatMul,
     gate: QMatMul,
     up: QMatMul,
@@ -205,7 +208,14 @@ impl Llama {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
+                let bias = |name: &str, n: usize| l.pp(format!("self_attn.{name}")).get(n, "bias");
+                let qkv_bias = if l.contains_tensor("self_attn.q_proj.bias") {
+                    Some([bias("q_proj", nq)?, bias("k_proj", nkv)?, bias("v_proj", nkv)?])
+                } else {
+                    None
+                };
                 Ok(Layer {
+                    qkv_bias,
                     q: lin(l.pp("self_attn.q_proj"), nq, h)?,
                     k: lin(l.pp("self_attn.k_proj"), nkv, h)?,
                     v: lin(l.pp("self_attn.v_proj"), nkv, h)?,
@@ -272,7 +282,17 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("blk.{i}");
+            let qkv_bias = if content.tensor_infos.contains_key(&format!("{p}.attn_q.bias")) {
+                Some([
+                    f(r, &format!("{p}.attn_q.bias"))?,
+                    f(r, &format!("{p}.attn_k.bias"))?,
+                    f(r, &format!("{p}.attn_v.bias"))?,
+                ])
+            } else {
+                None
+            };
             layers.push(Layer {
+                qkv_bias,
                 q: q(r, &format!("{p}.attn_q.weight"))?,
                 k: q(r, &format!("{p}.attn_k.weight"))?,
                 v: q(r, &format!("{p}.attn_v.weight"))?,
@@ -385,9 +405,13 @@ impl Llama {
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let h = l.attn_norm.forward(x)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = heads(l.q.forward(&h)?, nh)?;
-        let k = heads(l.k.forward(&h)?, nkv)?;
-        let v = heads(l.v.forward(&h)?, nkv)?;
+        let (mut q, mut k, mut v) = (l.q.forward(&h)?, l.k.forward(&h)?, l.v.forward(&h)?);
+        if let Some([bq, bk, bv]) = &l.qkv_bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (q, k) = match self.rope {
             Rope::Halves => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
