@@ -24,6 +24,7 @@
 pub mod component;
 pub mod data;
 pub mod error;
+pub mod files;
 #[cfg(feature = "hub")]
 pub mod model;
 pub mod plugin;

@@ -7,6 +7,7 @@
 //! cannot drift apart.
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::files::read_json;
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -38,11 +39,6 @@ struct PoolingConfig {
     pooling_mode_cls_token: bool,
     #[serde(default)]
     pooling_mode_max_tokens: bool,
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).or_err(ErrorKind::Model, path.display())
 }
 
 impl SentenceModelDir {

@@ -11,12 +11,12 @@ fn reference() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> String {
+fn run_stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> std::process::Output {
     let model = format!(
         "encoder.params.model_dir={}",
         cache().join("models/clip-tiny-e2e").display()
     );
-    let o = run(Command::new(ragar())
+    run(Command::new(ragar())
         .current_dir(root())
         .args([
             "stage",
@@ -28,7 +28,11 @@ fn stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> St
         .arg(input)
         .arg("--out")
         .arg(out)
-        .arg(model));
+        .arg(model))
+}
+
+fn stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> String {
+    let o = run_stage(input_flag, input, out);
     assert!(o.status.success(), "{}", text(&o));
     text(&o)
 }
@@ -87,22 +91,7 @@ fn a_non_image_file_is_named_with_its_line() {
         ),
     )
     .unwrap();
-    let model = format!(
-        "encoder.params.model_dir={}",
-        cache().join("models/clip-tiny-e2e").display()
-    );
-    let o = run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "encoder",
-            "--config",
-            "configs/components/clip.yaml",
-            "--image-file",
-        ])
-        .arg(&list)
-        .args(["--out", "/dev/null"])
-        .arg(model));
+    let o = run_stage("--image-file", &list, std::path::Path::new("/dev/null"));
     let out = text(&o);
     assert!(!o.status.success());
     assert!(

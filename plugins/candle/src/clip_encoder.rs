@@ -9,12 +9,13 @@ use crate::device::{device, dtype, model_err};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ragar_core::component::Probe;
+use ragar_core::files::read_json;
 use ragar_core::model::{Fetch, ModelSource};
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::SentenceTokenizer;
 use ragar_core::vision::{clip_preprocess, CLIP_MEAN, CLIP_STD};
-use ragar_core::{ComponentSpec, Error, ErrorKind, Image, Result, ResultExt};
-use std::path::{Path, PathBuf};
+use ragar_core::{ComponentSpec, Error, Image, Result};
+use std::path::PathBuf;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,11 +78,6 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
             std,
         },
     ))
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).or_err(ErrorKind::Model, path.display())
 }
 
 /// The CLIP encoder component.

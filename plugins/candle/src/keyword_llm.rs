@@ -16,6 +16,7 @@ use crate::llama::{Cache, Config, Llama};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
+use ragar_core::files::read_json;
 use ragar_core::model::{Fetch, ModelSource};
 use ragar_core::stage::{GenerateOptions, Generation, KeywordLlm, LlmInfo, PreferenceStates};
 use ragar_core::{ComponentSpec, Error, ErrorKind, Result, ResultExt};
@@ -52,11 +53,6 @@ pub struct LlamaKeywordLlm {
     eos_token: String,
     img: Tensor,
     device: Device,
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).or_err(ErrorKind::Model, path.display())
 }
 
 fn locate(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, PathBuf)> {
@@ -152,7 +148,7 @@ impl LlamaKeywordLlm {
                     None => probe,
                 });
             }
-            None => read_json(&dir.join("config.json"))?["hidden_size"].as_u64(),
+            None => read_json::<serde_json::Value>(&dir.join("config.json"))?["hidden_size"].as_u64(),
         };
         let probe = probe
             .file(&dir.join("model.safetensors"))?
@@ -387,7 +383,8 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
 
 fn load_hf(dir: &Path, spec: &ComponentSpec, device: &Device) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
-    let cfg: Config = serde_json::from_value(read_json(&cfg_path)?).or_err(ErrorKind::Model, cfg_path.display())?;
+    let cfg: Config = serde_json::from_value(read_json::<serde_json::Value>(&cfg_path)?)
+        .or_err(ErrorKind::Model, cfg_path.display())?;
     let weights = dir.join("model.safetensors");
     // Safety: read-only memory map of a file ragar does not modify.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], crate::device::dtype(spec), device) }
@@ -397,7 +394,7 @@ fn load_hf(dir: &Path, spec: &ComponentSpec, device: &Device) -> Result<Loaded> 
     let tokenizer = Tokenizer::from_file(&tok_path).or_err(ErrorKind::Model, tok_path.display())?;
     let tc = dir.join("tokenizer_config.json");
     let tc = if tc.is_file() {
-        read_json(&tc)?
+        read_json::<serde_json::Value>(&tc)?
     } else {
         serde_json::Value::Null
     };
