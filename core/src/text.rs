@@ -452,8 +452,10 @@ pub fn gguf_bpe_tokenizer(tokens: &[String], types: &[i32], merges: &[String], p
                 .ok_or_else(|| Error::model(format!("GGUF merge '{m}' is not 'a b'")))
         })
         .collect::<Result<Vec<_>>>()?;
+    // Llama 3 looks whole pre-tokens up in the vocabulary before merging.
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(matches!(pre, "llama-bpe" | "llama3"))
         .build()
         .map_err(|e| Error::model(format!("GGUF tokenizer: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
@@ -475,6 +477,10 @@ pub fn gguf_bpe_tokenizer(tokens: &[String], types: &[i32], merges: &[String], p
         _ => Sequence::new(vec![PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))]),
     };
     tok.with_pre_tokenizer(Some(pre_tok));
+    if pre == "qwen2" {
+        // Qwen's tokenizer.json normalises to NFC first.
+        tok.with_normalizer(Some(tokenizers::normalizers::unicode::NFC));
+    }
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = tokens
         .iter()
