@@ -73,3 +73,19 @@ fn wrong_input_size_is_an_error() {
     let err = model.vision.forward(&pixels).unwrap_err().to_string();
     assert!(err.contains("30x30") && err.contains("32x32"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_that_does_not_match_its_config_names_the_tensor() {
+    let dir = fixture();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["intermediate_size"] = serde_json::json!(40);
+    let cfg: Config = serde_json::from_value(cfg).unwrap();
+    let vb = VarBuilder::from_tensors(
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let err = ClipModel::load(vb, &cfg).err().expect("must fail").to_string();
+    assert!(err.contains("text_model.encoder.layers.0.mlp.fc1.weight"), "{err}");
+}
