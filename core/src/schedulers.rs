@@ -98,9 +98,14 @@ pub trait Scheduler: Send {
     /// The timesteps the denoiser is called at, first to last.
     fn timesteps(&self) -> &[f64];
     /// Scale of the initial Gaussian latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// What to feed the denoiser at step `i`.
-    fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32>;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// What to feed the denoiser at step `i` (unchanged unless the sampler scales it).
+    fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
+        let _ = i;
+        sample.to_vec()
+    }
     /// Whether [`Scheduler::step`] needs a noise slice.
     fn needs_noise(&self) -> bool {
         false
@@ -177,12 +182,6 @@ impl Ddim {
 impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &[f32], _i: usize) -> Vec<f32> {
-        sample.to_vec()
     }
     fn step(&mut self, out: &[f32], i: usize, sample: &[f32], _noise: Option<&[f32]>) -> Result<Vec<f32>> {
         check_len(out, sample)?;
@@ -316,12 +315,6 @@ impl DpmSolverPP {
 impl Scheduler for DpmSolverPP {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &[f32], _i: usize) -> Vec<f32> {
-        sample.to_vec()
     }
     fn step(&mut self, out: &[f32], i: usize, sample: &[f32], _noise: Option<&[f32]>) -> Result<Vec<f32>> {
         check_len(out, sample)?;

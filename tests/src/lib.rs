@@ -101,6 +101,25 @@ pub fn cdylib(package: &str, features: &[&str]) -> PathBuf {
     copy
 }
 
+/// `BIN stage encoder --config configs/minilm.yaml --text-file
+/// tests/fixtures/sentences.txt --out OUT`, from the workspace root; add
+/// overrides and environment to taste.
+pub fn minilm_stage(bin: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(root())
+        .args([
+            "stage",
+            "encoder",
+            "--config",
+            "configs/minilm.yaml",
+            "--text-file",
+            "tests/fixtures/sentences.txt",
+        ])
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
 /// Run a command, returning its output; stdin is closed.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(std::process::Stdio::null()).output().expect("spawning")

@@ -24,19 +24,8 @@ fn minimal_binary_runs_backends_from_their_cdylibs() {
     ] {
         let lib = cdylib(package, &[]);
         let out = dir.path().join(format!("{backend}.json"));
-        let o = run(Command::new(&bin)
-            .current_dir(root())
+        let o = run(minilm_stage(&bin, &out)
             .env("RAGAR_PLUGIN_PATH", &lib)
-            .args([
-                "stage",
-                "encoder",
-                "--config",
-                "configs/minilm.yaml",
-                "--text-file",
-                "tests/fixtures/sentences.txt",
-                "--out",
-            ])
-            .arg(&out)
             .arg(format!("encoder.backend={backend}")));
         assert!(o.status.success(), "{backend} from {}: {}", lib.display(), text(&o));
         let got = read_matrix(&out);

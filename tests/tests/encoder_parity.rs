@@ -3,23 +3,10 @@
 //! the same real weights (tests/fixtures/minilm_reference.json).
 
 use ragar_tests::*;
-use std::process::Command;
 
 fn embed(backend: &str, extra: &[&str], out: &std::path::Path) -> String {
     cache();
-    let root = root();
-    let o = run(Command::new(ragar())
-        .current_dir(&root)
-        .args([
-            "stage",
-            "encoder",
-            "--config",
-            "configs/minilm.yaml",
-            "--text-file",
-            "tests/fixtures/sentences.txt",
-            "--out",
-        ])
-        .arg(out)
+    let o = run(minilm_stage(&ragar(), out)
         .arg(format!("encoder.backend={backend}"))
         .args(extra));
     assert!(o.status.success(), "{backend}: {}", text(&o));
