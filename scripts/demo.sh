@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job for now: embed real product/movie/sticker texts with the real
 # all-MiniLM-L6-v2 weights on candle, ONNX Runtime and libtorch — the same
-# binary, the backend switched by one override — and compare the results.
+# binary, the backend switched by one override — and compare the results;
+# then extract keywords (Eq. 6) with the real SmolLM2-135M-Instruct GGUF.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -27,4 +28,11 @@ for b in ["ort", "tch"]:
     worst = min(cos(x, y) for x, y in zip(emb["candle"], emb[b]))
     print(f"candle vs {b}: lowest cosine over {len(emb[b])} texts = {worst:.7f}")
 PY
-echo "embeddings in $OUT/"
+printf '%s\n' \
+  "Give three comma-separated keywords for this item: red floral summer dress with puff sleeves" \
+  "Give three comma-separated keywords for this movie: Toy Story (1995), Animation|Children|Comedy" \
+  > "$OUT/prompts.txt"
+target/debug/ragar stage keyword-llm --config configs/components/smollm2.yaml \
+  --text-file "$OUT/prompts.txt" --out "$OUT/keywords.json" --max-tokens 24 --stop "<|im_end|>"
+python3 -c 'import json,sys; [print("keywords:", repr(r["text"])) for r in json.load(open(sys.argv[1]))]' "$OUT/keywords.json"
+echo "outputs in $OUT/ (SmolLM2-135M is a tiny model: point configs/components/smollm2.yaml at a larger Llama/Qwen2 GGUF for better keywords)"
