@@ -45,21 +45,12 @@ fn hub_references_resolve_from_the_hf_cache_offline() {
     hf_cache(dir.path());
     for (backend, revision) in [("candle", "".to_string()), ("ort", format!("@{COMMIT}"))] {
         let out = dir.path().join(format!("{backend}.json"));
-        let (ok, log) = ragar_with(
-            dir.path(),
-            &[
-                "stage",
-                "encoder",
-                "--config",
-                "configs/minilm.yaml",
-                "--text-file",
-                "tests/fixtures/sentences.txt",
-                "--out",
-                out.to_str().unwrap(),
-                &format!("encoder.backend={backend}"),
-                &format!("encoder.params.model_dir={REPO}{revision}"),
-            ],
-        );
+        let o = run(minilm_stage(&ragar(), &out)
+            .env("HF_HUB_CACHE", dir.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .arg(format!("encoder.backend={backend}"))
+            .arg(format!("encoder.params.model_dir={REPO}{revision}")));
+        let (ok, log) = (o.status.success(), text(&o));
         assert!(ok, "{backend}: {log}");
         for (g, w) in read_matrix(&out).iter().zip(reference()) {
             assert!(cosine(g, &w) >= 0.9999);
