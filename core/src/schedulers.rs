@@ -242,8 +242,9 @@ impl Scheduler for EulerAncestral {
         &self.timesteps
     }
     fn init_noise_sigma(&self) -> f64 {
-        // diffusers: (max sigma^2 + 1)^0.5 for "linspace" spacing.
-        (self.sigmas[0].powi(2) + 1.0).sqrt()
+        // diffusers: the largest sigma itself for "linspace" (and
+        // "trailing") spacing; (max sigma^2 + 1)^0.5 only for "leading".
+        self.sigmas[0]
     }
     fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
         let s = (self.sigmas[i].powi(2) + 1.0).sqrt();

@@ -9,6 +9,7 @@
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::files::read_json;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use tokenizers::{Tokenizer, TruncationParams};
 
 /// A sentence-transformers model folder (`modules.json`, `1_Pooling/`, ...).
@@ -140,7 +141,25 @@ impl SentenceTokenizer {
     /// included); batches are padded with the pad token named by the sibling
     /// `tokenizer_config.json` (else `[PAD]`, else id 0).
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
-        let mut inner = Tokenizer::from_file(path).or_err(ErrorKind::Model, path.display())?;
+        let inner = Tokenizer::from_file(path).or_err(ErrorKind::Model, path.display())?;
+        Self::new(inner, path, max_len)
+    }
+
+    /// The tokenizer of a folder: `tokenizer.json` when present, else a CLIP
+    /// BPE tokenizer from `vocab.json` + `merges.txt` (the slow-tokenizer
+    /// files that Stable Diffusion repos ship alone; see [`clip_bpe_tokenizer`]).
+    pub fn from_dir(dir: &Path, max_len: usize) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_file(&json, max_len);
+        }
+        let inner = clip_bpe_tokenizer(&dir.join("vocab.json"), &dir.join("merges.txt"))?;
+        Self::new(inner, &json, max_len)
+    }
+
+    /// `path`: where `tokenizer.json` is or would be (its folder's
+    /// `tokenizer_config.json` names the pad token).
+    fn new(mut inner: Tokenizer, path: &Path, max_len: usize) -> Result<Self> {
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
@@ -161,6 +180,11 @@ impl SentenceTokenizer {
         // Padding is ours (TokenBatch::pad), per batch of similar lengths.
         inner.with_padding(None);
         Ok(SentenceTokenizer { inner, max_len, pad_id })
+    }
+
+    /// The id batches are padded with.
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
     }
 
     /// Longest sequence in tokens.
@@ -491,3 +515,58 @@ pub fn gguf_bpe_tokenizer(tokens: &[String], types: &[i32], merges: &[String], p
     tok.add_special_tokens(&special);
     Ok(tok)
 }
+
+/// OpenAI CLIP's tokenizer from the slow-tokenizer files (`vocab.json`,
+/// `merges.txt`), built as transformers' `CLIPTokenizerFast` converts them:
+/// NFC, whitespace runs to one space, lower case; CLIP's split pattern then
+/// byte-level symbols; BPE with the `</w>` end-of-word suffix;
+/// `<|startoftext|>` ... `<|endoftext|>` around every text.
+pub fn clip_bpe_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+    let vocab_map: serde_json::Map<String, serde_json::Value> = read_json(vocab)?;
+    let text = std::fs::read_to_string(merges).or_err(ErrorKind::Io, merges.display())?;
+    let merges_list: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .collect();
+    let id = |t: &str| -> Result<u64> {
+        vocab_map
+            .get(t)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| Error::model(format!("{}: no '{t}' entry (not a CLIP vocabulary)", vocab.display())))
+    };
+    let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+    let special = |t: &str, i: u64| {
+        serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    let spec = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special("<|startoftext|>", bos), special("<|endoftext|>", eos)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos],
+                           "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab_map, "merges": merges_list},
+    });
+    Tokenizer::from_str(&spec.to_string()).map_err(|e| {
+        Error::model(format!(
+            "{} + {}: not a CLIP BPE tokenizer: {e}",
+            vocab.display(),
+            merges.display()
+        ))
+    })
+}
+
+/// CLIP's pre-tokenisation pattern (the special tokens, English
+/// contractions, letter runs, single digits, other symbol runs).
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";

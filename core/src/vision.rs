@@ -233,3 +233,21 @@ pub fn decode(path: &std::path::Path) -> Result<Decoded> {
         notes,
     })
 }
+
+/// An image as PNG bytes (8-bit RGB, no gamma or colour-profile chunks).
+#[cfg(feature = "imageio")]
+pub fn encode_png(img: &Image) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_raw(img.width, img.height, img.rgb.to_vec())
+        .ok_or_else(|| {
+            Error::invalid_input(format!(
+                "{}x{} image with {} bytes",
+                img.width,
+                img.height,
+                img.rgb.len()
+            ))
+        })?
+        .write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| Error::invalid_input(format!("encoding PNG: {e}")))?;
+    Ok(out.into_inner())
+}

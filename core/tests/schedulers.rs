@@ -40,6 +40,12 @@ fn ddim_euler_ancestral_and_dpm_solver_match_diffusers() {
             tensor(&st, &format!("{name}.timesteps")).as_slice(),
             "{name} timesteps"
         );
+        let sigma = tensor(&st, &format!("{name}.init_noise_sigma"))[0];
+        assert!(
+            (s.init_noise_sigma() - sigma).abs() <= 1e-5 * sigma,
+            "{name} initial noise sigma {} vs {sigma}",
+            s.init_noise_sigma()
+        );
         let mut x: Vec<f32> = tensor(&st, &format!("{name}.init")).iter().map(|&v| v as f32).collect();
         let noises = s.needs_noise().then(|| tensor(&st, &format!("{name}.noises")));
         let n = x.len();

@@ -118,6 +118,108 @@ pub fn stage_preference_states(loaded: &Loaded, registry: &Registry, prompts: &P
     Ok(n)
 }
 
+/// What `ragar stage generator` draws.
+pub struct GenerateArgs {
+    /// One prompt per line.
+    pub text_file: Option<std::path::PathBuf>,
+    /// safetensors with `prompt_embeds` `[n, tokens, d]` (or `[tokens, d]`)
+    /// and optionally `negative_embeds` (one, or one per prompt).
+    pub prompt_embeds: Option<std::path::PathBuf>,
+    /// Negative prompt for every text prompt.
+    pub negative: Option<String>,
+    /// Seed of image i is `seed + i`.
+    pub seed: u64,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance: f32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// `ragar stage generator`: one PNG per prompt (or per embedding row) in
+/// the `out` folder, `000000.png`, ..., plus `generations.json` saying what
+/// each was made from. Returns the number of images.
+pub fn stage_generator(loaded: &Loaded, registry: &Registry, args: &GenerateArgs, out: &Path) -> Result<usize> {
+    use ragar_core::abi_stable::std_types::ROption;
+    use ragar_core::stage::{Conditioning, GenerationRequest};
+    registry.ensure_loaded()?;
+    let (conds, negs, sources): (Vec<Conditioning>, Vec<Option<Conditioning>>, Vec<String>) = match (
+        &args.text_file,
+        &args.prompt_embeds,
+    ) {
+        (Some(f), None) => {
+            let lines = read_lines(f)?;
+            let neg = args.negative.as_ref().map(|n| Conditioning::Text(n.as_str().into()));
+            (
+                lines.iter().map(|l| Conditioning::Text(l.as_str().into())).collect(),
+                vec![neg; lines.len()],
+                lines,
+            )
+        }
+        (None, Some(f)) => {
+            if args.negative.is_some() {
+                return Err(Error::invalid_input(
+                    "--negative is a text prompt; with --prompt-embeds put `negative_embeds` in the file",
+                ));
+            }
+            let (pos, neg) = crate::io::read_prompt_embeds(f)?;
+            let n = pos.len();
+            let sources = (0..n).map(|i| format!("{}[{i}]", f.display())).collect();
+            let negs = match neg {
+                None => vec![None; n],
+                Some(v) if v.len() == 1 => vec![Some(Conditioning::Embeddings(v[0].clone())); n],
+                Some(v) if v.len() == n => v.into_iter().map(|t| Some(Conditioning::Embeddings(t))).collect(),
+                Some(v) => {
+                    return Err(Error::invalid_input(format!(
+                        "{}: {} negative_embeds rows for {n} prompt_embeds rows (give 1 or {n})",
+                        f.display(),
+                        v.len()
+                    )))
+                }
+            };
+            (pos.into_iter().map(Conditioning::Embeddings).collect(), negs, sources)
+        }
+        _ => return Err(Error::invalid_input(
+            "`ragar stage generator` needs --text-file FILE (one prompt per line) or --prompt-embeds FILE.safetensors",
+        )),
+    };
+    let requests: Vec<GenerationRequest> = conds
+        .into_iter()
+        .zip(negs)
+        .enumerate()
+        .map(|(i, (cond, neg))| GenerationRequest {
+            cond,
+            negative: neg.map_or(ROption::RNone, ROption::RSome),
+            seed: args.seed + i as u64,
+            steps: args.steps,
+            guidance: args.guidance,
+            width: args.width,
+            height: args.height,
+        })
+        .collect();
+    let generator = registry.generator(loaded)?;
+    let mut manifest = Vec::with_capacity(requests.len());
+    // One request at a time so that each finished image is on disk at once.
+    for (i, req) in requests.iter().enumerate() {
+        let t = std::time::Instant::now();
+        let img = generator.generate(std::slice::from_ref(req))?.remove(0);
+        let name = format!("{i:06}.png");
+        crate::io::write_atomic(&out.join(&name), &ragar_core::vision::encode_png(&img)?)?;
+        eprintln!("{name} ({:.1} s)", t.elapsed().as_secs_f64());
+        manifest.push(serde_json::json!({
+            "file": name, "from": sources[i], "seed": req.seed, "steps": req.steps,
+            "guidance": req.guidance, "width": req.width, "height": req.height,
+        }));
+    }
+    let mut bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io(out, e))?;
+    bytes.push(b'\n');
+    crate::io::write_atomic(&out.join("generations.json"), &bytes)?;
+    Ok(manifest.len())
+}
+
 /// `ragar validate`: everything checkable without loading weights — plugin
 /// loading, names, backends, devices, dtypes, each component's params and
 /// files (its probe), and the shape facts wired between stages. Returns the

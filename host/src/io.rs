@@ -112,6 +112,67 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, Tensor)]) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Prompt embeddings for `ragar stage generator`: `prompt_embeds`
+/// (`[n, tokens, d]` or `[tokens, d]`) and optional `negative_embeds`, each
+/// row as a `[tokens, d]` f32 tensor. F16 / BF16 files are widened.
+pub fn read_prompt_embeds(path: &Path) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::invalid_input(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let rows = |name: &str| -> Result<Option<Vec<Tensor>>> {
+        let view = match st.tensor(name) {
+            Ok(v) => v,
+            Err(_) => return Ok(None),
+        };
+        let data: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            safetensors::Dtype::F16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::invalid_input(format!(
+                    "{}: {name} is {other:?}; prompt embeddings must be F32, F16 or BF16",
+                    path.display()
+                )))
+            }
+        };
+        let (n, t, d) = match *view.shape() {
+            [t, d] => (1, t, d),
+            [n, t, d] => (n, t, d),
+            ref s => {
+                return Err(Error::invalid_input(format!(
+                    "{}: {name} has shape {s:?}; expected [n, tokens, dim] or [tokens, dim]",
+                    path.display()
+                )))
+            }
+        };
+        (0..n)
+            .map(|i| Tensor::from_f32(&[t, d], data[i * t * d..(i + 1) * t * d].to_vec()))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    };
+    let pos = rows("prompt_embeds")?.ok_or_else(|| {
+        let names: Vec<&str> = st.names();
+        Error::invalid_input(format!(
+            "{}: no tensor named prompt_embeds (found: {})",
+            path.display(),
+            names.join(", ")
+        ))
+    })?;
+    Ok((pos, rows("negative_embeds")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

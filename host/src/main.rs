@@ -32,7 +32,11 @@ enum Command {
         /// One image path per line (relative to this file's folder).
         #[arg(long)]
         image_file: Option<PathBuf>,
-        /// Output: .json (array of arrays) or .safetensors.
+        /// generator: prompt embeddings (safetensors `prompt_embeds` [n, 77, d],
+        /// optional `negative_embeds`), e.g. the Mapper's output.
+        #[arg(long, conflicts_with_all = ["text_file", "image_file"])]
+        prompt_embeds: Option<PathBuf>,
+        /// Output: .json (array of arrays) or .safetensors; generator: a folder of PNGs.
         #[arg(long)]
         out: PathBuf,
         /// keyword-llm: most new tokens.
@@ -44,9 +48,24 @@ enum Command {
         /// keyword-llm: nucleus threshold.
         #[arg(long, default_value_t = 1.0)]
         top_p: f32,
-        /// keyword-llm: sampling seed.
+        /// keyword-llm: sampling seed; generator: seed of the first image (image i: seed + i).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// generator: denoising steps.
+        #[arg(long, default_value_t = 30)]
+        steps: u32,
+        /// generator: classifier-free guidance scale (1 = off).
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// generator: negative prompt (text prompts only).
+        #[arg(long)]
+        negative: Option<String>,
+        /// generator: image width in pixels.
+        #[arg(long, default_value_t = 512)]
+        width: u32,
+        /// generator: image height in pixels.
+        #[arg(long, default_value_t = 512)]
+        height: u32,
         /// keyword-llm: stop before this string (repeatable).
         #[arg(long)]
         stop: Vec<String>,
@@ -111,6 +130,12 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             seed,
             stop,
             img_states,
+            prompt_embeds,
+            steps,
+            guidance,
+            negative,
+            width,
+            height,
         } => {
             let stage = Stage::parse(&stage)?;
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;
@@ -147,6 +172,20 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                         commands::stage_keyword_llm(&loaded, &registry, &file, &opts, &out)?
                     };
                     eprintln!("{n} prompts -> {}", out.display());
+                }
+                Stage::Generator => {
+                    let args = commands::GenerateArgs {
+                        text_file,
+                        prompt_embeds,
+                        negative,
+                        seed,
+                        steps,
+                        guidance,
+                        width,
+                        height,
+                    };
+                    let n = commands::stage_generator(&loaded, &registry, &args, &out)?;
+                    eprintln!("{n} images -> {}", out.display());
                 }
                 other => return Err(commands::stage_not_available(other)),
             }

@@ -95,7 +95,7 @@ impl ClipEncoder {
         let (params, files) = files(spec, Fetch::IfMissing)?;
         let device = device(spec)?;
         // Safety: read-only memory map of a file ragar does not modify.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype(spec), &device) }
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype(spec, &device)?, &device) }
             .map_err(model_err(files.weights.display()))?;
         let model = ClipModel::load(vb, &files.config).map_err(model_err(files.weights.display()))?;
         let tokenizer =

@@ -23,16 +23,30 @@ fn cuda(n: usize) -> Result<Device> {
     Device::new_cuda(n).map_err(|e| Error::device(format!("cuda:{n}: {e}")))
 }
 
-/// The candle dtype for a spec's dtype.
-pub fn dtype(spec: &ComponentSpec) -> DType {
-    match spec.dtype {
+/// The candle dtype for a spec's dtype on `device`. candle's CPU matmul has
+/// no bf16 kernel, so bf16 on the CPU is refused here rather than failing
+/// mid-run.
+pub fn dtype(spec: &ComponentSpec, device: &Device) -> Result<DType> {
+    Ok(match spec.dtype {
         ragar_core::DType::F32 => DType::F32,
         ragar_core::DType::F16 => DType::F16,
+        ragar_core::DType::BF16 if device.is_cpu() => {
+            return Err(Error::unsupported(format!(
+                "{}.dtype: bf16 runs on CUDA with candle; on the CPU use f32 or f16",
+                spec.key
+            )))
+        }
         ragar_core::DType::BF16 => DType::BF16,
-    }
+    })
 }
 
 /// A candle error as a model error with context.
 pub fn model_err(context: impl std::fmt::Display) -> impl FnOnce(candle_core::Error) -> Error {
-    move |e| Error::model(format!("{context}: {e}"))
+    move |mut e| {
+        // The message only: a backtrace (RUST_BACKTRACE) is for developers.
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::model(format!("{context}: {e}"))
+    }
 }

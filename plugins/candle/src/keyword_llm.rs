@@ -387,7 +387,7 @@ fn load_hf(dir: &Path, spec: &ComponentSpec, device: &Device) -> Result<Loaded> 
         .or_err(ErrorKind::Model, cfg_path.display())?;
     let weights = dir.join("model.safetensors");
     // Safety: read-only memory map of a file ragar does not modify.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], crate::device::dtype(spec), device) }
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], crate::device::dtype(spec, device)?, device) }
         .map_err(model_err(weights.display()))?;
     let model = Llama::from_safetensors(vb, &cfg).map_err(model_err(weights.display()))?;
     let tok_path = dir.join("tokenizer.json");

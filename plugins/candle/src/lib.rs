@@ -14,6 +14,9 @@ pub mod device;
 pub mod keyword_llm;
 pub mod llama;
 pub mod minilm;
+pub mod stable_diffusion;
+pub mod unet;
+pub mod vae;
 
 use ragar_core::{component, Component, ComponentSpec};
 
@@ -57,6 +60,15 @@ pub fn components() -> Vec<Component> {
             "Qwen2/Qwen2.5 LLM from GGUF or HF safetensors: keywords and [IMG] hidden states",
             keyword_llm::LlamaKeywordLlm::load,
             keyword_llm::LlamaKeywordLlm::probe
+        ),
+        component!(
+            Generator,
+            "stable-diffusion",
+            "candle",
+            ["cpu", "cuda"],
+            "Stable Diffusion 1.x/2.x (diffusers pipeline folder): text or 77xD prompt embeddings -> image; DDIM, Euler-a, DPM++ 2M",
+            stable_diffusion::StableDiffusion::load,
+            stable_diffusion::StableDiffusion::probe
         ),
     ]
 }

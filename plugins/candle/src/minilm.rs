@@ -34,7 +34,7 @@ impl SentenceEncoder {
                 .or_err(ErrorKind::Model, cfg_path.display())?;
         // Safety: the file is memory-mapped read-only; ragar never writes to a
         // model file while it is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype(spec), &device) }
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype(spec, &device)?, &device) }
             .map_err(model_err(weights.display()))?;
         let model = BertModel::load(vb, &cfg).map_err(model_err(weights.display()))?;
         let tokenizer = dir.tokenizer()?;
