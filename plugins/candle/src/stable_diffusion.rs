@@ -153,17 +153,26 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
             &vae,
             "text_encoder/config.json",
             &text_encoder,
-            "tokenizer/vocab.json",
-            "tokenizer/merges.txt",
         ],
         &[
             "model_index.json",
             "scheduler/scheduler_config.json",
             "tokenizer/tokenizer_config.json",
             "tokenizer/tokenizer.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
         ],
         fetch,
     )?;
+    // Hub repos ship vocab.json + merges.txt; transformers 5 saves tokenizer.json alone.
+    let tok = root.join("tokenizer");
+    if !tok.join("tokenizer.json").is_file() && !(tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file())
+    {
+        return Err(Error::not_found(format!(
+            "{}: neither tokenizer.json nor vocab.json + merges.txt",
+            tok.display()
+        )));
+    }
     let files = Files {
         unet: root.join(unet),
         vae: root.join(vae),
