@@ -100,6 +100,50 @@ impl ModelSource {
     }
 }
 
+impl ModelSource {
+    /// The safetensors files of a checkpoint in `sub` (`""` for the root):
+    /// `{stem}.safetensors`, else the shards that `{stem}.safetensors.index.json`
+    /// lists (large checkpoints such as BLIP-2 OPT-2.7b are sharded).
+    pub fn safetensors_files(&self, sub: &str, stem: &str, fetch: Fetch) -> Result<Vec<PathBuf>> {
+        let join = |f: &str| {
+            if sub.is_empty() {
+                f.to_string()
+            } else {
+                format!("{sub}/{f}")
+            }
+        };
+        let single = join(&format!("{stem}.safetensors"));
+        let index = join(&format!("{stem}.safetensors.index.json"));
+        let local_has = |f: &str| matches!(self, ModelSource::Local(d) if d.join(f).is_file());
+        let try_single = match self {
+            ModelSource::Local(_) => local_has(&single) || !local_has(&index),
+            ModelSource::Hub { .. } => true,
+        };
+        if try_single {
+            match self.resolve(&[&single], &[], fetch) {
+                Ok(root) => return Ok(vec![root.join(&single)]),
+                Err(e) if matches!(self, ModelSource::Local(_)) => {
+                    return Err(Error::not_found(format!("{e} (nor {index})")))
+                }
+                Err(_) => {}
+            }
+        }
+        let root = self.resolve(&[&index], &[], fetch)?;
+        let map: serde_json::Value = crate::files::read_json(&root.join(&index))?;
+        let mut shards: Vec<String> = map["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::model(format!("{}: no weight_map", root.join(&index).display())))?
+            .values()
+            .filter_map(|v| v.as_str().map(|f| join(f)))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let refs: Vec<&str> = shards.iter().map(String::as_str).collect();
+        let root = self.resolve(&refs, &[], fetch)?;
+        Ok(shards.iter().map(|f| root.join(f)).collect())
+    }
+}
+
 fn snapshot_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
     let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
     // A commit hash names its snapshot directly; a branch or tag goes through refs/.

@@ -112,7 +112,7 @@ impl Default for VisionConfig {
 }
 
 /// Softmax(q k^T / sqrt(d) + bias) v over `[b, h, s, d]`, softmax in f32.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let hd = q.dim(D::Minus1)?;
     let mut w = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
     if let Some(b) = bias {
@@ -123,12 +123,12 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<T
         .matmul(v)
 }
 
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, s, w) = x.dims3()?;
     x.reshape((b, s, heads, w / heads))?.transpose(1, 2)?.contiguous()
 }
 
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, s, h * d))
 }
@@ -146,8 +146,20 @@ struct VisionLayer {
 impl VisionLayer {
     fn load(vb: VarBuilder, c: &VisionConfig) -> Result<Self> {
         let h = c.hidden_size;
+        // BLIP stores `qkv.bias`; BLIP-2 checkpoints `q_bias` and `v_bias`
+        // (the key bias is zero), or `qkv.bias` when saved by transformers 5.
+        let a = vb.pp("self_attn");
+        let qkv_w = a.get((3 * h, h), "qkv.weight")?;
+        let qkv_b = if a.contains_tensor("qkv.bias") {
+            Some(a.get(3 * h, "qkv.bias")?)
+        } else if a.contains_tensor("q_bias") {
+            let q = a.get(h, "q_bias")?;
+            Some(Tensor::cat(&[&q, &q.zeros_like()?, &a.get(h, "v_bias")?], 0)?)
+        } else {
+            None
+        };
         Ok(VisionLayer {
-            qkv: linear(h, 3 * h, vb.pp("self_attn.qkv"))?,
+            qkv: Linear::new(qkv_w, qkv_b),
             projection: linear(h, h, vb.pp("self_attn.projection"))?,
             norm1: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             fc1: linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
@@ -236,8 +248,10 @@ impl VisionModel {
     }
 }
 
-/// BERT attention block with its post-norm residual (`attention.*` or `crossattention.*`).
-struct TextAttention {
+/// BERT attention block with its post-norm residual (`attention.*` or
+/// `crossattention.*`; the q/k/v projections sit under `self` in BLIP and
+/// under `attention` in BLIP-2's Q-Former).
+pub(crate) struct TextAttention {
     query: Linear,
     key: Linear,
     value: Linear,
@@ -247,26 +261,25 @@ struct TextAttention {
 }
 
 impl TextAttention {
-    fn load(vb: VarBuilder, c: &TextConfig, kv_width: usize) -> Result<Self> {
-        let h = c.hidden_size;
+    pub(crate) fn load(vb: VarBuilder, inner: &str, h: usize, kv_width: usize, heads: usize, eps: f64) -> Result<Self> {
         Ok(TextAttention {
-            query: linear(h, h, vb.pp("self.query"))?,
-            key: linear(kv_width, h, vb.pp("self.key"))?,
-            value: linear(kv_width, h, vb.pp("self.value"))?,
+            query: linear(h, h, vb.pp(inner).pp("query"))?,
+            key: linear(kv_width, h, vb.pp(inner).pp("key"))?,
+            value: linear(kv_width, h, vb.pp(inner).pp("value"))?,
             dense: linear(h, h, vb.pp("output.dense"))?,
-            norm: layer_norm(h, c.layer_norm_eps, vb.pp("output.LayerNorm"))?,
-            heads: c.num_attention_heads,
+            norm: layer_norm(h, eps, vb.pp("output.LayerNorm"))?,
+            heads,
         })
     }
 
-    fn kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
             split_heads(&self.key.forward(x)?, self.heads)?,
             split_heads(&self.value.forward(x)?, self.heads)?,
         ))
     }
 
-    fn forward(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(x)?, self.heads)?;
         let ctx = merge_heads(&attend(&q, k, v, bias)?)?;
         self.norm.forward(&(self.dense.forward(&ctx)? + x)?)
@@ -338,12 +351,20 @@ impl TextDecoder {
         } else {
             head.get(c.vocab_size, "decoder.bias")?
         };
+        let (heads, eps) = (c.num_attention_heads, c.layer_norm_eps);
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = bert.pp(format!("encoder.layer.{i}"));
                 Ok(TextLayer {
-                    attention: TextAttention::load(l.pp("attention"), c, h)?,
-                    crossattention: TextAttention::load(l.pp("crossattention"), c, c.encoder_hidden_size)?,
+                    attention: TextAttention::load(l.pp("attention"), "self", h, h, heads, eps)?,
+                    crossattention: TextAttention::load(
+                        l.pp("crossattention"),
+                        "self",
+                        h,
+                        c.encoder_hidden_size,
+                        heads,
+                        eps,
+                    )?,
                     intermediate: linear(h, c.intermediate_size, l.pp("intermediate.dense"))?,
                     output: linear(c.intermediate_size, h, l.pp("output.dense"))?,
                     norm: layer_norm(h, c.layer_norm_eps, l.pp("output.LayerNorm"))?,

@@ -1,19 +1,22 @@
-//! BLIP as a ragar Captioner (Eq. 2: each history item's image becomes a
-//! caption before encoding). Model in `blip.rs`.
+//! BLIP and BLIP-2 as a ragar Captioner (Eq. 2: each history item's image
+//! becomes a caption before encoding; the paper uses BLIP-2). Models in
+//! `blip.rs` and `blip2.rs`; `config.json`'s `model_type` picks one.
 //!
 //! Preprocessing is transformers' `BlipImageProcessor` (PIL backend):
 //! bicubic resize of the whole image to the square input (no crop), scale to
 //! [0, 1], normalise with the checkpoint's mean/std. Decoding follows
-//! transformers' `generate`: the prompt is `[DEC]` plus the optional text
-//! prefix (tokenised without its `[CLS]`/`[SEP]`); greedy takes the arg-max
-//! until `[SEP]`; beam search is transformers' (top 2k candidates per step,
-//! finished hypotheses scored by log-probability / generated length, the
-//! default `early_stopping=False` stopping rule). The caption is the decoded
-//! sequence without special tokens, prompt included, as `processor.decode` gives.
+//! transformers' `generate` (`decoding.rs`). BLIP: the prefix is `[DEC]`
+//! plus the optional text prompt (tokenised without its `[CLS]`/`[SEP]`),
+//! ending at `[SEP]`. BLIP-2: the projected Q-Former queries in place of the
+//! `<image>` tokens, then BOS or the tokenised prompt, ending at the
+//! language model's EOS. The caption is the decoded sequence without special
+//! tokens, prompt included, as `processor.decode` gives.
 
-use crate::blip::{Blip, Config, DecoderCache};
+use crate::blip::{Blip, DecoderCache};
+use crate::blip2::{Blip2, OptCache};
+use crate::decoding::{beam_search, greedy, last_position, row_index, Limits, Stepper};
 use crate::device::{device, dtype, model_err};
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use ragar_core::component::Probe;
 use ragar_core::files::read_json;
@@ -27,7 +30,8 @@ use tokenizers::Tokenizer;
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Params {
-    /// HF layout: config.json, model.safetensors, tokenizer.json,
+    /// HF layout: config.json, model.safetensors (or sharded with
+    /// model.safetensors.index.json), tokenizer.json,
     /// preprocessor_config.json (or processor_config.json).
     model_dir: String,
     /// Images encoded and decoded together.
@@ -70,9 +74,24 @@ fn preprocessor(dir: &Path) -> Result<Preprocessor> {
     Ok(Preprocessor::default())
 }
 
+/// Which architecture a checkpoint is.
+enum Arch {
+    Blip(crate::blip::Config),
+    Blip2(crate::blip2::Config),
+}
+
+impl Arch {
+    fn image_size(&self) -> usize {
+        match self {
+            Arch::Blip(c) => c.vision_config.image_size,
+            Arch::Blip2(c) => c.vision_config.image_size,
+        }
+    }
+}
+
 struct Files {
-    config: Config,
-    weights: PathBuf,
+    arch: Arch,
+    weights: Vec<PathBuf>,
     tokenizer: PathBuf,
     size: (u32, u32),
     mean: [f32; 3],
@@ -87,8 +106,9 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
             spec.key
         )));
     }
-    let dir = ModelSource::parse(&params.model_dir, |p| spec.resolve_path(p))?.resolve(
-        &["config.json", "model.safetensors", "tokenizer.json"],
+    let source = ModelSource::parse(&params.model_dir, |p| spec.resolve_path(p))?;
+    let dir = source.resolve(
+        &["config.json", "tokenizer.json"],
         &[
             "preprocessor_config.json",
             "processor_config.json",
@@ -96,7 +116,22 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
         ],
         fetch,
     )?;
-    let config: Config = read_json(&dir.join("config.json"))?;
+    let weights = source.safetensors_files("", "model", fetch)?;
+    let cfg_path = dir.join("config.json");
+    let raw: serde_json::Value = read_json(&cfg_path)?;
+    fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &Path) -> Result<T> {
+        serde_json::from_value(v).map_err(|e| Error::model(format!("{}: {e}", path.display())))
+    }
+    let arch = match raw["model_type"].as_str().unwrap_or("blip") {
+        "blip" => Arch::Blip(parse(raw, &cfg_path)?),
+        "blip-2" => Arch::Blip2(parse(raw, &cfg_path)?),
+        other => {
+            return Err(Error::unsupported(format!(
+                "{}: model_type '{other}' is not a captioner ragar knows (blip, blip-2)",
+                cfg_path.display()
+            )))
+        }
+    };
     let pre = preprocessor(&dir)?;
     if let Some(r) = pre.resample.filter(|&r| r != 3) {
         return Err(Error::unsupported(format!(
@@ -104,7 +139,7 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
             dir.display()
         )));
     }
-    let side = config.vision_config.image_size as u32;
+    let side = arch.image_size() as u32;
     let size = pre.size.map_or((side, side), |s| (s.width, s.height));
     if size != (side, side) {
         return Err(Error::model(format!(
@@ -117,8 +152,8 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
     Ok((
         params,
         Files {
-            config,
-            weights: dir.join("model.safetensors"),
+            arch,
+            weights,
             tokenizer: dir.join("tokenizer.json"),
             size,
             mean: pre.image_mean.unwrap_or(CLIP_MEAN),
@@ -127,9 +162,14 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
     ))
 }
 
-/// The BLIP captioner component.
+enum Model {
+    Blip(Blip),
+    Blip2(Blip2),
+}
+
+/// The BLIP / BLIP-2 captioner component.
 pub struct BlipCaptioner {
-    model: Blip,
+    model: Model,
     tokenizer: Tokenizer,
     files: Files,
     batch_size: usize,
@@ -142,9 +182,13 @@ impl BlipCaptioner {
         let (params, files) = files(spec, Fetch::IfMissing)?;
         let device = device(spec)?;
         // Safety: read-only memory map of a file ragar does not modify.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype(spec, &device)?, &device) }
-            .map_err(model_err(files.weights.display()))?;
-        let model = Blip::load(vb, &files.config).map_err(model_err(files.weights.display()))?;
+        let what = files.weights[0].display().to_string();
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype(spec, &device)?, &device) }
+            .map_err(model_err(&what))?;
+        let model = match &files.arch {
+            Arch::Blip(c) => Model::Blip(Blip::load(vb, c).map_err(model_err(&what))?),
+            Arch::Blip2(c) => Model::Blip2(Blip2::load(vb, c).map_err(model_err(&what))?),
+        };
         let mut tokenizer = Tokenizer::from_file(&files.tokenizer)
             .map_err(|e| Error::model(format!("{}: {e}", files.tokenizer.display())))?;
         // A prompt is tokenised alone: no padding, and a too-long one is an error, not cut.
@@ -164,7 +208,10 @@ impl BlipCaptioner {
     /// Params and files without loading weights.
     pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
         let (_, f) = files(spec, Fetch::Never)?;
-        Probe::default().file(&f.weights)?.file(&f.tokenizer)
+        f.weights
+            .iter()
+            .try_fold(Probe::default(), |p, w| p.file(w))?
+            .file(&f.tokenizer)
     }
 
     /// The processor's pixel values `[n, 3, h, w]`.
@@ -179,155 +226,170 @@ impl BlipCaptioner {
             .map_err(model_err("BLIP pixels"))
     }
 
-    /// `[DEC]` followed by the prompt's word pieces.
+    /// The decoder's prefix ids: BLIP `[DEC]` + the prompt's word pieces;
+    /// BLIP-2 the `<image>` placeholders + BOS, or + the tokenised prompt
+    /// (its tokenizer adds BOS), as `Blip2Processor` builds them.
     pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| Error::invalid_input(format!("tokenising the prompt {prompt:?}: {e}")))?;
-        let mut ids = vec![self.model.decoder.config().bos_token_id];
-        ids.extend(enc.get_ids());
-        Ok(ids)
+        let tokenize = |special: bool| -> Result<Vec<u32>> {
+            Ok(self
+                .tokenizer
+                .encode(prompt, special)
+                .map_err(|e| Error::invalid_input(format!("tokenising the prompt {prompt:?}: {e}")))?
+                .get_ids()
+                .to_vec())
+        };
+        Ok(match &self.model {
+            Model::Blip(m) => [vec![m.decoder.config().bos_token_id], tokenize(false)?].concat(),
+            Model::Blip2(m) => {
+                let c = &m.config;
+                let images = c.image_token_index.map_or(Vec::new(), |t| vec![t; c.num_query_tokens]);
+                let text = if prompt.is_empty() {
+                    vec![c.text_config.bos_token_id]
+                } else {
+                    tokenize(true)?
+                };
+                [images, text].concat()
+            }
+        })
     }
 
     /// Token ids (prompt included) for each image of a batch.
     pub fn generate_ids(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<Vec<u32>>> {
         let prompt = self.prompt_ids(opts.prompt.as_str())?;
-        let limit = prompt.len() + opts.max_tokens as usize;
-        let max_pos = self.model.decoder.config().max_position_embeddings;
-        if limit > max_pos {
+        let (lim, positions) = match &self.model {
+            Model::Blip(m) => {
+                let c = m.decoder.config();
+                (
+                    Limits {
+                        eos: c.sep_token_id,
+                        pad: c.pad_token_id,
+                        max_len: prompt.len() + opts.max_tokens as usize,
+                    },
+                    c.max_position_embeddings,
+                )
+            }
+            Model::Blip2(m) => {
+                let c = m.opt.config();
+                let extra = if m.config.image_token_index.is_some() {
+                    0
+                } else {
+                    m.config.num_query_tokens
+                };
+                (
+                    Limits {
+                        eos: c.eos_token_id,
+                        pad: c.pad_token_id,
+                        max_len: prompt.len() + opts.max_tokens as usize,
+                    },
+                    c.max_position_embeddings.saturating_sub(extra),
+                )
+            }
+        };
+        if lim.max_len > positions {
             return Err(Error::invalid_input(format!(
-                "prompt ({} tokens) + max_tokens ({}) exceeds BLIP's {max_pos} positions",
+                "prompt ({} tokens) + max_tokens ({}) exceeds the decoder's {positions} positions",
                 prompt.len(),
                 opts.max_tokens
             )));
         }
         let pixels = self.pixel_values(images)?;
-        let embeds = self.model.vision.forward(&pixels).map_err(model_err("BLIP vision"))?;
+        // What the decoder reads from the images: BLIP's image embeddings or
+        // BLIP-2's projected queries, `[n, tokens, w]`.
+        let image = match &self.model {
+            Model::Blip(m) => m.vision.forward(&pixels).map_err(model_err("BLIP vision"))?,
+            Model::Blip2(m) => m.image_prefix(&pixels).map_err(model_err("BLIP-2 image queries"))?,
+        };
+        let stepper = |i: Option<usize>| -> Result<Box<dyn Stepper + '_>> {
+            let image = match i {
+                Some(i) => image.i(i..i + 1).map_err(model_err("selecting an image"))?,
+                None => image.clone(),
+            };
+            Ok(match &self.model {
+                Model::Blip(blip) => Box::new(BlipStep {
+                    blip,
+                    image,
+                    prompt: &prompt,
+                    cache: DecoderCache::default(),
+                }),
+                Model::Blip2(blip2) => Box::new(Blip2Step {
+                    blip2,
+                    queries: image,
+                    prompt: &prompt,
+                    cache: OptCache::default(),
+                }),
+            })
+        };
         match opts.beams {
             0 => Err(Error::invalid_input("beams must be at least 1")),
-            1 => self
-                .greedy(&embeds, &prompt, limit)
-                .map_err(model_err("BLIP greedy decoding")),
+            1 => greedy(stepper(None)?.as_mut(), &prompt, images.len(), lim).map_err(model_err("greedy decoding")),
             k => (0..images.len())
                 .map(|i| {
-                    self.beam_search(
-                        &embeds.i(i..i + 1).map_err(model_err("BLIP"))?,
-                        &prompt,
-                        limit,
-                        k as usize,
-                    )
-                    .map_err(model_err(format!("BLIP beam search, image {i}")))
+                    beam_search(stepper(Some(i))?.as_mut(), &prompt, k as usize, lim)
+                        .map_err(model_err(format!("beam search, image {i}")))
                 })
                 .collect(),
         }
     }
+}
 
-    /// All images together; a finished row is padded until every row is.
-    fn greedy(&self, embeds: &Tensor, prompt: &[u32], limit: usize) -> candle_core::Result<Vec<Vec<u32>>> {
-        let cfg = self.model.decoder.config();
-        let n = embeds.dim(0)?;
-        let mut seqs: Vec<Vec<u32>> = vec![prompt.to_vec(); n];
-        let mut done = vec![false; n];
-        let mut cache = DecoderCache::default();
-        let mut input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?.repeat((n, 1))?;
-        while seqs[0].len() < limit && !done.iter().all(|&d| d) {
-            let logits = self.model.decoder.forward(&input, embeds, &mut cache)?;
-            let last = logits.i((.., logits.dim(1)? - 1))?.to_dtype(DType::F32)?;
-            let next: Vec<u32> = last.argmax(D::Minus1)?.to_vec1()?;
-            for (i, &t) in next.iter().enumerate() {
-                seqs[i].push(if done[i] { cfg.pad_token_id } else { t });
-                done[i] |= t == cfg.sep_token_id;
-            }
-            let tokens: Vec<u32> = seqs.iter().map(|s| *s.last().expect("non-empty")).collect();
-            input = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(1)?;
+/// The BLIP-2 language model over one batch of image queries.
+struct Blip2Step<'a> {
+    blip2: &'a Blip2,
+    queries: Tensor,
+    prompt: &'a [u32],
+    cache: OptCache,
+}
+
+impl Stepper for Blip2Step<'_> {
+    fn prefill(&mut self, rows: usize) -> candle_core::Result<Tensor> {
+        if self.queries.dim(0)? != rows {
+            self.queries = self.queries.repeat((rows, 1, 1))?;
         }
-        Ok(seqs)
+        // The queries replace the <image> placeholders (or precede the text in older checkpoints).
+        let skip = if self.blip2.config.image_token_index.is_some() {
+            self.queries.dim(1)?
+        } else {
+            0
+        };
+        let text = Tensor::new(&self.prompt[skip..], self.queries.device())?
+            .unsqueeze(0)?
+            .repeat((rows, 1))?;
+        let embeds = Tensor::cat(&[&self.queries, &self.blip2.opt.embed(&text)?], 1)?;
+        last_position(&self.blip2.opt.forward(&embeds, &mut self.cache)?)
     }
+    fn step(&mut self, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        let ids = Tensor::new(tokens, self.queries.device())?.unsqueeze(1)?;
+        last_position(&self.blip2.opt.forward(&self.blip2.opt.embed(&ids)?, &mut self.cache)?)
+    }
+    fn reorder(&mut self, rows: &[u32]) -> candle_core::Result<()> {
+        self.cache.select(&row_index(rows, self.queries.device())?)
+    }
+}
 
-    /// transformers' beam search for one image.
-    fn beam_search(&self, embed: &Tensor, prompt: &[u32], limit: usize, k: usize) -> candle_core::Result<Vec<u32>> {
-        const NEG: f32 = -1.0e9;
-        let sep = self.model.decoder.config().sep_token_id;
-        let embeds = embed.repeat((k, 1, 1))?;
-        let mut running: Vec<(Vec<u32>, f32)> = (0..k)
-            .map(|b| (prompt.to_vec(), if b == 0 { 0.0 } else { NEG }))
-            .collect();
-        // Finished hypotheses, best first; empty slots count as -1e9.
-        let mut finished: Vec<(Vec<u32>, f32)> = Vec::new();
-        let mut improvable = true;
-        let mut cache = DecoderCache::default();
-        let mut input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?.repeat((k, 1))?;
-        let prompt_len = prompt.len();
-        loop {
-            let cur_len = running[0].0.len();
-            let logits = self.model.decoder.forward(&input, &embeds, &mut cache)?;
-            let logp =
-                candle_nn::ops::log_softmax(&logits.i((.., logits.dim(1)? - 1))?.to_dtype(DType::F32)?, D::Minus1)?
-                    .to_vec2::<f32>()?;
-            let vocab = logp[0].len();
-            // Top 2k continuations over all beams (scores accumulated).
-            let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(k * vocab);
-            for (b, row) in logp.iter().enumerate() {
-                cands.extend(row.iter().enumerate().map(|(t, &lp)| (lp + running[b].1, b, t as u32)));
-            }
-            let keep = 2 * k;
-            cands.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
-            cands.truncate(keep);
-            cands.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let at_limit = cur_len + 1 >= limit;
-            let stops: Vec<bool> = cands.iter().map(|c| c.2 == sep || at_limit).collect();
+/// The BLIP decoder over one batch of image embeddings.
+struct BlipStep<'a> {
+    blip: &'a Blip,
+    image: Tensor,
+    prompt: &'a [u32],
+    cache: DecoderCache,
+}
 
-            // Finished: among the top k candidates, those that stop.
-            let norm = (cur_len + 1 - prompt_len) as f32;
-            if improvable {
-                for (i, c) in cands.iter().enumerate().take(k) {
-                    if stops[i] {
-                        let mut seq = running[c.1].0.clone();
-                        seq.push(c.2);
-                        finished.push((seq, c.0 / norm));
-                    }
-                }
-                finished.sort_by(|a, b| b.1.total_cmp(&a.1));
-                finished.truncate(k);
-            }
-
-            // Running: the best k that do not stop.
-            let mut order: Vec<usize> = (0..keep).collect();
-            order.sort_by(|&a, &b| {
-                let sa = cands[a].0 + if stops[a] { NEG } else { 0.0 };
-                let sb = cands[b].0 + if stops[b] { NEG } else { 0.0 };
-                sb.total_cmp(&sa)
-            });
-            let chosen: Vec<usize> = order[..k].to_vec();
-            let rows: Vec<u32> = chosen.iter().map(|&i| cands[i].1 as u32).collect();
-            running = chosen
-                .iter()
-                .map(|&i| {
-                    let (score, beam, tok) = cands[i];
-                    let mut seq = running[beam].0.clone();
-                    seq.push(tok);
-                    (seq, score + if stops[i] { NEG } else { 0.0 })
-                })
-                .collect();
-
-            // transformers' early_stopping=False heuristic: stop once the
-            // best running beam, normalised at its current length, cannot
-            // beat the worst of k finished hypotheses.
-            let best_running = running[0].1 / (cur_len + 1 - prompt_len) as f32;
-            let worst = if finished.len() == k { finished[k - 1].1 } else { NEG };
-            improvable &= best_running > worst;
-            if !improvable || stops.iter().all(|&s| s) {
-                break;
-            }
-            cache.select(&Tensor::new(rows.as_slice(), &self.device)?)?;
-            let last: Vec<u32> = running.iter().map(|r| *r.0.last().expect("non-empty")).collect();
-            input = Tensor::new(last.as_slice(), &self.device)?.unsqueeze(1)?;
+impl Stepper for BlipStep<'_> {
+    fn prefill(&mut self, rows: usize) -> candle_core::Result<Tensor> {
+        if self.image.dim(0)? != rows {
+            self.image = self.image.repeat((rows, 1, 1))?;
         }
-        Ok(finished
-            .into_iter()
-            .next()
-            .map_or_else(|| running[0].0.clone(), |f| f.0))
+        let ids = Tensor::new(self.prompt, self.image.device())?
+            .unsqueeze(0)?
+            .repeat((rows, 1))?;
+        last_position(&self.blip.decoder.forward(&ids, &self.image, &mut self.cache)?)
+    }
+    fn step(&mut self, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        let ids = Tensor::new(tokens, self.image.device())?.unsqueeze(1)?;
+        last_position(&self.blip.decoder.forward(&ids, &self.image, &mut self.cache)?)
+    }
+    fn reorder(&mut self, rows: &[u32]) -> candle_core::Result<()> {
+        self.cache.select(&row_index(rows, self.image.device())?)
     }
 }
 

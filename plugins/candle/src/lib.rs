@@ -9,9 +9,11 @@
 
 pub mod bert;
 pub mod blip;
+pub mod blip2;
 pub mod blip_captioner;
 pub mod clip;
 pub mod clip_encoder;
+pub mod decoding;
 pub mod device;
 pub mod keyword_llm;
 pub mod llama;
@@ -68,7 +70,17 @@ pub fn components() -> Vec<Component> {
             "blip",
             "candle",
             ["cpu", "cuda"],
-            "BLIP image captioning (HF BlipForConditionalGeneration, e.g. Salesforce/blip-image-captioning-base): greedy or beam search",
+            "BLIP or BLIP-2 (OPT) captioning from HF checkpoints (config.json's model_type decides): greedy or beam search",
+            blip_captioner::BlipCaptioner::load,
+            blip_captioner::BlipCaptioner::probe
+        ),
+        // The paper's captioner; the same component reads both architectures.
+        component!(
+            Captioner,
+            "blip2",
+            "candle",
+            ["cpu", "cuda"],
+            "BLIP-2 (OPT) captioning, e.g. Salesforce/blip2-opt-2.7b (same component as `blip`)",
             blip_captioner::BlipCaptioner::load,
             blip_captioner::BlipCaptioner::probe
         ),
