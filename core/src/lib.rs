@@ -25,9 +25,12 @@ pub mod component;
 pub mod data;
 pub mod error;
 pub mod files;
+pub mod keywords;
 #[cfg(feature = "hub")]
 pub mod model;
 pub mod plugin;
+pub mod reflection;
+pub mod retrieval;
 pub mod rng;
 pub mod schedulers;
 pub mod stage;
