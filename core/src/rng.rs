@@ -73,6 +73,11 @@ impl TorchGenerator {
         ((self.next_u32() & 0x00ff_ffff) as f64 / (1u64 << 24) as f64) as f32
     }
 
+    /// `torch.rand(n, generator=g)` in float32: uniforms in [0, 1).
+    pub fn rand(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+
     /// `torch.randn(n, generator=g)` in float32, `n >= 16` (every latent
     /// tensor is; smaller tensors take ATen's other, scalar path).
     pub fn randn(&mut self, n: usize) -> Result<Vec<f32>> {

@@ -1,7 +1,6 @@
 //! Files in and out: line-oriented text inputs and atomic writes.
 
 use ragar_core::{Error, Result, Tensor};
-use std::io::Write;
 use std::path::Path;
 
 /// One entry per line of `path` (a final newline does not add an empty
@@ -30,30 +29,7 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder,
-/// flushed and synced, then renamed over the target.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
+pub use ragar_core::files::write_atomic;
 
 /// Save a `[n, d]` tensor as `.json` (array of arrays) or `.safetensors`
 /// (one f32 tensor named `name`), chosen by the extension.

@@ -17,6 +17,7 @@ pub mod decoding;
 pub mod device;
 pub mod keyword_llm;
 pub mod llama;
+pub mod mapper;
 pub mod minilm;
 pub mod stable_diffusion;
 pub mod unet;
@@ -83,6 +84,15 @@ pub fn components() -> Vec<Component> {
             "BLIP-2 (OPT) captioning, e.g. Salesforce/blip2-opt-2.7b (same component as `blip`)",
             blip_captioner::BlipCaptioner::load,
             blip_captioner::BlipCaptioner::probe
+        ),
+        component!(
+            Mapper,
+            "ragar",
+            "candle",
+            ["cpu", "cuda"],
+            "RAGAR's Modal Mapper (GILL) + Balance Calibrator with the reflection losses and AdamW (trainable)",
+            mapper::RagarMapper::load_component,
+            mapper::RagarMapper::probe
         ),
         component!(
             Generator,

@@ -1,0 +1,732 @@
+//! RAGAR's trainable Mapper: the Modal Mapper (Eq. 8, GILL's) and the
+//! Balance Calibrator (Eq. 9), with the reflection losses (Eq. 11-15) and
+//! its own AdamW, on candle's autograd.
+//!
+//! References: GILL (Koh et al. 2023; `gill/layers.py`, `TextFcLayer`
+//! mode `gill_mapper`): `fc` Linear(d_llm -> 512), `tfm` =
+//! `torch.nn.Transformer(d_model 512, 4 encoder + 4 decoder layers, 4 heads,
+//! FFN 2048, ReLU, dropout 0, norm_first=True, batch_first=True)` whose
+//! decoder reads 77 learned `query_embs`, then `model` Linear(512 -> 768).
+//! Weight names are GILL's / PyTorch's (`tfm.encoder.layers.0.self_attn.in_proj_weight`,
+//! ...), so a GILL mapper checkpoint loads as the Modal Mapper.
+//! `torch.optim.AdamW` and `torch.nn.utils.clip_grad_norm_` are replayed
+//! exactly (tests/fixtures: one step against PyTorch).
+//!
+//! Choices the paper leaves open, and ours (each a documented parameter):
+//! - Eq. 8 "concatenate the text-related embedding and the image-related
+//!   embedding": the text-related embedding is one more token of the
+//!   mapper's input sequence, before the [IMG] states.
+//! - Eq. 9 Balance Calibrator: `preference = mapped + MHA(LN(mapped),
+//!   kw, kw)`, the keyword feature (one vector from the text encoder)
+//!   projected by `calibrator.kw_proj` into `keyword_tokens` tokens of the
+//!   output width: with a single key, attention would give every query the
+//!   same value and the query side would learn nothing.
+//! - Eq. 11-12 rank loss: `-mean_i (r_i - margin) * log N(z_i; mu, sigma^2 I)`
+//!   with `z_i = mu + sigma * eps_i` held fixed and `mu` the general
+//!   preference; the log-density is averaged over dimensions (a constant
+//!   rescaling of the sum that keeps the loss in a usable range).
+//! - Eq. 13 calibrator loss: `1 - cos(P_cal(mean_tokens(preference)), retrieval preference)`,
+//!   `P_cal` a learned Linear when the widths differ (identity otherwise).
+//! - Eq. 14 semantic loss: mean squared error to a `[77, 768]` target (the
+//!   SD text-encoder output of the reference caption, GILL's target), or
+//!   `1 - cos(P_sem(mean_tokens(mapped)), target)` for a vector target.
+
+use crate::device::{device, model_err};
+use candle_core::{DType, Device, Tensor, Var, D};
+use ragar_core::component::Probe;
+use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
+use ragar_core::{ComponentSpec, Error, Result};
+use std::collections::BTreeMap;
+
+/// Shapes and hyper-parameters (`params` of the `mapper` component).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MapperConfig {
+    /// LLM width of the [IMG] states and the text-related embedding.
+    pub input_dim: usize,
+    /// [IMG] tokens per sample.
+    #[serde(default = "eight")]
+    pub n_img_tokens: usize,
+    /// Width of the keyword feature.
+    pub keyword_dim: usize,
+    /// Width of the retrieval-augmented preference (Eq. 5).
+    pub retrieval_dim: usize,
+    /// Width of a vector semantic target (Eq. 14); 0 = `[n_queries, output_dim]` targets.
+    #[serde(default)]
+    pub semantic_dim: usize,
+    /// Transformer width (GILL: 512).
+    #[serde(default = "d512")]
+    pub hidden_dim: usize,
+    /// Encoder and decoder layers each (GILL: 4).
+    #[serde(default = "four")]
+    pub layers: usize,
+    /// Heads (GILL: 4).
+    #[serde(default = "four")]
+    pub heads: usize,
+    /// Feed-forward width (GILL: 2048).
+    #[serde(default = "d2048")]
+    pub ffn_dim: usize,
+    /// Learned queries = output tokens (77 for SD 1.5).
+    #[serde(default = "d77")]
+    pub n_queries: usize,
+    /// Output width (768 for SD 1.5).
+    #[serde(default = "d768")]
+    pub output_dim: usize,
+    /// Calibrator heads.
+    #[serde(default = "eight")]
+    pub calibrator_heads: usize,
+    /// Tokens the keyword feature is projected into for the calibrator's attention.
+    #[serde(default = "four")]
+    pub keyword_tokens: usize,
+    /// AdamW betas, epsilon and weight decay (torch's defaults but GILL's beta2 0.95).
+    #[serde(default = "betas")]
+    pub betas: (f64, f64),
+    /// AdamW epsilon.
+    #[serde(default = "adam_eps")]
+    pub adam_eps: f64,
+    /// AdamW decoupled weight decay.
+    #[serde(default = "wd")]
+    pub weight_decay: f64,
+    /// Seed of the initial weights.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn eight() -> usize {
+    8
+}
+fn four() -> usize {
+    4
+}
+fn d512() -> usize {
+    512
+}
+fn d2048() -> usize {
+    2048
+}
+fn d77() -> usize {
+    77
+}
+fn d768() -> usize {
+    768
+}
+fn betas() -> (f64, f64) {
+    (0.9, 0.95)
+}
+fn adam_eps() -> f64 {
+    1e-8
+}
+fn wd() -> f64 {
+    0.01
+}
+
+/// The parameters, by checkpoint name.
+struct Params(BTreeMap<String, Var>);
+
+impl Params {
+    fn t(&self, name: &str) -> &Tensor {
+        self.0
+            .get(name)
+            .unwrap_or_else(|| panic!("mapper parameter {name} is created in Params::init"))
+            .as_tensor()
+    }
+}
+
+/// `x @ w^T + b` over the last dimension of any-rank `x`.
+fn linear(p: &Params, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    let w = p.t(&format!("{name}.weight"));
+    let dims = x.dims().to_vec();
+    let k = *dims.last().expect("rank >= 1");
+    let y = x.reshape(((), k))?.matmul(&w.t()?)?;
+    let y = match p.0.get(&format!("{name}.bias")) {
+        Some(b) => y.broadcast_add(b.as_tensor())?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// LayerNorm from differentiable primitives (candle's fused kernel has no backward).
+fn layer_norm(p: &Params, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let c = x.broadcast_sub(&mean)?;
+    let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+    c.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+        .broadcast_mul(p.t(&format!("{name}.weight")))?
+        .broadcast_add(p.t(&format!("{name}.bias")))
+}
+
+/// `torch.nn.MultiheadAttention` (packed in-projection), batch first.
+fn mha(p: &Params, name: &str, q: &Tensor, kv: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let w = p.t(&format!("{name}.in_proj_weight"));
+    let b = p.t(&format!("{name}.in_proj_bias"));
+    let d = w.dim(1)?;
+    let proj = |x: &Tensor, i: usize| -> candle_core::Result<Tensor> {
+        let (bs, s, _) = x.dims3()?;
+        let y = x
+            .reshape((bs * s, d))?
+            .matmul(&w.narrow(0, i * d, d)?.t()?)?
+            .broadcast_add(&b.narrow(0, i * d, d)?)?;
+        y.reshape((bs, s, heads, d / heads))?.transpose(1, 2)?.contiguous()
+    };
+    let (qh, kh, vh) = (proj(q, 0)?, proj(kv, 1)?, proj(kv, 2)?);
+    let scores = (qh.matmul(&kh.t()?)? / ((d / heads) as f64).sqrt())?;
+    let attn = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vh)?;
+    let (bs, _, s, _) = attn.dims4()?;
+    linear(
+        p,
+        &format!("{name}.out_proj"),
+        &attn.transpose(1, 2)?.reshape((bs, s, d))?,
+    )
+}
+
+fn ffn(p: &Params, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    linear(
+        p,
+        &format!("{name}.linear2"),
+        &linear(p, &format!("{name}.linear1"), x)?.relu()?,
+    )
+}
+
+/// The Modal Mapper + Balance Calibrator component.
+pub struct RagarMapper {
+    cfg: MapperConfig,
+    params: Params,
+    /// AdamW first and second moments, by parameter name.
+    moments: BTreeMap<String, (Tensor, Tensor)>,
+    step: u64,
+    device: Device,
+}
+
+/// Parameter names and shapes, in checkpoint order.
+fn shapes(c: &MapperConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, f, o) = (c.hidden_dim, c.ffn_dim, c.output_dim);
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("fc.weight".into(), vec![h, c.input_dim]),
+        ("fc.bias".into(), vec![h]),
+        ("query_embs".into(), vec![1, c.n_queries, h]),
+        ("model.weight".into(), vec![o, h]),
+        ("model.bias".into(), vec![o]),
+    ];
+    let attn = |v: &mut Vec<(String, Vec<usize>)>, p: &str, d: usize| {
+        v.push((format!("{p}.in_proj_weight"), vec![3 * d, d]));
+        v.push((format!("{p}.in_proj_bias"), vec![3 * d]));
+        v.push((format!("{p}.out_proj.weight"), vec![d, d]));
+        v.push((format!("{p}.out_proj.bias"), vec![d]));
+    };
+    let norm = |v: &mut Vec<(String, Vec<usize>)>, p: &str, d: usize| {
+        v.push((format!("{p}.weight"), vec![d]));
+        v.push((format!("{p}.bias"), vec![d]));
+    };
+    for (part, norms) in [("encoder", 2), ("decoder", 3)] {
+        for i in 0..c.layers {
+            let l = format!("tfm.{part}.layers.{i}");
+            attn(&mut v, &format!("{l}.self_attn"), h);
+            if part == "decoder" {
+                attn(&mut v, &format!("{l}.multihead_attn"), h);
+            }
+            v.push((format!("{l}.linear1.weight"), vec![f, h]));
+            v.push((format!("{l}.linear1.bias"), vec![f]));
+            v.push((format!("{l}.linear2.weight"), vec![h, f]));
+            v.push((format!("{l}.linear2.bias"), vec![h]));
+            for n in 1..=norms {
+                norm(&mut v, &format!("{l}.norm{n}"), h);
+            }
+        }
+        norm(&mut v, &format!("tfm.{part}.norm"), h);
+    }
+    v.push((
+        "calibrator.kw_proj.weight".into(),
+        vec![c.keyword_tokens * o, c.keyword_dim],
+    ));
+    v.push(("calibrator.kw_proj.bias".into(), vec![c.keyword_tokens * o]));
+    norm(&mut v, "calibrator.norm", o);
+    attn(&mut v, "calibrator.attn", o);
+    if c.retrieval_dim != o {
+        v.push(("calibrator.cal_proj.weight".into(), vec![c.retrieval_dim, o]));
+    }
+    if c.semantic_dim != 0 && c.semantic_dim != o {
+        v.push(("calibrator.sem_proj.weight".into(), vec![c.semantic_dim, o]));
+    }
+    v
+}
+
+impl RagarMapper {
+    /// A freshly initialised mapper (PyTorch's default initialisation
+    /// scales: uniform +-1/sqrt(fan_in) for linear layers, N(0, 1) queries,
+    /// ones and zeros for norms), from `cfg.seed`.
+    pub fn new(cfg: MapperConfig, device: Device) -> Result<Self> {
+        if cfg.hidden_dim % cfg.heads != 0 || cfg.output_dim % cfg.calibrator_heads != 0 {
+            return Err(Error::config(format!(
+                "mapper: hidden_dim {} must divide by heads {} and output_dim {} by calibrator_heads {}",
+                cfg.hidden_dim, cfg.heads, cfg.output_dim, cfg.calibrator_heads
+            )));
+        }
+        let mut g = ragar_core::rng::TorchGenerator::new(cfg.seed);
+        let mut params = BTreeMap::new();
+        for (name, shape) in shapes(&cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.contains("norm") && name.ends_with("weight") {
+                vec![1.0; n]
+            } else if name.contains("norm") || name.ends_with("bias") {
+                vec![0.0; n]
+            } else if name == "query_embs" {
+                g.randn(n.max(16))?.into_iter().take(n).collect()
+            } else {
+                let bound = 1.0 / (shape[shape.len() - 1] as f32).sqrt();
+                g.rand(n).into_iter().map(|u| (2.0 * u - 1.0) * bound).collect()
+            };
+            let t = Tensor::from_vec(data, shape, &device).map_err(model_err("mapper init"))?;
+            params.insert(name, Var::from_tensor(&t).map_err(model_err("mapper init"))?);
+        }
+        Ok(RagarMapper {
+            cfg,
+            params: Params(params),
+            moments: BTreeMap::new(),
+            step: 0,
+            device,
+        })
+    }
+
+    /// Build from `params:` (see [`MapperConfig`]), plus an optional
+    /// `checkpoint` to resume from.
+    pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        let (cfg, ckpt) = parse(spec)?;
+        let mut m = RagarMapper::new(cfg, device(spec)?)?;
+        if let Some(path) = ckpt {
+            m.load(&path)?;
+        }
+        Ok(m)
+    }
+
+    /// Facts for `ragar validate`'s wiring checks.
+    pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
+        let (c, ckpt) = parse(spec)?;
+        let mut p = Probe::default()
+            .fact("input_dim", c.input_dim as u64)
+            .fact("keyword_dim", c.keyword_dim as u64)
+            .fact("output_tokens", c.n_queries as u64)
+            .fact("output_dim", c.output_dim as u64);
+        if let Some(path) = ckpt {
+            p = p.file(std::path::Path::new(&path))?;
+        }
+        Ok(p)
+    }
+
+    /// Eq. 8: the Modal Mapper over a batch `[b, 1 + n_img, d_llm]`.
+    fn modal_mapper(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = &self.params;
+        let (h, heads) = (self.cfg.hidden_dim, self.cfg.heads);
+        let mut mem = linear(p, "fc", x)?;
+        for i in 0..self.cfg.layers {
+            let l = format!("tfm.encoder.layers.{i}");
+            let n = layer_norm(p, &format!("{l}.norm1"), &mem)?;
+            mem = (&mem + mha(p, &format!("{l}.self_attn"), &n, &n, heads)?)?;
+            mem = (&mem + ffn(p, &l, &layer_norm(p, &format!("{l}.norm2"), &mem)?)?)?;
+        }
+        let mem = layer_norm(p, "tfm.encoder.norm", &mem)?;
+        let b = x.dim(0)?;
+        let mut y = p
+            .t("query_embs")
+            .broadcast_as((b, self.cfg.n_queries, h))?
+            .contiguous()?;
+        for i in 0..self.cfg.layers {
+            let l = format!("tfm.decoder.layers.{i}");
+            let n = layer_norm(p, &format!("{l}.norm1"), &y)?;
+            y = (&y + mha(p, &format!("{l}.self_attn"), &n, &n, heads)?)?;
+            let n = layer_norm(p, &format!("{l}.norm2"), &y)?;
+            y = (&y + mha(p, &format!("{l}.multihead_attn"), &n, &mem, heads)?)?;
+            y = (&y + ffn(p, &l, &layer_norm(p, &format!("{l}.norm3"), &y)?)?)?;
+        }
+        linear(p, "model", &layer_norm(p, "tfm.decoder.norm", &y)?)
+    }
+
+    /// Eq. 9: the Balance Calibrator; `kw` is `[b, keyword_dim]`.
+    fn calibrate(&self, mapped: &Tensor, kw: &Tensor) -> candle_core::Result<Tensor> {
+        let p = &self.params;
+        let b = kw.dim(0)?;
+        let kv = linear(p, "calibrator.kw_proj", kw)?.reshape((b, self.cfg.keyword_tokens, self.cfg.output_dim))?;
+        let q = layer_norm(p, "calibrator.norm", mapped)?;
+        mapped + mha(p, "calibrator.attn", &q, &kv, self.cfg.calibrator_heads)?
+    }
+
+    /// Stack a batch of inputs into `[b, 1 + n_img, d]` and `[b, kw]` tensors, checking shapes.
+    fn stack(&self, inputs: &[MapperInput]) -> Result<(Tensor, Tensor)> {
+        let c = &self.cfg;
+        let mut xs = Vec::with_capacity(inputs.len());
+        let mut kws = Vec::with_capacity(inputs.len());
+        for (i, inp) in inputs.iter().enumerate() {
+            let bad = |what: &str, got: Vec<usize>, want: String| {
+                Error::invalid_input(format!("mapper input {i}: {what} of shape {got:?}, expected {want}"))
+            };
+            if inp.img_states.dims() != [c.n_img_tokens, c.input_dim] {
+                return Err(bad(
+                    "img_states",
+                    inp.img_states.dims(),
+                    format!("[{}, {}]", c.n_img_tokens, c.input_dim),
+                ));
+            }
+            if inp.text_embedding.dims() != [c.input_dim] {
+                return Err(bad(
+                    "text_embedding",
+                    inp.text_embedding.dims(),
+                    format!("[{}]", c.input_dim),
+                ));
+            }
+            let kd = inp.keyword_feature.dims();
+            if kd != [c.keyword_dim] {
+                return Err(bad("keyword_feature", kd, format!("[{}]", c.keyword_dim)));
+            }
+            xs.extend(inp.text_embedding.to_f32_vec());
+            xs.extend(inp.img_states.to_f32_vec());
+            kws.extend(inp.keyword_feature.to_f32_vec());
+        }
+        let b = inputs.len();
+        let x =
+            Tensor::from_vec(xs, (b, 1 + c.n_img_tokens, c.input_dim), &self.device).map_err(model_err("mapper"))?;
+        let kw = Tensor::from_vec(kws, (b, c.keyword_dim), &self.device).map_err(model_err("mapper"))?;
+        Ok((x, kw))
+    }
+
+    fn forward_t(&self, inputs: &[MapperInput]) -> Result<(Tensor, Tensor)> {
+        let (x, kw) = self.stack(inputs)?;
+        let mapped = self.modal_mapper(&x).map_err(model_err("modal mapper"))?;
+        let pref = self.calibrate(&mapped, &kw).map_err(model_err("balance calibrator"))?;
+        Ok((mapped, pref))
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_` then `torch.optim.AdamW.step()`;
+    /// returns the gradient norm before clipping.
+    fn adamw(&mut self, grads: &candle_core::backprop::GradStore, cfg: &LossConfig) -> candle_core::Result<f64> {
+        let mut sq = 0f64;
+        let mut gs = BTreeMap::new();
+        for (name, var) in &self.params.0 {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            gs.insert(name.clone(), g);
+        }
+        let grad_norm = sq.sqrt();
+        let clip = if cfg.grad_clip > 0.0 {
+            (cfg.grad_clip as f64 / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let (b1, b2) = self.cfg.betas;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let lr = cfg.lr as f64;
+        for (name, var) in &self.params.0 {
+            let g = (&gs[name] * clip)?;
+            let (m, v) = match self.moments.remove(name) {
+                Some(mv) => mv,
+                None => (g.zeros_like()?, g.zeros_like()?),
+            };
+            let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + self.cfg.adam_eps)?;
+            let update = ((&m / &denom)? * (lr / bc1))?;
+            var.set(&(decayed - update)?)?;
+            self.moments.insert(name.clone(), (m, v));
+        }
+        Ok(grad_norm)
+    }
+
+    /// Check a reflection sample's shapes against this mapper's.
+    fn check_sample(&self, i: usize, s: &ReflectionSample) -> Result<()> {
+        let c = &self.cfg;
+        let (q, o) = (c.n_queries, c.output_dim);
+        let bad = |what: &str, got: Vec<usize>, want: String| {
+            Err(Error::invalid_input(format!(
+                "reflection sample {i}: {what} of shape {got:?}, expected {want}"
+            )))
+        };
+        let nd = s.noises.dims();
+        if nd.len() != 3 || nd[1..] != [q, o] || nd[0] != s.rewards.len() || nd[0] == 0 {
+            return bad(
+                "noises",
+                nd,
+                format!("[n, {q}, {o}] with n = {} rewards (n >= 1)", s.rewards.len()),
+            );
+        }
+        if let Some(r) = s.rewards.iter().find(|r| !r.is_finite()) {
+            return Err(Error::invalid_input(format!("reflection sample {i}: reward {r}")));
+        }
+        let rd = s.retrieval_preference.dims();
+        if !(s.retrieval_preference.numel() == 0 || rd == [c.retrieval_dim]) {
+            return bad(
+                "retrieval_preference",
+                rd,
+                format!("[{}] (or empty: no retrieval)", c.retrieval_dim),
+            );
+        }
+        let sd = s.semantic_target.dims();
+        if !(sd == [q, o] || (c.semantic_dim != 0 && sd == [c.semantic_dim])) {
+            let want = match c.semantic_dim {
+                0 => format!("[{q}, {o}]"),
+                d => format!("[{q}, {o}] or [{d}]"),
+            };
+            return bad("semantic_target", sd, want);
+        }
+        Ok(())
+    }
+
+    /// Mean over tokens, then the named projection when one exists.
+    fn pool(&self, x: &Tensor, proj: &str) -> candle_core::Result<Tensor> {
+        let pooled = x.mean_keepdim(0)?;
+        let pooled = if self.params.0.contains_key(&format!("{proj}.weight")) {
+            linear(&self.params, proj, &pooled)?
+        } else {
+            pooled
+        };
+        pooled.squeeze(0)
+    }
+
+    /// The losses of Eq. 11-15 for a batch: `[total, rank, calibrator, semantic]`.
+    fn losses(&self, batch: &[ReflectionSample], cfg: &LossConfig) -> Result<[Tensor; 4]> {
+        for (i, s) in batch.iter().enumerate() {
+            self.check_sample(i, s)?;
+        }
+        let inputs: Vec<MapperInput> = batch.iter().map(|s| s.input.clone()).collect();
+        let (mapped, pref) = self.forward_t(&inputs)?;
+        self.losses_t(batch, cfg, &mapped, &pref)
+            .map_err(model_err("reflection losses"))
+    }
+
+    fn losses_t(
+        &self,
+        batch: &[ReflectionSample],
+        cfg: &LossConfig,
+        mapped: &Tensor,
+        pref: &Tensor,
+    ) -> candle_core::Result<[Tensor; 4]> {
+        let dev = &self.device;
+        let (q, o) = (self.cfg.n_queries, self.cfg.output_dim);
+        let sigma = cfg.sigma as f64;
+        let (mut rank, mut cal, mut sem) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in batch.iter().enumerate() {
+            let mu = pref.get(i)?;
+            // Eq. 11-12: the rewards weigh each fixed perturbation's log-density
+            // N(z; mu, sigma^2 I), per dimension: -(z - mu)^2 / (2 sigma^2) - ln(sigma sqrt(2 pi)).
+            let n = s.rewards.len();
+            let eps = Tensor::from_vec(s.noises.to_f32_vec(), (n, q, o), dev)?;
+            let z = mu.detach().unsqueeze(0)?.broadcast_add(&(eps * sigma)?)?;
+            let sq = z.broadcast_sub(&mu.unsqueeze(0)?)?.sqr()?.mean((1, 2))?;
+            let logp = ((sq * (-0.5 / (sigma * sigma)))? - (sigma * (2.0 * std::f64::consts::PI).sqrt()).ln())?;
+            let adv: Vec<f32> = s.rewards.iter().map(|r| r - cfg.margin).collect();
+            rank.push((logp * Tensor::from_vec(adv, n, dev)?)?.mean_all()?.neg()?);
+            // Eq. 13 (skipped without retrieval).
+            if s.retrieval_preference.numel() > 0 {
+                let target = Tensor::from_vec(s.retrieval_preference.to_f32_vec(), self.cfg.retrieval_dim, dev)?;
+                cal.push(one_minus_cos(&self.pool(&mu, "calibrator.cal_proj")?, &target)?);
+            }
+            // Eq. 14.
+            let m = mapped.get(i)?;
+            let sd = s.semantic_target.dims();
+            let target = Tensor::from_vec(s.semantic_target.to_f32_vec(), sd.clone(), dev)?;
+            sem.push(if sd == [q, o] {
+                (&m - &target)?.sqr()?.mean_all()?
+            } else {
+                one_minus_cos(&self.pool(&m, "calibrator.sem_proj")?, &target)?
+            });
+        }
+        let mean = |v: Vec<Tensor>| -> candle_core::Result<Tensor> {
+            if v.is_empty() {
+                return Tensor::new(0f32, dev);
+            }
+            let n = v.len() as f64;
+            Tensor::stack(&v, 0)?.sum_all()? / n
+        };
+        let (rank, cal, sem) = (mean(rank)?, mean(cal)?, mean(sem)?);
+        let total = (((&rank * cfg.rank_weight as f64)? + (&cal * cfg.calibrator_weight as f64)?)?
+            + (&sem * cfg.semantic_weight as f64)?)?;
+        Ok([total, rank, cal, sem])
+    }
+}
+
+fn one_minus_cos(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let dot = (a * b)?.sum_all()?;
+    let na = a.sqr()?.sum_all()?.sqrt()?;
+    let nb = b.sqr()?.sum_all()?.sqrt()?;
+    (dot / ((na * nb)? + 1e-8)?)?.neg()? + 1.0
+}
+
+fn parse(spec: &ComponentSpec) -> Result<(MapperConfig, Option<String>)> {
+    let mut v: serde_json::Value = spec.params()?;
+    let ckpt = match v.as_object_mut().and_then(|o| o.remove("checkpoint")) {
+        Some(serde_json::Value::String(p)) => Some(spec.resolve_path(&p).to_string_lossy().into_owned()),
+        Some(other) => {
+            return Err(Error::config(format!(
+                "{}.params.checkpoint: expected a path, got {other}",
+                spec.key
+            )))
+        }
+        None => None,
+    };
+    let cfg: MapperConfig =
+        serde_json::from_value(v).map_err(|e| Error::config(format!("{}.params: {e}", spec.key)))?;
+    Ok((cfg, ckpt))
+}
+
+impl Mapper for RagarMapper {
+    fn info(&self) -> MapperInfo {
+        MapperInfo {
+            input_dim: self.cfg.input_dim as u32,
+            n_img_tokens: self.cfg.n_img_tokens as u32,
+            keyword_dim: self.cfg.keyword_dim as u32,
+            n_queries: self.cfg.n_queries as u32,
+            output_dim: self.cfg.output_dim as u32,
+        }
+    }
+
+    fn forward(&self, inputs: &[MapperInput]) -> Result<Vec<MapperOutput>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mapped, pref) = self.forward_t(inputs)?;
+        let shape = [self.cfg.n_queries, self.cfg.output_dim];
+        let rows = |t: &Tensor, i: usize| -> Result<ragar_core::Tensor> {
+            let v = t
+                .get(i)
+                .and_then(|r| r.flatten_all()?.to_vec1::<f32>())
+                .map_err(model_err("mapper"))?;
+            ragar_core::Tensor::from_f32(&shape, v)
+        };
+        (0..inputs.len())
+            .map(|i| {
+                Ok(MapperOutput {
+                    mapped: rows(&mapped, i)?,
+                    preference: rows(&pref, i)?,
+                })
+            })
+            .collect()
+    }
+
+    fn train_step(&mut self, batch: &[ReflectionSample], cfg: &LossConfig) -> Result<TrainStats> {
+        if batch.is_empty() {
+            return Err(Error::invalid_input("train_step on an empty batch"));
+        }
+        if !(cfg.sigma > 0.0) || !(cfg.lr > 0.0) {
+            return Err(Error::config(format!(
+                "sigma ({}) and lr ({}) must be > 0",
+                cfg.sigma, cfg.lr
+            )));
+        }
+        let [total, rank, cal, sem] = self.losses(batch, cfg)?;
+        let grads = total.backward().map_err(model_err("mapper backward"))?;
+        let grad_norm = self.adamw(&grads, cfg).map_err(model_err("mapper optimiser step"))?;
+        let scalar = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.to_scalar::<f32>())
+                .map_err(model_err("loss"))
+        };
+        Ok(TrainStats {
+            step: self.step,
+            loss: scalar(&total)?,
+            rank_loss: scalar(&rank)?,
+            calibrator_loss: scalar(&cal)?,
+            semantic_loss: scalar(&sem)?,
+            grad_norm: grad_norm as f32,
+        })
+    }
+
+    fn save(&self, path: &str) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, var) in &self.params.0 {
+            tensors.push((name.clone(), var.as_tensor().clone()));
+            if let Some((m, v)) = self.moments.get(name) {
+                tensors.push((format!("optimizer.exp_avg.{name}"), m.clone()));
+                tensors.push((format!("optimizer.exp_avg_sq.{name}"), v.clone()));
+            }
+        }
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("ragar.step".to_string(), self.step.to_string());
+        meta.insert(
+            "ragar.mapper_config".to_string(),
+            serde_json::to_string(&self.cfg).map_err(|e| Error::model(e.to_string()))?,
+        );
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, t)| {
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok((
+                    n.clone(),
+                    t.dims().to_vec(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ))
+            })
+            .collect::<candle_core::Result<_>>()
+            .map_err(model_err(path))?;
+        let views = data
+            .iter()
+            .map(|(n, s, b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (n.as_str(), v))
+                    .map_err(|e| Error::model(format!("{path}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes =
+            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::model(format!("{path}: {e}")))?;
+        ragar_core::files::write_atomic(std::path::Path::new(path), &bytes)
+    }
+
+    fn load(&mut self, path: &str) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(std::path::Path::new(path), e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::invalid_input(format!("{path}: not a safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::invalid_input(format!("{path}: not a safetensors file: {e}")))?;
+        let get = |name: &str| -> Result<Option<Tensor>> {
+            let Ok(v) = st.tensor(name) else { return Ok(None) };
+            if v.dtype() != safetensors::Dtype::F32 {
+                return Err(Error::invalid_input(format!(
+                    "{path}: {name} is {:?}, expected F32",
+                    v.dtype()
+                )));
+            }
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Tensor::from_vec(data, v.shape(), &self.device)
+                .map(Some)
+                .map_err(model_err(path))
+        };
+        let mut moments = BTreeMap::new();
+        for (name, var) in &self.params.0 {
+            let t = get(name)?.ok_or_else(|| {
+                Error::invalid_input(format!(
+                    "{path}: missing tensor {name} (a checkpoint of another mapper configuration?)"
+                ))
+            })?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(Error::invalid_input(format!(
+                    "{path}: tensor {name} has shape {:?}, this mapper's is {:?} (another configuration?)",
+                    t.dims(),
+                    var.as_tensor().dims()
+                )));
+            }
+            var.set(&t).map_err(model_err(path))?;
+            if let (Some(m), Some(v)) = (
+                get(&format!("optimizer.exp_avg.{name}"))?,
+                get(&format!("optimizer.exp_avg_sq.{name}"))?,
+            ) {
+                moments.insert(name.clone(), (m, v));
+            }
+        }
+        self.moments = moments;
+        self.step = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("ragar.step"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok(())
+    }
+}
