@@ -7,6 +7,7 @@
 //! the same [`components`].
 #![deny(missing_docs)]
 
+pub mod adamw;
 pub mod bert;
 pub mod blip;
 pub mod blip2;
@@ -18,6 +19,8 @@ pub mod device;
 pub mod keyword_llm;
 pub mod llama;
 pub mod mapper;
+pub mod micro;
+pub mod micro_ranker;
 pub mod minilm;
 pub mod stable_diffusion;
 pub mod unet;
@@ -93,6 +96,15 @@ pub fn components() -> Vec<Component> {
             "RAGAR's Modal Mapper (GILL) + Balance Calibrator with the reflection losses and AdamW (trainable)",
             mapper::RagarMapper::load_component,
             mapper::RagarMapper::probe
+        ),
+        component!(
+            Ranker,
+            "micro",
+            "candle",
+            ["cpu", "cuda"],
+            "MICRO multimodal recommender (LightGCN + kNN item graphs + contrastive fusion); scores generated images by substitution",
+            micro_ranker::MicroRanker::load_component,
+            micro_ranker::MicroRanker::probe
         ),
         component!(
             Generator,

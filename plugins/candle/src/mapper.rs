@@ -31,6 +31,7 @@
 //!   SD text-encoder output of the reference caption, GILL's target), or
 //!   `1 - cos(P_sem(mean_tokens(mapped)), target)` for a vector target.
 
+use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
 use candle_core::{DType, Device, Tensor, Var, D};
 use ragar_core::component::Probe;
@@ -193,9 +194,7 @@ fn ffn(p: &Params, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
 pub struct RagarMapper {
     cfg: MapperConfig,
     params: Params,
-    /// AdamW first and second moments, by parameter name.
-    moments: BTreeMap<String, (Tensor, Tensor)>,
-    step: u64,
+    optimizer: AdamW,
     device: Device,
 }
 
@@ -283,8 +282,7 @@ impl RagarMapper {
         Ok(RagarMapper {
             cfg,
             params: Params(params),
-            moments: BTreeMap::new(),
-            step: 0,
+            optimizer: AdamW::default(),
             device,
         })
     }
@@ -394,47 +392,6 @@ impl RagarMapper {
         let mapped = self.modal_mapper(&x).map_err(model_err("modal mapper"))?;
         let pref = self.calibrate(&mapped, &kw).map_err(model_err("balance calibrator"))?;
         Ok((mapped, pref))
-    }
-
-    /// `torch.nn.utils.clip_grad_norm_` then `torch.optim.AdamW.step()`;
-    /// returns the gradient norm before clipping.
-    fn adamw(&mut self, grads: &candle_core::backprop::GradStore, cfg: &LossConfig) -> candle_core::Result<f64> {
-        let mut sq = 0f64;
-        let mut gs = BTreeMap::new();
-        for (name, var) in &self.params.0 {
-            let g = match grads.get(var.as_tensor()) {
-                Some(g) => g.clone(),
-                None => var.as_tensor().zeros_like()?,
-            };
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            gs.insert(name.clone(), g);
-        }
-        let grad_norm = sq.sqrt();
-        let clip = if cfg.grad_clip > 0.0 {
-            (cfg.grad_clip as f64 / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
-        self.step += 1;
-        let (b1, b2) = self.cfg.betas;
-        let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let lr = cfg.lr as f64;
-        for (name, var) in &self.params.0 {
-            let g = (&gs[name] * clip)?;
-            let (m, v) = match self.moments.remove(name) {
-                Some(mv) => mv,
-                None => (g.zeros_like()?, g.zeros_like()?),
-            };
-            let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
-            let denom = ((v.sqrt()? / bc2.sqrt())? + self.cfg.adam_eps)?;
-            let update = ((&m / &denom)? * (lr / bc1))?;
-            var.set(&(decayed - update)?)?;
-            self.moments.insert(name.clone(), (m, v));
-        }
-        Ok(grad_norm)
     }
 
     /// Check a reflection sample's shapes against this mapper's.
@@ -619,14 +576,23 @@ impl Mapper for RagarMapper {
         }
         let [total, rank, cal, sem] = self.losses(batch, cfg)?;
         let grads = total.backward().map_err(model_err("mapper backward"))?;
-        let grad_norm = self.adamw(&grads, cfg).map_err(model_err("mapper optimiser step"))?;
+        let opt = AdamWConfig {
+            betas: self.cfg.betas,
+            eps: self.cfg.adam_eps,
+            weight_decay: self.cfg.weight_decay,
+        };
+        let vars: Vec<(String, Var)> = self.params.0.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let grad_norm = self
+            .optimizer
+            .step(&vars, &grads, cfg.lr as f64, cfg.grad_clip as f64, &opt)
+            .map_err(model_err("mapper optimiser step"))?;
         let scalar = |t: &Tensor| {
             t.to_dtype(DType::F32)
                 .and_then(|t| t.to_scalar::<f32>())
                 .map_err(model_err("loss"))
         };
         Ok(TrainStats {
-            step: self.step,
+            step: self.optimizer.step,
             loss: scalar(&total)?,
             rank_loss: scalar(&rank)?,
             calibrator_loss: scalar(&cal)?,
@@ -639,13 +605,13 @@ impl Mapper for RagarMapper {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (name, var) in &self.params.0 {
             tensors.push((name.clone(), var.as_tensor().clone()));
-            if let Some((m, v)) = self.moments.get(name) {
+            if let Some((m, v)) = self.optimizer.moments.get(name) {
                 tensors.push((format!("optimizer.exp_avg.{name}"), m.clone()));
                 tensors.push((format!("optimizer.exp_avg_sq.{name}"), v.clone()));
             }
         }
         let mut meta = std::collections::HashMap::new();
-        meta.insert("ragar.step".to_string(), self.step.to_string());
+        meta.insert("ragar.step".to_string(), self.optimizer.step.to_string());
         meta.insert(
             "ragar.mapper_config".to_string(),
             serde_json::to_string(&self.cfg).map_err(|e| Error::model(e.to_string()))?,
@@ -720,8 +686,8 @@ impl Mapper for RagarMapper {
                 moments.insert(name.clone(), (m, v));
             }
         }
-        self.moments = moments;
-        self.step = meta
+        self.optimizer.moments = moments;
+        self.optimizer.step = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("ragar.step"))

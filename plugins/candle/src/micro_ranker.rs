@@ -1,0 +1,447 @@
+//! MICRO as a ragar Ranker: trained from interactions and item features
+//! (`fit`, `ragar train-ranker`), scoring catalogue items and generated
+//! images substituted for them (`score`, the reflection module's Eq. 10).
+//! Model and its choices in `micro.rs`.
+//!
+//! Training follows the reference: BPR triples (each training interaction
+//! with one uniformly drawn item the user has not interacted with), Adam at
+//! lr 5e-4 with the loss's own L2 term, batches of 1024, evaluation of
+//! Recall@10 / NDCG@10 on the validation users every epoch, early stopping
+//! after `patience` epochs without a better Recall@10 (the best weights are
+//! kept). The state file holds the weights, the configuration, the id maps,
+//! the item features and the training graph: everything scoring needs.
+
+use crate::adamw::{AdamW, AdamWConfig};
+use crate::device::{device, model_err};
+use crate::micro::{recall_ndcg, Embeddings, Ids, Micro, MicroConfig};
+use candle_core::{Device, Tensor};
+use ragar_core::abi_stable::std_types::{RString, RVec, Tuple2};
+use ragar_core::component::Probe;
+use ragar_core::stage::{FitReport, RankQuery, Ranker, RankerData};
+use ragar_core::{ComponentSpec, Error, Result};
+use std::collections::HashSet;
+
+/// `params` of the `ranker: micro` component.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MicroParams {
+    /// Model hyper-parameters.
+    #[serde(default)]
+    pub model: MicroConfig,
+    /// Most epochs.
+    #[serde(default = "epochs")]
+    pub epochs: usize,
+    /// BPR triples per step.
+    #[serde(default = "batch")]
+    pub batch_size: usize,
+    /// Adam learning rate.
+    #[serde(default = "lr")]
+    pub lr: f64,
+    /// Epochs without a better validation Recall@10 before stopping.
+    #[serde(default = "patience")]
+    pub patience: usize,
+    /// A trained state to load (written by `fit` / `ragar train-ranker`).
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+}
+
+fn epochs() -> usize {
+    200
+}
+fn batch() -> usize {
+    1024
+}
+fn lr() -> f64 {
+    5e-4
+}
+fn patience() -> usize {
+    10
+}
+
+/// What scoring needs after training.
+struct Trained {
+    model: Micro,
+    emb: Embeddings,
+    users: Ids,
+    items: Ids,
+    /// Each training user's items (for unseen-user fallbacks and exclusions).
+    seen: Vec<Vec<u32>>,
+}
+
+/// The MICRO ranker component.
+pub struct MicroRanker {
+    params: MicroParams,
+    trained: Option<Trained>,
+    device: Device,
+}
+
+impl MicroRanker {
+    /// Build from `params:`; loads `checkpoint` when given.
+    pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        let params: MicroParams = spec.params()?;
+        let mut r = MicroRanker {
+            params: params.clone(),
+            trained: None,
+            device: device(spec)?,
+        };
+        if let Some(c) = &params.checkpoint {
+            r.load(&spec.resolve_path(c).to_string_lossy())?;
+        }
+        Ok(r)
+    }
+
+    /// Params (and the checkpoint file) without loading.
+    pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
+        let p: MicroParams = spec.params()?;
+        match &p.checkpoint {
+            Some(c) => Probe::default().file(&spec.resolve_path(c)),
+            None => Ok(Probe::default()),
+        }
+    }
+
+    fn trained(&self) -> Result<&Trained> {
+        self.trained.as_ref().ok_or_else(|| {
+            Error::config("the MICRO ranker is not trained: run `ragar train-ranker` or set params.checkpoint")
+        })
+    }
+}
+
+/// Stack one modality's features in item order, checking widths.
+fn feature_matrix(data: &RankerData, items: &Ids, text: bool, dev: &Device) -> Result<Tensor> {
+    let mut dim = None;
+    let mut flat = Vec::new();
+    for name in &items.names {
+        let f = data
+            .items
+            .iter()
+            .find(|f| f.item.as_str() == name)
+            .ok_or_else(|| Error::invalid_input(format!("item '{name}' has interactions but no features")))?;
+        let v = if text { &f.text } else { &f.visual };
+        let d = *dim.get_or_insert(v.numel());
+        if v.numel() != d || d == 0 {
+            return Err(Error::invalid_input(format!(
+                "item '{name}': {} feature of {} values, others have {d}",
+                if text { "text" } else { "visual" },
+                v.numel()
+            )));
+        }
+        flat.extend(v.to_f32_vec());
+    }
+    Tensor::from_vec(flat, (items.names.len(), dim.unwrap_or(0)), dev).map_err(model_err("MICRO features"))
+}
+
+impl Ranker for MicroRanker {
+    fn fit(&mut self, data: &RankerData) -> Result<FitReport> {
+        let dev = self.device.clone();
+        let users = Ids::new(data.train.iter().map(|h| h.user.as_str()));
+        let items = Ids::new(data.items.iter().map(|f| f.item.as_str()));
+        let mut edges = Vec::new();
+        let mut seen: Vec<Vec<u32>> = vec![Vec::new(); users.names.len()];
+        for h in data.train.iter() {
+            let u = users.index[h.user.as_str()];
+            for it in h.items.iter() {
+                let i = *items
+                    .index
+                    .get(it.as_str())
+                    .ok_or_else(|| Error::invalid_input(format!("user '{}': item '{it}' has no features", h.user)))?;
+                if !seen[u].contains(&(i as u32)) {
+                    seen[u].push(i as u32);
+                    edges.push((u as u32, i as u32));
+                }
+            }
+        }
+        if edges.is_empty() {
+            return Err(Error::invalid_input("no training interactions"));
+        }
+        let feats = vec![
+            feature_matrix(data, &items, false, &dev)?,
+            feature_matrix(data, &items, true, &dev)?,
+        ];
+        let model = Micro::new(self.params.model.clone(), feats, &edges, users.names.len(), data.seed)?;
+        // Validation truth per training user (unknown users cannot be evaluated transductively).
+        let mut truth: Vec<Vec<u32>> = vec![Vec::new(); users.names.len()];
+        for h in data.valid.iter() {
+            if let Some(&u) = users.index.get(h.user.as_str()) {
+                truth[u].extend(
+                    h.items
+                        .iter()
+                        .filter_map(|i| items.index.get(i.as_str()).map(|&i| i as u32)),
+                );
+            }
+        }
+        let opt_cfg = AdamWConfig {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::default();
+        let mut rng = ragar_core::rng::TorchGenerator::new(data.seed ^ 0x5eed);
+        let n_items = items.names.len() as u32;
+        let seen_sets: Vec<HashSet<u32>> = seen.iter().map(|s| s.iter().copied().collect()).collect();
+        let (mut best, mut best_state, mut since, mut epochs_run) = (-1.0f64, None, 0usize, 0usize);
+        let mut best_ndcg = 0.0;
+        let vars = model.params.vars.clone();
+        for _epoch in 0..self.params.epochs {
+            epochs_run += 1;
+            // Shuffle the interactions (Fisher-Yates on the torch generator's stream).
+            let mut order: Vec<usize> = (0..edges.len()).collect();
+            for i in (1..order.len()).rev() {
+                let j = (rng.next_u32() as usize) % (i + 1);
+                order.swap(i, j);
+            }
+            for chunk in order.chunks(self.params.batch_size.max(1)) {
+                let (mut u, mut p, mut n) = (Vec::new(), Vec::new(), Vec::new());
+                for &e in chunk {
+                    let (uu, pp) = edges[e];
+                    let mut neg = rng.next_u32() % n_items;
+                    let mut tries = 0;
+                    while seen_sets[uu as usize].contains(&neg) && tries < 100 {
+                        neg = rng.next_u32() % n_items;
+                        tries += 1;
+                    }
+                    u.push(uu);
+                    p.push(pp);
+                    n.push(neg);
+                }
+                let emb = model.forward().map_err(model_err("MICRO forward"))?;
+                let [total, ..] = model.loss(&emb, &u, &p, &n).map_err(model_err("MICRO loss"))?;
+                let grads = total.backward().map_err(model_err("MICRO backward"))?;
+                opt.step(&vars, &grads, self.params.lr, 0.0, &opt_cfg)
+                    .map_err(model_err("MICRO optimiser step"))?;
+            }
+            let emb = model.forward().map_err(model_err("MICRO forward"))?;
+            let scores = emb
+                .users
+                .matmul(&emb.items.t().map_err(model_err("MICRO"))?)
+                .and_then(|s| s.to_vec2::<f32>())
+                .map_err(model_err("MICRO evaluation"))?;
+            let (recall, ndcg) = recall_ndcg(&scores, &seen, &truth, 10);
+            if recall > best {
+                best = recall;
+                best_ndcg = ndcg;
+                since = 0;
+                best_state = Some(
+                    vars.iter()
+                        .map(|(_, v)| v.as_tensor().copy())
+                        .collect::<candle_core::Result<Vec<_>>>()
+                        .map_err(model_err("MICRO"))?,
+                );
+            } else {
+                since += 1;
+                if since >= self.params.patience {
+                    break;
+                }
+            }
+        }
+        if let Some(state) = best_state {
+            for ((_, v), t) in vars.iter().zip(state) {
+                v.set(&t).map_err(model_err("MICRO"))?;
+            }
+        }
+        let emb = model.forward().map_err(model_err("MICRO forward"))?;
+        self.trained = Some(Trained {
+            model,
+            emb,
+            users,
+            items,
+            seen,
+        });
+        let m = |k: &str, v: f64| Tuple2(RString::from(k), v);
+        Ok(FitReport {
+            metrics: RVec::from(vec![
+                m("recall@10", best.max(0.0)),
+                m("ndcg@10", best_ndcg),
+                m("epochs", epochs_run as f64),
+            ]),
+        })
+    }
+
+    fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
+        let t = self.trained()?;
+        queries
+            .iter()
+            .enumerate()
+            .map(|(qi, q)| {
+                let user = match t.users.index.get(q.history.user.as_str()) {
+                    Some(&u) => t.emb.users.get(u).map_err(model_err("MICRO"))?,
+                    None => {
+                        // Unseen user: the mean of their known history items.
+                        let rows: Vec<u32> = q
+                            .history
+                            .items
+                            .iter()
+                            .filter_map(|i| t.items.index.get(i.as_str()).map(|&i| i as u32))
+                            .collect();
+                        if rows.is_empty() {
+                            return Err(Error::invalid_input(format!(
+                                "query {qi}: user '{}' was not in training and none of their history items is known",
+                                q.history.user
+                            )));
+                        }
+                        let idx = Tensor::new(rows.as_slice(), &self.device).map_err(model_err("MICRO"))?;
+                        t.emb
+                            .items
+                            .index_select(&idx, 0)
+                            .and_then(|x| x.mean(0))
+                            .map_err(model_err("MICRO"))?
+                    }
+                };
+                q.candidates
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, c)| {
+                        let &item = t.items.index.get(c.item.as_str()).ok_or_else(|| {
+                            Error::invalid_input(format!(
+                                "query {qi}, candidate {ci}: item '{}' is not in the catalogue",
+                                c.item
+                            ))
+                        })?;
+                        let sub = |f: Option<&ragar_core::Tensor>, m: usize| -> Result<Option<Tensor>> {
+                            let Some(f) = f else { return Ok(None) };
+                            let want = t.model.modalities[m].features.dim(1).map_err(model_err("MICRO"))?;
+                            if f.numel() != want {
+                                return Err(Error::invalid_input(format!(
+                                    "query {qi}, candidate {ci}: {} feature of {} values, the catalogue's have {want}",
+                                    if m == 0 { "visual" } else { "text" },
+                                    f.numel()
+                                )));
+                            }
+                            Tensor::from_vec(f.to_f32_vec(), want, &self.device)
+                                .map(Some)
+                                .map_err(model_err("MICRO"))
+                        };
+                        let feats = [
+                            sub(c.visual.as_ref().into_option(), 0)?,
+                            sub(c.text.as_ref().into_option(), 1)?,
+                        ];
+                        let emb = t
+                            .model
+                            .substituted_item(&t.emb, item, &feats)
+                            .map_err(model_err("MICRO substitution"))?;
+                        (&user * &emb)
+                            .and_then(|x| x.sum_all())
+                            .and_then(|x| x.to_scalar::<f32>())
+                            .map_err(model_err("MICRO score"))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn save(&self, path: &str) -> Result<()> {
+        let t = self.trained()?;
+        let err = |e: candle_core::Error| Error::model(format!("{path}: {e}"));
+        let mut tensors: Vec<(String, Tensor)> = t
+            .model
+            .params
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        for (m, md) in t.model.modalities.iter().enumerate() {
+            tensors.push((format!("features.{m}"), md.features.clone()));
+        }
+        let edges: Vec<u32> = t
+            .seen
+            .iter()
+            .enumerate()
+            .flat_map(|(u, items)| items.iter().flat_map(move |&i| [u as u32, i]))
+            .collect();
+        let n_edges = edges.len() / 2;
+        let mut data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
+        for (n, t) in &tensors {
+            let v = t.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(err)?;
+            data.push((
+                n.clone(),
+                t.dims().to_vec(),
+                safetensors::Dtype::F32,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        }
+        data.push((
+            "edges".into(),
+            vec![n_edges, 2],
+            safetensors::Dtype::U32,
+            edges.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+        let mut meta = std::collections::HashMap::new();
+        meta.insert(
+            "ragar.micro.config".to_string(),
+            serde_json::to_string(&self.params.model).map_err(|e| Error::model(e.to_string()))?,
+        );
+        meta.insert(
+            "ragar.micro.users".to_string(),
+            serde_json::to_string(&t.users.names).map_err(|e| Error::model(e.to_string()))?,
+        );
+        meta.insert(
+            "ragar.micro.items".to_string(),
+            serde_json::to_string(&t.items.names).map_err(|e| Error::model(e.to_string()))?,
+        );
+        let views = data
+            .iter()
+            .map(|(n, sh, dt, b)| {
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b)
+                    .map(|v| (n.as_str(), v))
+                    .map_err(|e| Error::model(format!("{path}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes =
+            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::model(format!("{path}: {e}")))?;
+        ragar_core::files::write_atomic(std::path::Path::new(path), &bytes)
+    }
+
+    fn load(&mut self, path: &str) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(std::path::Path::new(path), e))?;
+        let bad = |what: String| Error::invalid_input(format!("{path}: {what} (not a MICRO state written by ragar?)"));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no {k} metadata")));
+        let cfg: MicroConfig = serde_json::from_str(&field("ragar.micro.config")?).map_err(|e| bad(e.to_string()))?;
+        let users: Vec<String> = serde_json::from_str(&field("ragar.micro.users")?).map_err(|e| bad(e.to_string()))?;
+        let items: Vec<String> = serde_json::from_str(&field("ragar.micro.items")?).map_err(|e| bad(e.to_string()))?;
+        let f32s = |name: &str| -> Result<Tensor> {
+            let v = st.tensor(name).map_err(|_| bad(format!("no tensor {name}")))?;
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Tensor::from_vec(data, v.shape(), &self.device).map_err(model_err(path))
+        };
+        let e = st.tensor("edges").map_err(|_| bad("no tensor edges".into()))?;
+        let flat: Vec<u32> = e
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let edges: Vec<(u32, u32)> = flat.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+        let feats = vec![f32s("features.0")?, f32s("features.1")?];
+        let model = Micro::new(cfg.clone(), feats, &edges, users.len(), 0)?;
+        for (name, var) in &model.params.vars {
+            let t = f32s(name)?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(bad(format!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.as_tensor().dims()
+                )));
+            }
+            var.set(&t).map_err(model_err(path))?;
+        }
+        let mut seen = vec![Vec::new(); users.len()];
+        for &(u, i) in &edges {
+            seen[u as usize].push(i);
+        }
+        let emb = model.forward().map_err(model_err("MICRO forward"))?;
+        self.params.model = cfg;
+        self.trained = Some(Trained {
+            model,
+            emb,
+            users: Ids::new(users.iter().map(String::as_str)),
+            items: Ids::new(items.iter().map(String::as_str)),
+            seen,
+        });
+        Ok(())
+    }
+}
