@@ -40,8 +40,9 @@ pub fn dtype(spec: &ComponentSpec, device: &Device) -> Result<DType> {
     })
 }
 
-/// A candle error as a model error with context.
-pub fn model_err(context: impl std::fmt::Display) -> impl FnOnce(candle_core::Error) -> Error {
+/// A candle error as a model error with context (usable many times).
+pub fn model_err(context: impl std::fmt::Display) -> impl Fn(candle_core::Error) -> Error + Clone {
+    let context = context.to_string();
     move |mut e| {
         // The message only: a backtrace (RUST_BACKTRACE) is for developers.
         while let candle_core::Error::WithBacktrace { inner, .. } = e {

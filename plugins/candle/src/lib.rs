@@ -14,6 +14,7 @@ pub mod blip2;
 pub mod blip_captioner;
 pub mod clip;
 pub mod clip_encoder;
+pub mod content_ranker;
 pub mod decoding;
 pub mod device;
 pub mod keyword_llm;
@@ -105,6 +106,15 @@ pub fn components() -> Vec<Component> {
             "MICRO multimodal recommender (LightGCN + kNN item graphs + contrastive fusion); scores generated images by substitution",
             micro_ranker::MicroRanker::load_component,
             micro_ranker::MicroRanker::probe
+        ),
+        component!(
+            Ranker,
+            "content",
+            "candle",
+            ["cpu", "cuda"],
+            "Inductive content-based sequential ranker (attention over history features); scores unseen images directly",
+            content_ranker::ContentRanker::load_component,
+            content_ranker::ContentRanker::probe
         ),
         component!(
             Generator,
