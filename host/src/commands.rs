@@ -444,3 +444,259 @@ mod tests {
         assert!(check_wiring(&[(Stage::Encoder, Probe::default().fact("text_dim", 384))]).is_empty());
     }
 }
+
+/// Open the dataset and cache a method command needs.
+fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset, crate::cache::Cache)> {
+    let dc = loaded
+        .config
+        .dataset
+        .as_ref()
+        .ok_or_else(|| Error::config("the config has no `dataset` block (items.jsonl + users.jsonl)"))?;
+    let data = crate::dataset::Dataset::load(dc, &loaded.base_dir())?;
+    let store = match &loaded.config.stage_cache {
+        Some(p) => loaded.base_dir().join(p),
+        None => loaded
+            .config
+            .cache_dir
+            .clone()
+            .unwrap_or_else(crate::paths::cache_dir)
+            .join("stage-outputs.redb"),
+    };
+    let cache = crate::cache::Cache::open(&store)?;
+    Ok((data, cache))
+}
+
+/// `ragar train-ranker`: fit the configured ranker on the dataset's
+/// interactions (each user's last item held out) with Encoder features,
+/// save it to `out`, and return the report lines.
+pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<Vec<(String, f64)>> {
+    use crate::pipeline::{build_stages, ranker_data, Pipeline};
+    let (data, cache) = method_inputs(loaded)?;
+    let method = loaded.config.method.clone();
+    let stages = build_stages(loaded, registry, &[Stage::Encoder, Stage::Ranker], &method)?;
+    let mut p = Pipeline {
+        method,
+        data: &data,
+        cache: &cache,
+        stages,
+    };
+    let rd = ranker_data(&p, loaded.config.method.generation.seed)?;
+    let ranker = p.stages.ranker.as_mut().expect("built above");
+    let report = ranker.fit(&rd)?;
+    ranker.save(&out.to_string_lossy())?;
+    Ok(report.metrics.iter().map(|t| (t.0.to_string(), t.1)).collect())
+}
+
+/// Options of `ragar train` and `ragar run`.
+pub struct MethodArgs {
+    /// Output folder (default runs/<config>/<time>).
+    pub out: Option<std::path::PathBuf>,
+    /// Continue an interrupted run in `out`.
+    pub resume: bool,
+    /// At most this many users.
+    pub limit: Option<usize>,
+    /// Users of this split (run).
+    pub split: crate::dataset::Split,
+}
+
+/// `ragar train`: reflection training of the Mapper (Eq. 10-15) over the
+/// training users; a JSONL line per sample, checkpoints written atomically.
+/// Returns the run folder.
+pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<std::path::PathBuf> {
+    use crate::pipeline::{append_line, build_stages, done, run_dir, sample_seed, users, Pipeline, SampleLine};
+    let (data, cache) = method_inputs(loaded)?;
+    let dir = run_dir(loaded, args.out.as_deref());
+    let log = dir.join("train.jsonl");
+    let ckpt = dir.join("mapper.safetensors");
+    if !args.resume && log.exists() {
+        return Err(Error::config(format!(
+            "{} exists: pass --resume to continue it, or another --out",
+            log.display()
+        )));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    crate::io::write_atomic(&dir.join("config.yaml"), print_config(loaded).as_bytes())?;
+    let method = loaded.config.method.clone();
+    let need = [
+        Stage::Captioner,
+        Stage::Encoder,
+        Stage::KeywordLlm,
+        Stage::Mapper,
+        Stage::Generator,
+        Stage::Ranker,
+    ];
+    let stages = build_stages(loaded, registry, &need, &method)?;
+    let mut p = Pipeline {
+        method: method.clone(),
+        data: &data,
+        cache: &cache,
+        stages,
+    };
+    let finished = if args.resume { done(&log)? } else { Default::default() };
+    if args.resume && ckpt.exists() {
+        p.stages.mapper.as_mut().expect("built").load(&ckpt.to_string_lossy())?;
+    }
+    let todo = users(&data, crate::dataset::Split::Train, args.limit);
+    let total = todo.len() * method.train.epochs;
+    let mut pending: Vec<crate::pipeline::SampleLine> = Vec::new();
+    let mut since_ckpt = 0;
+    let mut n = 0;
+    for epoch in 0..method.train.epochs {
+        for user in &todo {
+            n += 1;
+            if finished.contains(&(user.user.clone(), epoch)) {
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let seed = sample_seed(method.generation.seed, epoch, &user.user);
+            let line = match p.train_step(user, seed) {
+                Ok((stats, verdict, prepared)) => {
+                    eprintln!(
+                        "[{n}/{total}] epoch {epoch} user {}: loss {:.4} (rank {:.4}, calibrator {:.4}, semantic {:.4}), mean reward {:.3}, {:.1} s",
+                        user.user, stats.loss, stats.rank_loss, stats.calibrator_loss, stats.semantic_loss, verdict.mean_reward,
+                        t.elapsed().as_secs_f64()
+                    );
+                    SampleLine {
+                        user: user.user.clone(),
+                        epoch,
+                        image: None,
+                        prepared,
+                        verdict: Some(verdict),
+                        stats: Some(
+                            serde_json::json!({"step": stats.step, "loss": stats.loss, "rank_loss": stats.rank_loss,
+                            "calibrator_loss": stats.calibrator_loss, "semantic_loss": stats.semantic_loss, "grad_norm": stats.grad_norm}),
+                        ),
+                        error: None,
+                        seconds: t.elapsed().as_secs_f64(),
+                    }
+                }
+                Err(e) => {
+                    eprintln!("[{n}/{total}] epoch {epoch} user {}: FAILED: {e}", user.user);
+                    failed_line(&user.user, epoch, &e, t)
+                }
+            };
+            // The checkpoint first, then the log line: a line is only ever
+            // logged for a step the checkpoint already holds.
+            since_ckpt += 1;
+            let ok = line.error.is_none();
+            if ok && since_ckpt >= method.train.checkpoint_every.max(1) {
+                p.stages.mapper.as_ref().expect("built").save(&ckpt.to_string_lossy())?;
+                since_ckpt = 0;
+                append_line(&log, &line)?;
+            } else if !ok {
+                append_line(&log, &line)?;
+            } else {
+                pending.push(line);
+            }
+            if since_ckpt == 0 {
+                for l in pending.drain(..) {
+                    append_line(&log, &l)?;
+                }
+            }
+        }
+    }
+    p.stages.mapper.as_ref().expect("built").save(&ckpt.to_string_lossy())?;
+    for l in pending.drain(..) {
+        append_line(&log, &l)?;
+    }
+    Ok(dir)
+}
+
+fn failed_line(user: &str, epoch: usize, e: &Error, t: std::time::Instant) -> crate::pipeline::SampleLine {
+    crate::pipeline::SampleLine {
+        user: user.to_string(),
+        epoch,
+        image: None,
+        prepared: crate::pipeline::Prepared {
+            retrieved: ragar_core::retrieval::Retrieved {
+                indices: vec![],
+                similarities: vec![],
+                weights: vec![],
+            },
+            retrieved_items: vec![],
+            keywords: vec![],
+            prompt: String::new(),
+            retrieval_preference: vec![],
+            reference_visual: vec![],
+            input: None,
+        },
+        verdict: None,
+        stats: None,
+        error: Some(e.to_string()),
+        seconds: t.elapsed().as_secs_f64(),
+    }
+}
+
+/// `ragar run`: a personalised image for each user of a split, PNGs in
+/// `images/`, one JSONL line per user (retrieved items and weights,
+/// keywords, prompt); failures are recorded and the run goes on; `--resume`
+/// skips finished users. Returns the run folder and the number of failures.
+pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(std::path::PathBuf, usize)> {
+    use crate::pipeline::{append_line, build_stages, done, run_dir, sample_seed, users, Pipeline, SampleLine};
+    let (data, cache) = method_inputs(loaded)?;
+    let dir = run_dir(loaded, args.out.as_deref());
+    let log = dir.join("samples.jsonl");
+    if !args.resume && log.exists() {
+        return Err(Error::config(format!(
+            "{} exists: pass --resume to continue it, or another --out",
+            log.display()
+        )));
+    }
+    std::fs::create_dir_all(dir.join("images")).map_err(|e| Error::io(&dir, e))?;
+    crate::io::write_atomic(&dir.join("config.yaml"), print_config(loaded).as_bytes())?;
+    let method = loaded.config.method.clone();
+    let need = [
+        Stage::Captioner,
+        Stage::Encoder,
+        Stage::KeywordLlm,
+        Stage::Mapper,
+        Stage::Generator,
+    ];
+    let stages = build_stages(loaded, registry, &need, &method)?;
+    let p = Pipeline {
+        method: method.clone(),
+        data: &data,
+        cache: &cache,
+        stages,
+    };
+    let finished = if args.resume { done(&log)? } else { Default::default() };
+    let todo = users(&data, args.split, args.limit);
+    let mut failures = 0;
+    for (n, user) in todo.iter().enumerate() {
+        if finished.contains(&(user.user.clone(), 0)) {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        let seed = sample_seed(method.generation.seed, 0, &user.user);
+        let line = match p.personalise(user, seed) {
+            Ok((img, prepared)) => {
+                let name = format!("images/{}.png", crate::pipeline::file_safe(&user.user));
+                crate::io::write_atomic(&dir.join(&name), &ragar_core::vision::encode_png(&img)?)?;
+                eprintln!(
+                    "[{}/{}] user {} -> {name} ({:.1} s)",
+                    n + 1,
+                    todo.len(),
+                    user.user,
+                    t.elapsed().as_secs_f64()
+                );
+                SampleLine {
+                    user: user.user.clone(),
+                    epoch: 0,
+                    image: Some(name),
+                    prepared,
+                    verdict: None,
+                    stats: None,
+                    error: None,
+                    seconds: t.elapsed().as_secs_f64(),
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("[{}/{}] user {}: FAILED: {e}", n + 1, todo.len(), user.user);
+                failed_line(&user.user, 0, &e, t)
+            }
+        };
+        append_line(&log, &line)?;
+    }
+    Ok((dir, failures))
+}

@@ -22,6 +22,10 @@ pub struct Config {
     /// Project-local cache (native libraries, weights); found automatically when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// The content-addressed store of captions, embeddings and keywords
+    /// (default `<cache_dir>/stage-outputs.redb`; one process at a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_cache: Option<PathBuf>,
     /// Image -> caption.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub captioner: Option<ComponentConfig>,
@@ -40,6 +44,12 @@ pub struct Config {
     /// Ranker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranker: Option<ComponentConfig>,
+    /// The users and items (`ragar train`, `run`, `train-ranker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<crate::dataset::DatasetConfig>,
+    /// The RAGAR method's settings (the paper's values by default).
+    #[serde(default)]
+    pub method: crate::pipeline::MethodConfig,
 }
 
 /// One stage's component block.

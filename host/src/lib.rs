@@ -7,10 +7,13 @@
 //! from a shared library at run time.
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod commands;
 pub mod config;
+pub mod dataset;
 pub mod io;
 pub mod paths;
+pub mod pipeline;
 pub mod registry;
 
 // A plugin crate the binary never references is dropped by the linker, and

@@ -81,6 +81,51 @@ enum Command {
         /// key.path=value overrides, applied last.
         overrides: Vec<String>,
     },
+    /// Reflection training of the Mapper (Eq. 10-15) on the dataset's training users.
+    Train {
+        /// Config file.
+        config: PathBuf,
+        /// Run folder (default runs/<config>/<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out: load its checkpoint, skip logged samples.
+        #[arg(long, requires = "out")]
+        resume: bool,
+        /// At most this many users.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// Personalised images for the users of a split.
+    Run {
+        /// Config file.
+        config: PathBuf,
+        /// Run folder (default runs/<config>/<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out, skipping finished users.
+        #[arg(long, requires = "out")]
+        resume: bool,
+        /// train | valid | test | all.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// At most this many users.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// Train the configured ranker on the dataset; prints Recall@10 / NDCG@10.
+    TrainRanker {
+        /// Config file.
+        config: PathBuf,
+        /// Where to save the trained ranker.
+        #[arg(long)]
+        out: PathBuf,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
     /// Check a config without loading weights.
     Validate {
         /// Config file.
@@ -211,6 +256,56 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 }
                 other => return Err(commands::stage_not_available(other)),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train {
+            config,
+            out,
+            resume,
+            limit,
+            overrides,
+        } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let args = commands::MethodArgs {
+                out,
+                resume,
+                limit,
+                split: ragar_host::dataset::Split::Train,
+            };
+            let dir = commands::train(&loaded, &registry, &args)?;
+            eprintln!("trained -> {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            out,
+            resume,
+            split,
+            limit,
+            overrides,
+        } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let split = ragar_host::dataset::Split::parse(&split)?;
+            let args = commands::MethodArgs {
+                out,
+                resume,
+                limit,
+                split,
+            };
+            let (dir, failures) = commands::run(&loaded, &registry, &args)?;
+            eprintln!("run -> {} ({failures} failed)", dir.display());
+            Ok(if failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::TrainRanker { config, out, overrides } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            for (k, v) in commands::train_ranker(&loaded, &registry, &out)? {
+                println!("{k}\t{v:.4}");
+            }
+            eprintln!("ranker -> {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config, overrides } => {
