@@ -295,7 +295,7 @@ pub fn validate(loaded: &Loaded, registry: &Registry) -> Vec<String> {
 }
 
 /// Shape facts that must agree between two stages' components.
-const WIRING: [(Stage, &str, Stage, &str); 4] = [
+const WIRING: [(Stage, &str, Stage, &str); 6] = [
     // The keyword feature (Eq. 9) comes from the text encoder.
     (Stage::Encoder, "text_dim", Stage::Mapper, "keyword_dim"),
     // The Modal Mapper reads the LLM's [IMG] hidden states (Eq. 7-8).
@@ -303,6 +303,10 @@ const WIRING: [(Stage, &str, Stage, &str); 4] = [
     // The general preference conditions the generator (Eq. 9).
     (Stage::Mapper, "output_tokens", Stage::Generator, "embedding_tokens"),
     (Stage::Mapper, "output_dim", Stage::Generator, "embedding_dim"),
+    // The retrieval-augmented preference fuses image features (Eq. 5, 13),
+    // and the semantic target is the reference image's feature (Eq. 14).
+    (Stage::Encoder, "image_dim", Stage::Mapper, "retrieval_dim"),
+    (Stage::Encoder, "image_dim", Stage::Mapper, "semantic_dim"),
 ];
 
 /// Compare every wired pair of facts that both components report.
@@ -475,6 +479,7 @@ pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<
     let method = loaded.config.method.clone();
     let stages = build_stages(loaded, registry, &[Stage::Encoder, Stage::Ranker], &method)?;
     let mut p = Pipeline {
+        timings: Default::default(),
         method,
         data: &data,
         cache: &cache,
@@ -527,6 +532,7 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
     ];
     let stages = build_stages(loaded, registry, &need, &method)?;
     let mut p = Pipeline {
+        timings: Default::default(),
         method: method.clone(),
         data: &data,
         cache: &cache,
@@ -599,6 +605,7 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
     for l in pending.drain(..) {
         append_line(&log, &l)?;
     }
+    finish_timing(&dir, &p.timings)?;
     Ok(dir)
 }
 
@@ -654,6 +661,7 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(s
     ];
     let stages = build_stages(loaded, registry, &need, &method)?;
     let p = Pipeline {
+        timings: Default::default(),
         method: method.clone(),
         data: &data,
         cache: &cache,
@@ -698,5 +706,14 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(s
         };
         append_line(&log, &line)?;
     }
+    finish_timing(&dir, &p.timings)?;
     Ok((dir, failures))
+}
+
+/// Print the per-stage timing and keep it in the run folder.
+fn finish_timing(dir: &Path, t: &crate::pipeline::Timings) -> Result<()> {
+    eprint!("{}", t.table());
+    let mut bytes = serde_json::to_vec_pretty(&t.json()).map_err(|e| Error::io(dir, e))?;
+    bytes.push(b'\n');
+    crate::io::write_atomic(&dir.join("timing.json"), &bytes)
 }

@@ -239,8 +239,46 @@ pub struct Prepared {
     pub input: Option<MapperInput>,
 }
 
+/// Seconds and calls per stage (model calls only; cache hits cost nothing).
+#[derive(Default)]
+pub struct Timings(std::cell::RefCell<std::collections::BTreeMap<String, (f64, u64)>>);
+
+impl Timings {
+    /// Run `f`, adding its duration to `stage`.
+    pub fn time<T>(&self, stage: &str, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let out = f();
+        let mut m = self.0.borrow_mut();
+        let e = m.entry(stage.to_string()).or_default();
+        e.0 += t.elapsed().as_secs_f64();
+        e.1 += 1;
+        out
+    }
+
+    /// `{stage: {seconds, calls}}`.
+    pub fn json(&self) -> serde_json::Value {
+        self.0
+            .borrow()
+            .iter()
+            .map(|(k, (s, n))| (k.clone(), serde_json::json!({"seconds": s, "calls": n})))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    /// A printable table.
+    pub fn table(&self) -> String {
+        let mut out = String::from("stage               seconds   calls\n");
+        for (k, (s, n)) in self.0.borrow().iter() {
+            out += &format!("{k:<18} {s:>9.2} {n:>7}\n");
+        }
+        out
+    }
+}
+
 /// The method over a dataset.
 pub struct Pipeline<'a> {
+    /// Per-stage timing.
+    pub timings: Timings,
     /// Method settings.
     pub method: MethodConfig,
     /// Data.
@@ -280,7 +318,8 @@ impl<'a> Pipeline<'a> {
                 let ident = format!("{ident}|{}|{}", opts.max_tokens, opts.beams);
                 self.cache.memo("caption", &ident, &inputs, |missing| {
                     let which: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-                    cap.caption(&self.images(&which)?, &opts)
+                    let images = self.images(&which)?;
+                    self.timings.time("captioner", || cap.caption(&images, &opts))
                 })
             }
         }
@@ -299,7 +338,10 @@ impl<'a> Pipeline<'a> {
         let inputs: Vec<Vec<u8>> = texts.iter().map(|t| t.as_bytes().to_vec()).collect();
         self.cache.memo("text-embedding", ident, &inputs, |missing| {
             let which: Vec<String> = missing.iter().map(|&i| texts[i].clone()).collect();
-            enc.embed_text(&which)?.vectors.to_rows()
+            self.timings
+                .time("encoder (text)", || enc.embed_text(&which))?
+                .vectors
+                .to_rows()
         })
     }
 
@@ -309,7 +351,10 @@ impl<'a> Pipeline<'a> {
         let inputs: Vec<Vec<u8>> = ids.iter().map(|id| self.image_key(id)).collect::<Result<_>>()?;
         self.cache.memo("image-embedding", ident, &inputs, |missing| {
             let which: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-            enc.embed_image(&self.images(&which)?)?.to_rows()
+            let images = self.images(&which)?;
+            self.timings
+                .time("encoder (image)", || enc.embed_image(&images))?
+                .to_rows()
         })
     }
 
@@ -378,7 +423,12 @@ impl<'a> Pipeline<'a> {
             &[("keywords", &kw_text), ("reference", &ref_text)],
         );
         let (llm, _) = self.stages.llm.as_ref().expect("checked by keyword_answers");
-        let states = llm.preference_states(std::slice::from_ref(&prompt))?.remove(0);
+        let states = self
+            .timings
+            .time("keyword llm [IMG]", || {
+                llm.preference_states(std::slice::from_ref(&prompt))
+            })?
+            .remove(0);
         let keyword_feature = self.text_features(std::slice::from_ref(&kw_text))?.remove(0);
         Ok(Prepared {
             retrieved_items: retrieved.indices.iter().map(|&i| hist[i].to_string()).collect(),
@@ -420,7 +470,7 @@ impl<'a> Pipeline<'a> {
                 height: gc.height,
             })
             .collect();
-        g.generate(&reqs)
+        self.timings.time("generator", || g.generate(&reqs))
     }
 
     /// Eq. 10-12: generate the global-preference image and one per
@@ -447,7 +497,10 @@ impl<'a> Pipeline<'a> {
             .map(|i| seed.wrapping_mul(31).wrapping_add(i))
             .collect();
         let images = self.generate(&prefs, &seeds)?;
-        let feats = self.stages.encoder.0.embed_image(&images)?.to_rows()?;
+        let feats = self
+            .timings
+            .time("encoder (image)", || self.stages.encoder.0.embed_image(&images))?
+            .to_rows()?;
         let ranker = self
             .stages
             .ranker
@@ -475,7 +528,10 @@ impl<'a> Pipeline<'a> {
             },
             candidates: candidates.into(),
         };
-        let scores = ranker.score(std::slice::from_ref(&query))?.remove(0);
+        let scores = self
+            .timings
+            .time("ranker", || ranker.score(std::slice::from_ref(&query)))?
+            .remove(0);
         Ok((reflection::verdict(&scores, rc.reward)?, noises))
     }
 
@@ -488,7 +544,10 @@ impl<'a> Pipeline<'a> {
             .mapper
             .as_ref()
             .ok_or_else(|| Error::config("training needs a mapper block"))?;
-        let out = mapper.forward(std::slice::from_ref(&input))?.remove(0);
+        let out = self
+            .timings
+            .time("mapper", || mapper.forward(std::slice::from_ref(&input)))?
+            .remove(0);
         let (verdict, noises) = self.reflect(user, &prepared, &out.preference, seed)?;
         let dims = out.preference.dims();
         let flat: Vec<f32> = noises.concat();
@@ -514,7 +573,10 @@ impl<'a> Pipeline<'a> {
             grad_clip: tc.grad_clip,
         };
         let mapper = self.stages.mapper.as_mut().expect("checked above");
-        let stats = mapper.train_step(std::slice::from_ref(&sample), &loss)?;
+        let timings = &self.timings;
+        let stats = timings.time("mapper train step", || {
+            mapper.train_step(std::slice::from_ref(&sample), &loss)
+        })?;
         Ok((stats, verdict, prepared))
     }
 

@@ -305,7 +305,11 @@ impl RagarMapper {
             .fact("input_dim", c.input_dim as u64)
             .fact("keyword_dim", c.keyword_dim as u64)
             .fact("output_tokens", c.n_queries as u64)
-            .fact("output_dim", c.output_dim as u64);
+            .fact("output_dim", c.output_dim as u64)
+            .fact("retrieval_dim", c.retrieval_dim as u64);
+        if c.semantic_dim != 0 {
+            p = p.fact("semantic_dim", c.semantic_dim as u64);
+        }
         if let Some(path) = ckpt {
             p = p.file(std::path::Path::new(&path))?;
         }
