@@ -557,6 +557,7 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
             let seed = sample_seed(method.generation.seed, epoch, &user.user);
             let line = match p.train_step(user, seed) {
                 Ok((stats, verdict, prepared)) => {
+                    say_notes(&user.user, &prepared);
                     eprintln!(
                         "[{n}/{total}] epoch {epoch} user {}: loss {:.4} (rank {:.4}, calibrator {:.4}, semantic {:.4}), mean reward {:.3}, {:.1} s",
                         user.user, stats.loss, stats.rank_loss, stats.calibrator_loss, stats.semantic_loss, verdict.mean_reward,
@@ -622,6 +623,8 @@ fn failed_line(user: &str, epoch: usize, e: &Error, t: std::time::Instant) -> cr
             },
             retrieved_items: vec![],
             keywords: vec![],
+            skipped: vec![],
+            notes: vec![],
             prompt: String::new(),
             retrieval_preference: vec![],
             reference_visual: vec![],
@@ -678,6 +681,7 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(s
         let seed = sample_seed(method.generation.seed, 0, &user.user);
         let line = match p.personalise(user, seed) {
             Ok((img, prepared)) => {
+                say_notes(&user.user, &prepared);
                 let name = format!("images/{}.png", crate::pipeline::file_safe(&user.user));
                 crate::io::write_atomic(&dir.join(&name), &ragar_core::vision::encode_png(&img)?)?;
                 eprintln!(
@@ -716,4 +720,13 @@ fn finish_timing(dir: &Path, t: &crate::pipeline::Timings) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(&t.json()).map_err(|e| Error::io(dir, e))?;
     bytes.push(b'\n');
     crate::io::write_atomic(&dir.join("timing.json"), &bytes)
+}
+
+fn say_notes(user: &str, p: &crate::pipeline::Prepared) {
+    for (id, why) in &p.skipped {
+        eprintln!("note: user {user}: skipped history item '{id}': {why}");
+    }
+    for n in &p.notes {
+        eprintln!("note: user {user}: {n}");
+    }
 }

@@ -226,6 +226,12 @@ pub struct Prepared {
     pub retrieved_items: Vec<String>,
     /// Kept keywords with their counts.
     pub keywords: Vec<Counted>,
+    /// History items left out, with why (missing or unreadable image).
+    #[serde(default)]
+    pub skipped: Vec<(String, String)>,
+    /// What the user should know about this sample.
+    #[serde(default)]
+    pub notes: Vec<String>,
     /// The preference prompt (Eq. 7).
     pub prompt: String,
     /// Eq. 5's retrieval-augmented preference (empty when k = 0).
@@ -325,6 +331,14 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// Whether an item's image can be read and decoded.
+    fn check_image(&self, id: &str) -> Result<()> {
+        let p = &self.data.items[id].image;
+        ragar_core::vision::decode(p)
+            .map(|_| ())
+            .map_err(|e| e.context(format!("item '{id}'")))
+    }
+
     /// The bytes that identify an item's image: its file's content hash.
     fn image_key(&self, id: &str) -> Result<Vec<u8>> {
         let p = &self.data.items[id].image;
@@ -395,15 +409,39 @@ impl<'a> Pipeline<'a> {
     /// Eq. 2-7 for one user.
     pub fn prepare(&self, user: &User) -> Result<Prepared> {
         let reference = user.reference.as_deref().expect("filled by Dataset::load");
-        let hist: Vec<&str> = user.history.iter().map(String::as_str).collect();
+        let at = |e: Error| e.context(format!("user '{}'", user.user));
+        // A history item whose image is missing or unreadable is skipped and
+        // recorded; the reference's must be readable.
+        let mut skipped = Vec::new();
+        let mut hist: Vec<&str> = Vec::new();
+        for id in &user.history {
+            match self.check_image(id) {
+                Ok(()) => hist.push(id),
+                Err(e) => skipped.push((id.clone(), e.to_string())),
+            }
+        }
+        self.check_image(reference)
+            .map_err(|e| at(e.context("reference item")))?;
+        if hist.is_empty() {
+            return Err(at(Error::invalid_input("no history item has a usable image")));
+        }
+        let mut notes = Vec::new();
+        let k = self.method.retrieval.k;
+        if k > hist.len() {
+            notes.push(format!(
+                "{} usable history items, fewer than k = {k}: all are retrieved",
+                hist.len()
+            ));
+        }
         let mut all = hist.clone();
         all.push(reference);
         let captions = self.captions(&all)?;
         let emb = self.text_features(&captions)?;
+        check_vectors("caption embedding", &all, &emb).map_err(at)?;
         let (ref_emb, hist_emb) = emb.split_last().expect("reference included");
-        let retrieved = retrieval::retrieve(ref_emb, hist_emb, &self.method.retrieval)
-            .map_err(|e| e.context(format!("user '{}'", user.user)))?;
+        let retrieved = retrieval::retrieve(ref_emb, hist_emb, &self.method.retrieval).map_err(at)?;
         let visual = self.image_features(&all)?;
+        check_vectors("image feature", &all, &visual).map_err(at)?;
         let (ref_visual, hist_visual) = visual.split_last().expect("reference included");
         let retrieval_preference = retrieval::fuse(&retrieved, hist_visual)?.unwrap_or_default();
         let answers = self.keyword_answers(&hist, &captions[..hist.len()])?;
@@ -431,6 +469,8 @@ impl<'a> Pipeline<'a> {
             .remove(0);
         let keyword_feature = self.text_features(std::slice::from_ref(&kw_text))?.remove(0);
         Ok(Prepared {
+            skipped,
+            notes,
             retrieved_items: retrieved.indices.iter().map(|&i| hist[i].to_string()).collect(),
             retrieved,
             keywords: kept,
@@ -776,4 +816,19 @@ pub fn file_safe(id: &str) -> String {
     } else {
         format!("{clean}-{}", &Cache::key("id", "", id.as_bytes())[..8])
     }
+}
+
+/// Finite, non-zero vectors, or an error naming the item.
+fn check_vectors(what: &str, ids: &[&str], vs: &[Vec<f32>]) -> Result<()> {
+    for (id, v) in ids.iter().zip(vs) {
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::model(format!("item '{id}': {what} has NaN or infinite values")));
+        }
+        if v.iter().all(|&x| x == 0.0) {
+            return Err(Error::model(format!(
+                "item '{id}': {what} is all zeros (no direction to compare)"
+            )));
+        }
+    }
+    Ok(())
 }

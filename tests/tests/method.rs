@@ -210,6 +210,27 @@ fn train_ranker_train_resume_and_run() {
         let w: Vec<f64> = serde_json::from_value(l["prepared"]["retrieved"]["weights"].clone()).unwrap();
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{w:?}");
     }
+    // A second run in a new folder: every item is known, so the cache serves
+    // captions, embeddings and keyword answers with zero model calls.
+    let again = tmp.path().join("again");
+    ragar_ok(&[
+        "run",
+        cfg,
+        "--out",
+        again.to_str().unwrap(),
+        "--split",
+        "all",
+        "--limit",
+        "3",
+        &with_mapper,
+    ]);
+    let timing: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("timing.json")).unwrap()).unwrap();
+    for stage in ["captioner", "encoder (text)", "encoder (image)", "keyword llm"] {
+        assert!(timing.get(stage).is_none(), "second run called the {stage}: {timing}");
+    }
+    assert!(timing.get("generator").is_some(), "{timing}");
+
     // A second run into the same folder without --resume is refused; with it, nothing is redone.
     let o =
         run(Command::new(ragar())
@@ -229,4 +250,34 @@ fn train_ranker_train_resume_and_run() {
         &with_mapper,
     ]);
     assert_eq!(lines(&gen.join("samples.jsonl")).len(), 3);
+}
+
+#[test]
+fn broken_history_images_are_skipped_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    std::fs::write(data.join("images/red-dots.png"), b"not a png").unwrap();
+    std::fs::remove_file(data.join("images/blue-dots.png")).unwrap();
+    let cfg = config(tmp.path());
+    let gen = tmp.path().join("gen");
+    // No mapper checkpoint: a fresh mapper is enough to exercise the pipeline.
+    let out = ragar_ok(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        gen.to_str().unwrap(),
+        "--split",
+        "all",
+        "--limit",
+        "1",
+        "method.retrieval.k=9",
+    ]);
+    let l = &lines(&gen.join("samples.jsonl"))[0];
+    let skipped: Vec<(String, String)> = serde_json::from_value(l["prepared"]["skipped"].clone()).unwrap();
+    let ids: Vec<&str> = skipped.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(ids, vec!["blue-dots", "red-dots"], "{skipped:?}");
+    assert!(out.contains("skipped history item 'red-dots'"), "{out}");
+    assert!(out.contains("fewer than k = 9"), "{out}");
+    assert!(gen.join(l["image"].as_str().unwrap()).is_file());
 }

@@ -614,12 +614,10 @@ impl Mapper for RagarMapper {
                 tensors.push((format!("optimizer.exp_avg_sq.{name}"), v.clone()));
             }
         }
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("ragar.step".to_string(), self.optimizer.step.to_string());
-        meta.insert(
-            "ragar.mapper_config".to_string(),
-            serde_json::to_string(&self.cfg).map_err(|e| Error::model(e.to_string()))?,
-        );
+        // One metadata key: safetensors stores metadata as a hash map, whose
+        // order would otherwise make two identical states differ in bytes.
+        let state = serde_json::json!({"step": self.optimizer.step, "mapper_config": self.cfg});
+        let meta = std::collections::HashMap::from([("ragar.mapper".to_string(), state.to_string())]);
         let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
             .iter()
             .map(|(n, t)| {
@@ -694,8 +692,9 @@ impl Mapper for RagarMapper {
         self.optimizer.step = meta
             .metadata()
             .as_ref()
-            .and_then(|m| m.get("ragar.step"))
-            .and_then(|s| s.parse().ok())
+            .and_then(|m| m.get("ragar.mapper"))
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+            .and_then(|v| v["step"].as_u64())
             .unwrap_or(0);
         Ok(())
     }
