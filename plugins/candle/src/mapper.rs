@@ -398,6 +398,57 @@ impl RagarMapper {
         Ok((mapped, pref))
     }
 
+    /// The four losses `[total, rank, calibrator, semantic]` of a batch,
+    /// without stepping (diagnostics and gradient checks).
+    pub fn loss_values(&self, batch: &[ReflectionSample], cfg: &LossConfig) -> Result<[f32; 4]> {
+        let l = self.losses(batch, cfg)?;
+        let mut out = [0f32; 4];
+        for (o, t) in out.iter_mut().zip(&l) {
+            *o = t.to_scalar::<f32>().map_err(model_err("loss"))?;
+        }
+        Ok(out)
+    }
+
+    /// d total / d parameter `name` (flattened), by autograd.
+    pub fn gradient(&self, batch: &[ReflectionSample], cfg: &LossConfig, name: &str) -> Result<Vec<f32>> {
+        let [total, ..] = self.losses(batch, cfg)?;
+        let grads = total.backward().map_err(model_err("backward"))?;
+        let var = self
+            .params
+            .0
+            .get(name)
+            .ok_or_else(|| Error::invalid_input(format!("no parameter {name}")))?;
+        // A parameter the loss does not reach has a zero gradient.
+        match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all().and_then(|t| t.to_vec1()).map_err(model_err("gradient")),
+            None => Ok(vec![0.0; var.as_tensor().elem_count()]),
+        }
+    }
+
+    /// Overwrite parameter `name` (flattened values).
+    pub fn set_parameter(&self, name: &str, values: &[f32]) -> Result<()> {
+        let var = self
+            .params
+            .0
+            .get(name)
+            .ok_or_else(|| Error::invalid_input(format!("no parameter {name}")))?;
+        let t = Tensor::from_vec(values.to_vec(), var.as_tensor().dims(), &self.device).map_err(model_err(name))?;
+        var.set(&t).map_err(model_err(name))
+    }
+
+    /// Parameter `name` (flattened values).
+    pub fn parameter(&self, name: &str) -> Result<Vec<f32>> {
+        let var = self
+            .params
+            .0
+            .get(name)
+            .ok_or_else(|| Error::invalid_input(format!("no parameter {name}")))?;
+        var.as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(model_err(name))
+    }
+
     /// Check a reflection sample's shapes against this mapper's.
     fn check_sample(&self, i: usize, s: &ReflectionSample) -> Result<()> {
         let c = &self.cfg;
