@@ -398,11 +398,33 @@ impl<'a> Pipeline<'a> {
         let inputs: Vec<Vec<u8>> = prompts.iter().map(|p| p.as_bytes().to_vec()).collect();
         self.cache.memo("keywords", &ident, &inputs, |missing| {
             let which: Vec<String> = missing.iter().map(|&i| prompts[i].clone()).collect();
-            Ok(llm
-                .generate(&which, &opts)?
-                .into_iter()
-                .map(|g| g.text.to_string())
-                .collect())
+            let gens = self.timings.time("keyword llm", || llm.generate(&which, &opts))?;
+            Ok(gens.into_iter().map(|g| g.text.to_string()).collect())
+        })
+    }
+
+    /// Eq. 7: the [IMG] hidden states and text-related embedding of a
+    /// preference prompt, through the cache (they depend on the prompt and
+    /// the LLM's version only).
+    fn preference_states(&self, prompt: &str) -> Result<ragar_core::stage::PreferenceStates> {
+        let (llm, ident) = self.stages.llm.as_ref().expect("checked by keyword_answers");
+        let stored: Vec<(Vec<usize>, Vec<f32>, Vec<f32>)> =
+            self.cache
+                .memo("preference-states", ident, &[prompt.as_bytes().to_vec()], |_| {
+                    let s = self
+                        .timings
+                        .time("keyword llm [IMG]", || llm.preference_states(&[prompt.to_string()]))?
+                        .remove(0);
+                    Ok(vec![(
+                        s.img_states.dims(),
+                        s.img_states.to_f32_vec(),
+                        s.text_embedding.to_f32_vec(),
+                    )])
+                })?;
+        let (dims, img, txt) = stored.into_iter().next().expect("one prompt");
+        Ok(ragar_core::stage::PreferenceStates {
+            img_states: Tensor::from_f32(&dims, img)?,
+            text_embedding: Tensor::from_f32(&[txt.len()], txt)?,
         })
     }
 
@@ -460,13 +482,7 @@ impl<'a> Pipeline<'a> {
             &self.method.preference_prompt,
             &[("keywords", &kw_text), ("reference", &ref_text)],
         );
-        let (llm, _) = self.stages.llm.as_ref().expect("checked by keyword_answers");
-        let states = self
-            .timings
-            .time("keyword llm [IMG]", || {
-                llm.preference_states(std::slice::from_ref(&prompt))
-            })?
-            .remove(0);
+        let states = self.preference_states(&prompt)?;
         let keyword_feature = self.text_features(std::slice::from_ref(&kw_text))?.remove(0);
         Ok(Prepared {
             skipped,

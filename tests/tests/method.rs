@@ -226,7 +226,13 @@ fn train_ranker_train_resume_and_run() {
     ]);
     let timing: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(again.join("timing.json")).unwrap()).unwrap();
-    for stage in ["captioner", "encoder (text)", "encoder (image)", "keyword llm"] {
+    for stage in [
+        "captioner",
+        "encoder (text)",
+        "encoder (image)",
+        "keyword llm",
+        "keyword llm [IMG]",
+    ] {
         assert!(timing.get(stage).is_none(), "second run called the {stage}: {timing}");
     }
     assert!(timing.get("generator").is_some(), "{timing}");
