@@ -134,7 +134,7 @@ impl ModelSource {
             .as_object()
             .ok_or_else(|| Error::model(format!("{}: no weight_map", root.join(&index).display())))?
             .values()
-            .filter_map(|v| v.as_str().map(|f| join(f)))
+            .filter_map(|v| v.as_str().map(&join))
             .collect();
         shards.sort();
         shards.dedup();

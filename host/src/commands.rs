@@ -430,25 +430,6 @@ pub fn stage_not_available(stage: Stage) -> Error {
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ragar_core::component::Probe;
-
-    #[test]
-    fn wiring_reports_mismatched_dimensions_only() {
-        let enc = Probe::default().fact("text_dim", 384);
-        let mapper = Probe::default().fact("keyword_dim", 512).fact("input_dim", 576);
-        let llm = Probe::default().fact("hidden_size", 576);
-        let problems = check_wiring(&[(Stage::Encoder, enc), (Stage::Mapper, mapper), (Stage::KeywordLlm, llm)]);
-        assert_eq!(
-            problems,
-            vec!["wiring: encoder text_dim is 384 but mapper keyword_dim is 512".to_string()]
-        );
-        assert!(check_wiring(&[(Stage::Encoder, Probe::default().fact("text_dim", 384))]).is_empty());
-    }
-}
-
 /// Open the dataset and cache a method command needs.
 fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset, crate::cache::Cache)> {
     let dc = loaded
@@ -728,5 +709,24 @@ fn say_notes(user: &str, p: &crate::pipeline::Prepared) {
     }
     for n in &p.notes {
         eprintln!("note: user {user}: {n}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ragar_core::component::Probe;
+
+    #[test]
+    fn wiring_reports_mismatched_dimensions_only() {
+        let enc = Probe::default().fact("text_dim", 384);
+        let mapper = Probe::default().fact("keyword_dim", 512).fact("input_dim", 576);
+        let llm = Probe::default().fact("hidden_size", 576);
+        let problems = check_wiring(&[(Stage::Encoder, enc), (Stage::Mapper, mapper), (Stage::KeywordLlm, llm)]);
+        assert_eq!(
+            problems,
+            vec!["wiring: encoder text_dim is 384 but mapper keyword_dim is 512".to_string()]
+        );
+        assert!(check_wiring(&[(Stage::Encoder, Probe::default().fact("text_dim", 384))]).is_empty());
     }
 }

@@ -256,7 +256,7 @@ impl RagarMapper {
     /// scales: uniform +-1/sqrt(fan_in) for linear layers, N(0, 1) queries,
     /// ones and zeros for norms), from `cfg.seed`.
     pub fn new(cfg: MapperConfig, device: Device) -> Result<Self> {
-        if cfg.hidden_dim % cfg.heads != 0 || cfg.output_dim % cfg.calibrator_heads != 0 {
+        if !cfg.hidden_dim.is_multiple_of(cfg.heads) || !cfg.output_dim.is_multiple_of(cfg.calibrator_heads) {
             return Err(Error::config(format!(
                 "mapper: hidden_dim {} must divide by heads {} and output_dim {} by calibrator_heads {}",
                 cfg.hidden_dim, cfg.heads, cfg.output_dim, cfg.calibrator_heads
@@ -623,7 +623,7 @@ impl Mapper for RagarMapper {
         if batch.is_empty() {
             return Err(Error::invalid_input("train_step on an empty batch"));
         }
-        if !(cfg.sigma > 0.0) || !(cfg.lr > 0.0) {
+        if cfg.sigma.is_nan() || cfg.sigma <= 0.0 || cfg.lr.is_nan() || cfg.lr <= 0.0 {
             return Err(Error::config(format!(
                 "sigma ({}) and lr ({}) must be > 0",
                 cfg.sigma, cfg.lr

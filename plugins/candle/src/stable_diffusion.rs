@@ -393,7 +393,7 @@ impl StableDiffusion {
     fn check(&self, i: usize, r: &GenerationRequest) -> Result<()> {
         let scale = self.vae.config().scale_factor() as u32;
         let bad = |why: String| Err(Error::invalid_input(format!("request {i}: {why}")));
-        if r.width == 0 || r.height == 0 || r.width % scale != 0 || r.height % scale != 0 {
+        if r.width == 0 || r.height == 0 || !r.width.is_multiple_of(scale) || !r.height.is_multiple_of(scale) {
             return bad(format!(
                 "size {}x{} must be a positive multiple of {scale}",
                 r.width, r.height
