@@ -14,6 +14,7 @@
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
 use crate::micro::recall_ndcg;
+use crate::state::{StateReader, StateWriter};
 use candle_core::{DType, Device, Tensor, Var, D};
 use ragar_core::abi_stable::std_types::{RString, RVec, Tuple2};
 use ragar_core::component::Probe;
@@ -398,106 +399,42 @@ impl Ranker for ContentRanker {
         if self.vars.is_empty() {
             return Err(Error::config("nothing to save: the content ranker is not trained"));
         }
-        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut w = StateWriter::default();
         for (n, v) in &self.vars {
-            let t = v.as_tensor();
-            let f = t
-                .flatten_all()
-                .and_then(|x| x.to_vec1::<f32>())
-                .map_err(model_err(path))?;
-            data.push((
-                n.clone(),
-                t.dims().to_vec(),
-                f.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ));
+            w.tensor(n, v.as_tensor()).map_err(model_err(path))?;
         }
         let mut names: Vec<&String> = self.items.keys().collect();
         names.sort();
         let (dv, dt) = self.dims;
-        let fv: Vec<u8> = names
-            .iter()
-            .flat_map(|n| self.items[*n].0.iter().flat_map(|x| x.to_le_bytes()))
-            .collect();
-        let ft: Vec<u8> = names
-            .iter()
-            .flat_map(|n| self.items[*n].1.iter().flat_map(|x| x.to_le_bytes()))
-            .collect();
-        data.push(("features.visual".into(), vec![names.len(), dv], fv));
-        data.push(("features.text".into(), vec![names.len(), dt], ft));
-        let mut meta = HashMap::new();
-        meta.insert(
-            "ragar.content.items".to_string(),
-            serde_json::to_string(&names).map_err(|e| Error::model(e.to_string()))?,
-        );
-        meta.insert(
-            "ragar.content.params".to_string(),
-            serde_json::to_string(&self.params).map_err(|e| Error::model(e.to_string()))?,
-        );
-        let views = data
-            .iter()
-            .map(|(n, s, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (n.as_str(), v))
-                    .map_err(|e| Error::model(format!("{path}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes =
-            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::model(format!("{path}: {e}")))?;
-        ragar_core::files::write_atomic(std::path::Path::new(path), &bytes)
+        let fv: Vec<f32> = names.iter().flat_map(|n| self.items[*n].0.clone()).collect();
+        let ft: Vec<f32> = names.iter().flat_map(|n| self.items[*n].1.clone()).collect();
+        let t = |v: Vec<f32>, d: usize| Tensor::from_vec(v, (names.len(), d), &self.device).map_err(model_err(path));
+        w.tensor("features.visual", &t(fv, dv)?).map_err(model_err(path))?;
+        w.tensor("features.text", &t(ft, dt)?).map_err(model_err(path))?;
+        w.write(
+            path,
+            "ragar.content",
+            &serde_json::json!({"items": names, "params": self.params}),
+        )
     }
 
     fn load(&mut self, path: &str) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(std::path::Path::new(path), e))?;
-        let bad = |what: String| {
-            Error::invalid_input(format!("{path}: {what} (not a content-ranker state written by ragar?)"))
-        };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let names: Vec<String> = serde_json::from_str(
-            meta.get("ragar.content.items")
-                .ok_or_else(|| bad("no item list".into()))?,
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        let saved: ContentParams = serde_json::from_str(
-            meta.get("ragar.content.params")
-                .ok_or_else(|| bad("no params".into()))?,
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        let f32s = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let v = st.tensor(name).map_err(|_| bad(format!("no tensor {name}")))?;
-            Ok((
-                v.shape().to_vec(),
-                v.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ))
-        };
-        let (sv, fv) = f32s("features.visual")?;
-        let (st_, ft) = f32s("features.text")?;
-        let (dv, dt) = (sv[1], st_[1]);
+        let r = StateReader::open(path, "ragar.content", "a content-ranker state")?;
+        let names: Vec<String> = r.field("items")?;
+        let saved: ContentParams = r.field("params")?;
+        let fv = r.require("features.visual", None, &self.device)?;
+        let ft = r.require("features.text", None, &self.device)?;
+        let (dv, dt) = (fv.dim(1).map_err(model_err(path))?, ft.dim(1).map_err(model_err(path))?);
         self.params.dim = saved.dim;
         self.params.max_len = saved.max_len;
         self.init(dv, dt, 0)?;
         for (name, var) in &self.vars {
-            let (shape, data) = f32s(name)?;
-            let t = Tensor::from_vec(data, shape, &self.device).map_err(model_err(path))?;
-            if t.dims() != var.as_tensor().dims() {
-                return Err(bad(format!("tensor {name} has shape {:?}", t.dims())));
-            }
-            var.set(&t).map_err(model_err(path))?;
+            var.set(&r.require(name, Some(var.as_tensor().dims()), &self.device)?)
+                .map_err(model_err(path))?;
         }
-        self.items = names
-            .into_iter()
-            .enumerate()
-            .map(|(i, n)| {
-                (
-                    n,
-                    (fv[i * dv..(i + 1) * dv].to_vec(), ft[i * dt..(i + 1) * dt].to_vec()),
-                )
-            })
-            .collect();
+        let rows = |t: &Tensor| t.to_vec2::<f32>().map_err(model_err(path));
+        let (fv, ft) = (rows(&fv)?, rows(&ft)?);
+        self.items = names.into_iter().zip(fv.into_iter().zip(ft)).collect();
         Ok(())
     }
 }

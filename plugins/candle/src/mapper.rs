@@ -33,6 +33,7 @@
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
+use crate::state::{StateReader, StateWriter};
 use candle_core::{DType, Device, Tensor, Var, D};
 use ragar_core::component::Probe;
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
@@ -657,96 +658,38 @@ impl Mapper for RagarMapper {
     }
 
     fn save(&self, path: &str) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        let mut w = StateWriter::default();
         for (name, var) in &self.params.0 {
-            tensors.push((name.clone(), var.as_tensor().clone()));
+            w.tensor(name, var.as_tensor()).map_err(model_err(path))?;
             if let Some((m, v)) = self.optimizer.moments.get(name) {
-                tensors.push((format!("optimizer.exp_avg.{name}"), m.clone()));
-                tensors.push((format!("optimizer.exp_avg_sq.{name}"), v.clone()));
+                w.tensor(&format!("optimizer.exp_avg.{name}"), m)
+                    .map_err(model_err(path))?;
+                w.tensor(&format!("optimizer.exp_avg_sq.{name}"), v)
+                    .map_err(model_err(path))?;
             }
         }
-        // One metadata key: safetensors stores metadata as a hash map, whose
-        // order would otherwise make two identical states differ in bytes.
-        let state = serde_json::json!({"step": self.optimizer.step, "mapper_config": self.cfg});
-        let meta = std::collections::HashMap::from([("ragar.mapper".to_string(), state.to_string())]);
-        let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .iter()
-            .map(|(n, t)| {
-                let v = t.flatten_all()?.to_vec1::<f32>()?;
-                Ok((
-                    n.clone(),
-                    t.dims().to_vec(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ))
-            })
-            .collect::<candle_core::Result<_>>()
-            .map_err(model_err(path))?;
-        let views = data
-            .iter()
-            .map(|(n, s, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (n.as_str(), v))
-                    .map_err(|e| Error::model(format!("{path}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes =
-            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::model(format!("{path}: {e}")))?;
-        ragar_core::files::write_atomic(std::path::Path::new(path), &bytes)
+        w.write(
+            path,
+            "ragar.mapper",
+            &serde_json::json!({"step": self.optimizer.step, "mapper_config": self.cfg}),
+        )
     }
 
     fn load(&mut self, path: &str) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(std::path::Path::new(path), e))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::invalid_input(format!("{path}: not a safetensors file: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::invalid_input(format!("{path}: not a safetensors file: {e}")))?;
-        let get = |name: &str| -> Result<Option<Tensor>> {
-            let Ok(v) = st.tensor(name) else { return Ok(None) };
-            if v.dtype() != safetensors::Dtype::F32 {
-                return Err(Error::invalid_input(format!(
-                    "{path}: {name} is {:?}, expected F32",
-                    v.dtype()
-                )));
-            }
-            let data: Vec<f32> = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Tensor::from_vec(data, v.shape(), &self.device)
-                .map(Some)
-                .map_err(model_err(path))
-        };
+        // Plain weight files (a GILL mapper, a PyTorch export) load too, at step 0.
+        let r = StateReader::open_weights(path, "ragar.mapper", "a Mapper checkpoint")?;
         let mut moments = BTreeMap::new();
         for (name, var) in &self.params.0 {
-            let t = get(name)?.ok_or_else(|| {
-                Error::invalid_input(format!(
-                    "{path}: missing tensor {name} (a checkpoint of another mapper configuration?)"
-                ))
-            })?;
-            if t.dims() != var.as_tensor().dims() {
-                return Err(Error::invalid_input(format!(
-                    "{path}: tensor {name} has shape {:?}, this mapper's is {:?} (another configuration?)",
-                    t.dims(),
-                    var.as_tensor().dims()
-                )));
-            }
+            let t = r.require(name, Some(var.as_tensor().dims()), &self.device)?;
             var.set(&t).map_err(model_err(path))?;
-            if let (Some(m), Some(v)) = (
-                get(&format!("optimizer.exp_avg.{name}"))?,
-                get(&format!("optimizer.exp_avg_sq.{name}"))?,
-            ) {
+            let m = r.tensor(&format!("optimizer.exp_avg.{name}"), &self.device)?;
+            let v = r.tensor(&format!("optimizer.exp_avg_sq.{name}"), &self.device)?;
+            if let (Some(m), Some(v)) = (m, v) {
                 moments.insert(name.clone(), (m, v));
             }
         }
         self.optimizer.moments = moments;
-        self.optimizer.step = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("ragar.mapper"))
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-            .and_then(|v| v["step"].as_u64())
-            .unwrap_or(0);
+        self.optimizer.step = if r.meta().is_null() { 0 } else { r.field("step")? };
         Ok(())
     }
 }

@@ -14,6 +14,7 @@
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
 use crate::micro::{recall_ndcg, Embeddings, Ids, Micro, MicroConfig};
+use crate::state::{StateReader, StateWriter};
 use candle_core::{Device, Tensor};
 use ragar_core::abi_stable::std_types::{RString, RVec, Tuple2};
 use ragar_core::component::Probe;
@@ -330,16 +331,13 @@ impl Ranker for MicroRanker {
 
     fn save(&self, path: &str) -> Result<()> {
         let t = self.trained()?;
-        let err = |e: candle_core::Error| Error::model(format!("{path}: {e}"));
-        let mut tensors: Vec<(String, Tensor)> = t
-            .model
-            .params
-            .vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+        let mut w = StateWriter::default();
+        for (n, v) in &t.model.params.vars {
+            w.tensor(n, v.as_tensor()).map_err(model_err(path))?;
+        }
         for (m, md) in t.model.modalities.iter().enumerate() {
-            tensors.push((format!("features.{m}"), md.features.clone()));
+            w.tensor(&format!("features.{m}"), &md.features)
+                .map_err(model_err(path))?;
         }
         let edges: Vec<u32> = t
             .seen
@@ -347,87 +345,26 @@ impl Ranker for MicroRanker {
             .enumerate()
             .flat_map(|(u, items)| items.iter().flat_map(move |&i| [u as u32, i]))
             .collect();
-        let n_edges = edges.len() / 2;
-        let mut data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
-        for (n, t) in &tensors {
-            let v = t.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(err)?;
-            data.push((
-                n.clone(),
-                t.dims().to_vec(),
-                safetensors::Dtype::F32,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ));
-        }
-        data.push((
-            "edges".into(),
-            vec![n_edges, 2],
-            safetensors::Dtype::U32,
-            edges.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-        let mut meta = std::collections::HashMap::new();
-        meta.insert(
-            "ragar.micro.config".to_string(),
-            serde_json::to_string(&self.params.model).map_err(|e| Error::model(e.to_string()))?,
-        );
-        meta.insert(
-            "ragar.micro.users".to_string(),
-            serde_json::to_string(&t.users.names).map_err(|e| Error::model(e.to_string()))?,
-        );
-        meta.insert(
-            "ragar.micro.items".to_string(),
-            serde_json::to_string(&t.items.names).map_err(|e| Error::model(e.to_string()))?,
-        );
-        let views = data
-            .iter()
-            .map(|(n, sh, dt, b)| {
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b)
-                    .map(|v| (n.as_str(), v))
-                    .map_err(|e| Error::model(format!("{path}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes =
-            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::model(format!("{path}: {e}")))?;
-        ragar_core::files::write_atomic(std::path::Path::new(path), &bytes)
+        w.u32s("edges", vec![edges.len() / 2, 2], &edges);
+        let meta = serde_json::json!({"config": self.params.model, "users": t.users.names, "items": t.items.names});
+        w.write(path, "ragar.micro", &meta)
     }
 
     fn load(&mut self, path: &str) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(std::path::Path::new(path), e))?;
-        let bad = |what: String| Error::invalid_input(format!("{path}: {what} (not a MICRO state written by ragar?)"));
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no {k} metadata")));
-        let cfg: MicroConfig = serde_json::from_str(&field("ragar.micro.config")?).map_err(|e| bad(e.to_string()))?;
-        let users: Vec<String> = serde_json::from_str(&field("ragar.micro.users")?).map_err(|e| bad(e.to_string()))?;
-        let items: Vec<String> = serde_json::from_str(&field("ragar.micro.items")?).map_err(|e| bad(e.to_string()))?;
-        let f32s = |name: &str| -> Result<Tensor> {
-            let v = st.tensor(name).map_err(|_| bad(format!("no tensor {name}")))?;
-            let data: Vec<f32> = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Tensor::from_vec(data, v.shape(), &self.device).map_err(model_err(path))
-        };
-        let e = st.tensor("edges").map_err(|_| bad("no tensor edges".into()))?;
-        let flat: Vec<u32> = e
-            .data()
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let r = StateReader::open(path, "ragar.micro", "a MICRO state")?;
+        let cfg: MicroConfig = r.field("config")?;
+        let users: Vec<String> = r.field("users")?;
+        let items: Vec<String> = r.field("items")?;
+        let flat = r.u32s("edges")?;
         let edges: Vec<(u32, u32)> = flat.chunks_exact(2).map(|p| (p[0], p[1])).collect();
-        let feats = vec![f32s("features.0")?, f32s("features.1")?];
+        let feats = vec![
+            r.require("features.0", None, &self.device)?,
+            r.require("features.1", None, &self.device)?,
+        ];
         let model = Micro::new(cfg.clone(), feats, &edges, users.len(), 0)?;
         for (name, var) in &model.params.vars {
-            let t = f32s(name)?;
-            if t.dims() != var.as_tensor().dims() {
-                return Err(bad(format!(
-                    "tensor {name} has shape {:?}, expected {:?}",
-                    t.dims(),
-                    var.as_tensor().dims()
-                )));
-            }
-            var.set(&t).map_err(model_err(path))?;
+            var.set(&r.require(name, Some(var.as_tensor().dims()), &self.device)?)
+                .map_err(model_err(path))?;
         }
         let mut seen = vec![Vec::new(); users.len()];
         for &(u, i) in &edges {
