@@ -528,9 +528,12 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
     let mut pending: Vec<crate::pipeline::SampleLine> = Vec::new();
     let mut since_ckpt = 0;
     let mut n = 0;
+    let bar = progress(total, "training");
     for epoch in 0..method.train.epochs {
         for user in &todo {
             n += 1;
+            bar.set_message(format!("epoch {epoch} user {}", user.user));
+            bar.inc(1);
             if finished.contains(&(user.user.clone(), epoch)) {
                 continue;
             }
@@ -538,12 +541,14 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
             let seed = sample_seed(method.generation.seed, epoch, &user.user);
             let line = match p.train_step(user, seed) {
                 Ok((stats, verdict, prepared)) => {
-                    say_notes(&user.user, &prepared);
-                    eprintln!(
-                        "[{n}/{total}] epoch {epoch} user {}: loss {:.4} (rank {:.4}, calibrator {:.4}, semantic {:.4}), mean reward {:.3}, {:.1} s",
-                        user.user, stats.loss, stats.rank_loss, stats.calibrator_loss, stats.semantic_loss, verdict.mean_reward,
-                        t.elapsed().as_secs_f64()
-                    );
+                    bar.suspend(|| {
+                        say_notes(&user.user, &prepared);
+                        eprintln!(
+                            "[{n}/{total}] epoch {epoch} user {}: loss {:.4} (rank {:.4}, calibrator {:.4}, semantic {:.4}), mean reward {:.3}, {:.1} s",
+                            user.user, stats.loss, stats.rank_loss, stats.calibrator_loss, stats.semantic_loss, verdict.mean_reward,
+                            t.elapsed().as_secs_f64()
+                        )
+                    });
                     SampleLine {
                         user: user.user.clone(),
                         epoch,
@@ -559,7 +564,7 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
                     }
                 }
                 Err(e) => {
-                    eprintln!("[{n}/{total}] epoch {epoch} user {}: FAILED: {e}", user.user);
+                    bar.suspend(|| eprintln!("[{n}/{total}] epoch {epoch} user {}: FAILED: {e}", user.user));
                     failed_line(&user.user, epoch, &e, t)
                 }
             };
@@ -583,6 +588,7 @@ pub fn train(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<
             }
         }
     }
+    bar.finish_and_clear();
     p.stages.mapper.as_ref().expect("built").save(&ckpt.to_string_lossy())?;
     for l in pending.drain(..) {
         append_line(&log, &l)?;
@@ -654,7 +660,10 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(s
     let finished = if args.resume { done(&log)? } else { Default::default() };
     let todo = users(&data, args.split, args.limit);
     let mut failures = 0;
+    let bar = progress(todo.len(), "generating");
     for (n, user) in todo.iter().enumerate() {
+        bar.set_message(format!("user {}", user.user));
+        bar.inc(1);
         if finished.contains(&(user.user.clone(), 0)) {
             continue;
         }
@@ -662,16 +671,18 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(s
         let seed = sample_seed(method.generation.seed, 0, &user.user);
         let line = match p.personalise(user, seed) {
             Ok((img, prepared)) => {
-                say_notes(&user.user, &prepared);
                 let name = format!("images/{}.png", crate::pipeline::file_safe(&user.user));
                 crate::io::write_atomic(&dir.join(&name), &ragar_core::vision::encode_png(&img)?)?;
-                eprintln!(
-                    "[{}/{}] user {} -> {name} ({:.1} s)",
-                    n + 1,
-                    todo.len(),
-                    user.user,
-                    t.elapsed().as_secs_f64()
-                );
+                bar.suspend(|| {
+                    say_notes(&user.user, &prepared);
+                    eprintln!(
+                        "[{}/{}] user {} -> {name} ({:.1} s)",
+                        n + 1,
+                        todo.len(),
+                        user.user,
+                        t.elapsed().as_secs_f64()
+                    )
+                });
                 SampleLine {
                     user: user.user.clone(),
                     epoch: 0,
@@ -685,14 +696,27 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &MethodArgs) -> Result<(s
             }
             Err(e) => {
                 failures += 1;
-                eprintln!("[{}/{}] user {}: FAILED: {e}", n + 1, todo.len(), user.user);
+                bar.suspend(|| eprintln!("[{}/{}] user {}: FAILED: {e}", n + 1, todo.len(), user.user));
                 failed_line(&user.user, 0, &e, t)
             }
         };
         append_line(&log, &line)?;
     }
+    bar.finish_and_clear();
     finish_timing(&dir, &p.timings)?;
     Ok((dir, failures))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal, e.g. in
+/// logs and tests, where the per-sample lines carry the progress).
+fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (eta {{eta}})"))
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }
 
 /// Print the per-stage timing and keep it in the run folder.
