@@ -68,6 +68,13 @@ impl TorchGenerator {
         y ^ (y >> 18)
     }
 
+    /// Shuffle `v` in place (Fisher-Yates, last position first), reproducibly.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.next_u32() as usize % (i + 1));
+        }
+    }
+
     /// A float uniform in [0, 1) with 24 random bits, as ATen draws it.
     fn uniform(&mut self) -> f32 {
         ((self.next_u32() & 0x00ff_ffff) as f64 / (1u64 << 24) as f64) as f32

@@ -87,9 +87,7 @@ pub fn stage_keyword_llm(
         .iter()
         .map(|g| serde_json::json!({"text": g.text.as_str(), "tokens": g.tokens, "prompt_truncated": g.prompt_truncated}))
         .collect();
-    let mut bytes = serde_json::to_vec_pretty(&rows).map_err(|e| Error::io(out, e))?;
-    bytes.push(b'\n');
-    crate::io::write_atomic(out, &bytes)?;
+    crate::io::write_json(out, &rows)?;
     Ok(rows.len())
 }
 
@@ -138,9 +136,7 @@ pub fn stage_captioner(
             images.len()
         )));
     }
-    let mut bytes = serde_json::to_vec_pretty(&captions).map_err(|e| Error::io(out, e))?;
-    bytes.push(b'\n');
-    crate::io::write_atomic(out, &bytes)?;
+    crate::io::write_json(out, &captions)?;
     Ok(captions.len())
 }
 
@@ -240,9 +236,7 @@ pub fn stage_generator(loaded: &Loaded, registry: &Registry, args: &GenerateArgs
             "guidance": req.guidance, "width": req.width, "height": req.height,
         }));
     }
-    let mut bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io(out, e))?;
-    bytes.push(b'\n');
-    crate::io::write_atomic(&out.join("generations.json"), &bytes)?;
+    crate::io::write_json(&out.join("generations.json"), &manifest)?;
     Ok(manifest.len())
 }
 
@@ -722,9 +716,7 @@ fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
 /// Print the per-stage timing and keep it in the run folder.
 fn finish_timing(dir: &Path, t: &crate::pipeline::Timings) -> Result<()> {
     eprint!("{}", t.table());
-    let mut bytes = serde_json::to_vec_pretty(&t.json()).map_err(|e| Error::io(dir, e))?;
-    bytes.push(b'\n');
-    crate::io::write_atomic(&dir.join("timing.json"), &bytes)
+    crate::io::write_json(&dir.join("timing.json"), &t.json())
 }
 
 fn say_notes(user: &str, p: &crate::pipeline::Prepared) {

@@ -176,9 +176,7 @@ impl Dataset {
         // Seeded Fisher-Yates over user indices, then contiguous splits.
         let mut order: Vec<usize> = (0..users.len()).collect();
         let mut g = ragar_core::rng::TorchGenerator::new(cfg.split_seed);
-        for i in (1..order.len()).rev() {
-            order.swap(i, g.next_u32() as usize % (i + 1));
-        }
+        g.shuffle(&mut order);
         let n = users.len();
         let (nv, nt) = (
             (n as f64 * cfg.valid).round() as usize,

@@ -31,6 +31,13 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
 
 pub use ragar_core::files::write_atomic;
 
+/// Write `value` as pretty JSON (with a final newline), atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::io(path, e))?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
 /// Save a `[n, d]` tensor as `.json` (array of arrays) or `.safetensors`
 /// (one f32 tensor named `name`), chosen by the extension.
 pub fn write_matrix(path: &Path, name: &str, t: &Tensor) -> Result<()> {

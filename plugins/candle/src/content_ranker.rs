@@ -13,10 +13,10 @@
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
+use crate::early_stopping::EarlyStopping;
 use crate::micro::recall_ndcg;
 use crate::state::{StateReader, StateWriter};
 use candle_core::{DType, Device, Tensor, Var, D};
-use ragar_core::abi_stable::std_types::{RString, RVec, Tuple2};
 use ragar_core::component::Probe;
 use ragar_core::stage::{FitReport, RankQuery, Ranker, RankerData};
 use ragar_core::{ComponentSpec, Error, Result};
@@ -256,13 +256,10 @@ impl Ranker for ContentRanker {
         let mut opt = AdamW::default();
         let mut rng = ragar_core::rng::TorchGenerator::new(data.seed ^ 0xc0117e);
         let err = model_err("content ranker training");
-        let (mut best, mut best_ndcg, mut best_state, mut since, mut epochs_run) = (-1.0, 0.0, None, 0, 0);
+        let mut stop = EarlyStopping::new(self.params.patience);
         for _ in 0..self.params.epochs {
-            epochs_run += 1;
             let mut order: Vec<usize> = (0..examples.len()).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.next_u32() as usize % (i + 1));
-            }
+            rng.shuffle(&mut order);
             for chunk in order.chunks(self.params.batch_size.max(1)) {
                 let hs: Vec<Vec<&(Vec<f32>, Vec<f32>)>> = chunk
                     .iter()
@@ -301,35 +298,12 @@ impl Ranker for ContentRanker {
             })()
             .map_err(&err)?;
             let (recall, ndcg) = recall_ndcg(&scores, &train_hist, &truth, 10);
-            if recall > best {
-                (best, best_ndcg, since) = (recall, ndcg, 0);
-                best_state = Some(
-                    self.vars
-                        .iter()
-                        .map(|(_, v)| v.as_tensor().copy())
-                        .collect::<candle_core::Result<Vec<_>>>()
-                        .map_err(&err)?,
-                );
-            } else {
-                since += 1;
-                if since >= self.params.patience {
-                    break;
-                }
+            if stop.epoch(recall, ndcg, &self.vars).map_err(&err)? {
+                break;
             }
         }
-        if let Some(state) = best_state {
-            for ((_, v), t) in self.vars.iter().zip(state) {
-                v.set(&t).map_err(&err)?;
-            }
-        }
-        let m = |k: &str, v: f64| Tuple2(RString::from(k), v);
-        Ok(FitReport {
-            metrics: RVec::from(vec![
-                m("recall@10", best.max(0.0)),
-                m("ndcg@10", best_ndcg),
-                m("epochs", epochs_run as f64),
-            ]),
-        })
+        stop.restore(&self.vars).map_err(&err)?;
+        Ok(stop.report())
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {

@@ -17,6 +17,7 @@ pub mod clip_encoder;
 pub mod content_ranker;
 pub mod decoding;
 pub mod device;
+pub mod early_stopping;
 pub mod keyword_llm;
 pub mod llama;
 pub mod mapper;

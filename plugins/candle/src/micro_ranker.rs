@@ -13,10 +13,10 @@
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
+use crate::early_stopping::EarlyStopping;
 use crate::micro::{recall_ndcg, Embeddings, Ids, Micro, MicroConfig};
 use crate::state::{StateReader, StateWriter};
 use candle_core::{Device, Tensor};
-use ragar_core::abi_stable::std_types::{RString, RVec, Tuple2};
 use ragar_core::component::Probe;
 use ragar_core::stage::{FitReport, RankQuery, Ranker, RankerData};
 use ragar_core::{ComponentSpec, Error, Result};
@@ -179,17 +179,12 @@ impl Ranker for MicroRanker {
         let mut rng = ragar_core::rng::TorchGenerator::new(data.seed ^ 0x5eed);
         let n_items = items.names.len() as u32;
         let seen_sets: Vec<HashSet<u32>> = seen.iter().map(|s| s.iter().copied().collect()).collect();
-        let (mut best, mut best_state, mut since, mut epochs_run) = (-1.0f64, None, 0usize, 0usize);
-        let mut best_ndcg = 0.0;
+        let mut stop = EarlyStopping::new(self.params.patience);
         let vars = model.params.vars.clone();
         for _epoch in 0..self.params.epochs {
-            epochs_run += 1;
             // Shuffle the interactions (Fisher-Yates on the torch generator's stream).
             let mut order: Vec<usize> = (0..edges.len()).collect();
-            for i in (1..order.len()).rev() {
-                let j = (rng.next_u32() as usize) % (i + 1);
-                order.swap(i, j);
-            }
+            rng.shuffle(&mut order);
             for chunk in order.chunks(self.params.batch_size.max(1)) {
                 let (mut u, mut p, mut n) = (Vec::new(), Vec::new(), Vec::new());
                 for &e in chunk {
@@ -217,28 +212,11 @@ impl Ranker for MicroRanker {
                 .and_then(|s| s.to_vec2::<f32>())
                 .map_err(model_err("MICRO evaluation"))?;
             let (recall, ndcg) = recall_ndcg(&scores, &seen, &truth, 10);
-            if recall > best {
-                best = recall;
-                best_ndcg = ndcg;
-                since = 0;
-                best_state = Some(
-                    vars.iter()
-                        .map(|(_, v)| v.as_tensor().copy())
-                        .collect::<candle_core::Result<Vec<_>>>()
-                        .map_err(model_err("MICRO"))?,
-                );
-            } else {
-                since += 1;
-                if since >= self.params.patience {
-                    break;
-                }
+            if stop.epoch(recall, ndcg, &vars).map_err(model_err("MICRO"))? {
+                break;
             }
         }
-        if let Some(state) = best_state {
-            for ((_, v), t) in vars.iter().zip(state) {
-                v.set(&t).map_err(model_err("MICRO"))?;
-            }
-        }
+        stop.restore(&vars).map_err(model_err("MICRO"))?;
         let emb = model.forward().map_err(model_err("MICRO forward"))?;
         self.trained = Some(Trained {
             model,
@@ -247,14 +225,7 @@ impl Ranker for MicroRanker {
             items,
             seen,
         });
-        let m = |k: &str, v: f64| Tuple2(RString::from(k), v);
-        Ok(FitReport {
-            metrics: RVec::from(vec![
-                m("recall@10", best.max(0.0)),
-                m("ndcg@10", best_ndcg),
-                m("epochs", epochs_run as f64),
-            ]),
-        })
+        Ok(stop.report())
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
