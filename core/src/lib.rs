@@ -26,6 +26,7 @@ pub mod data;
 pub mod error;
 pub mod files;
 pub mod keywords;
+pub mod metrics;
 #[cfg(feature = "hub")]
 pub mod model;
 pub mod plugin;
@@ -33,6 +34,7 @@ pub mod reflection;
 pub mod retrieval;
 pub mod rng;
 pub mod schedulers;
+pub mod sparse;
 pub mod stage;
 #[cfg(feature = "text")]
 pub mod text;

@@ -430,28 +430,50 @@ fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset, crate::cac
         .config
         .dataset
         .as_ref()
-        .ok_or_else(|| Error::config("the config has no `dataset` block (items.jsonl + users.jsonl)"))?;
-    let data = crate::dataset::Dataset::load(dc, &loaded.base_dir())?;
+        .ok_or_else(|| Error::config("the config has no `dataset` block (see host/src/dataset for the formats)"))?;
+    let cache_dir = loaded.config.cache_dir.clone().unwrap_or_else(crate::paths::cache_dir);
+    let data = crate::dataset::Dataset::load(dc, &loaded.base_dir(), &cache_dir)?;
     let store = match &loaded.config.stage_cache {
         Some(p) => loaded.base_dir().join(p),
-        None => loaded
-            .config
-            .cache_dir
-            .clone()
-            .unwrap_or_else(crate::paths::cache_dir)
-            .join("stage-outputs.redb"),
+        None => cache_dir.join("stage-outputs.redb"),
     };
     let cache = crate::cache::Cache::open(&store)?;
     Ok((data, cache))
 }
 
+/// What `ragar train-ranker` reports.
+#[derive(serde::Serialize)]
+pub struct RankerReport {
+    /// The ranker's own figures (validation Recall@10 / NDCG@10, epochs).
+    pub fit: Vec<(String, f64)>,
+    /// Held-out test figures, with the popularity and random rankers.
+    pub test: crate::ranking::Evaluation,
+    /// Users and interactions in each part of the split.
+    pub counts: serde_json::Value,
+    /// What loading the dataset noted.
+    pub notes: Vec<String>,
+}
+
 /// `ragar train-ranker`: fit the configured ranker on the dataset's
-/// interactions (each user's last item held out) with Encoder features,
-/// save it to `out`, and return the report lines.
-pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<Vec<(String, f64)>> {
-    use crate::pipeline::{build_stages, ranker_data, Pipeline};
+/// interactions with Encoder features (leave-one-out by time: see
+/// `ranking`), save it to `out`, evaluate it on the held-out last items
+/// against the popularity and random rankers, and write the report next to
+/// `out` (`<out>.eval.json`).
+pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<RankerReport> {
+    use crate::pipeline::{build_stages, Pipeline};
     let (data, cache) = method_inputs(loaded)?;
+    let holdout = loaded
+        .config
+        .dataset
+        .as_ref()
+        .expect("checked by method_inputs")
+        .holdout
+        .clone();
+    for n in &data.notes {
+        eprintln!("note: {n}");
+    }
     let method = loaded.config.method.clone();
+    let seed = method.generation.seed;
     let stages = build_stages(loaded, registry, &[Stage::Encoder, Stage::Ranker], &method)?;
     let mut p = Pipeline {
         timings: Default::default(),
@@ -460,11 +482,27 @@ pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<
         cache: &cache,
         stages,
     };
-    let rd = ranker_data(&p, loaded.config.method.generation.seed)?;
+    let split = crate::ranking::ranker_split(&p, &holdout, seed)?;
     let ranker = p.stages.ranker.as_mut().expect("built above");
-    let report = ranker.fit(&rd)?;
+    let fit = ranker.fit(&split.data)?;
     ranker.save(&out.to_string_lossy())?;
-    Ok(report.metrics.iter().map(|t| (t.0.to_string(), t.1)).collect())
+    let test = crate::ranking::evaluate(ranker, &split, 10, seed)?;
+    let n = |h: &[ragar_core::stage::UserHistory]| h.iter().map(|h| h.items.len()).sum::<usize>();
+    let report = RankerReport {
+        fit: fit.metrics.iter().map(|t| (t.0.to_string(), t.1)).collect(),
+        test,
+        counts: serde_json::json!({
+            "items": split.data.items.len(),
+            "train": {"users": split.data.train.len(), "interactions": n(&split.data.train)},
+            "valid": {"users": split.data.valid.len(), "interactions": n(&split.data.valid)},
+            "test": {"users": split.test.len(), "interactions": n(&split.test)},
+        }),
+        notes: data.notes.clone(),
+    };
+    let mut eval_path = out.as_os_str().to_owned();
+    eval_path.push(".eval.json");
+    crate::io::write_json(Path::new(&eval_path), &report)?;
+    Ok(report)
 }
 
 /// Options of `ragar train` and `ragar run`.

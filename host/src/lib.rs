@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod io;
 pub mod paths;
 pub mod pipeline;
+pub mod ranking;
 pub mod registry;
 
 // A plugin crate the binary never references is dropped by the linker, and

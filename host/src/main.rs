@@ -302,10 +302,20 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
         }
         Command::TrainRanker { config, out, overrides } => {
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;
-            for (k, v) in commands::train_ranker(&loaded, &registry, &out)? {
-                println!("{k}\t{v:.4}");
+            let r = commands::train_ranker(&loaded, &registry, &out)?;
+            for (k, v) in &r.fit {
+                println!("valid {k}\t{v:.4}");
             }
-            eprintln!("ranker -> {}", out.display());
+            let t = &r.test;
+            println!("test ({} users)\trecall@{k}\tndcg@{k}", t.ranker.users, k = t.k);
+            for (name, m) in [
+                ("ranker", &t.ranker),
+                ("popularity", &t.popularity),
+                ("random", &t.random),
+            ] {
+                println!("{name}\t{:.4}\t{:.4}", m.recall, m.ndcg);
+            }
+            eprintln!("ranker -> {} (report: {}.eval.json)", out.display(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config, overrides } => {

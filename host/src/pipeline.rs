@@ -16,8 +16,7 @@ use ragar_core::reflection::{self, RewardFn, Verdict};
 use ragar_core::retrieval::{self, RetrievalConfig, Retrieved};
 use ragar_core::stage::{
     Candidate, CaptionOptions, Conditioning, DynCaptioner, DynEncoder, DynGenerator, DynKeywordLlm, DynMapper,
-    DynRanker, GenerateOptions, GenerationRequest, ItemFeatures, LossConfig, MapperInput, RankQuery, RankerData,
-    ReflectionSample, UserHistory,
+    DynRanker, GenerateOptions, GenerationRequest, LossConfig, MapperInput, RankQuery, ReflectionSample, UserHistory,
 };
 use ragar_core::{Error, Image, Result, Stage, Tensor};
 use serde::{Deserialize, Serialize};
@@ -299,8 +298,7 @@ impl<'a> Pipeline<'a> {
     fn images(&self, ids: &[&str]) -> Result<Vec<Image>> {
         ids.iter()
             .map(|id| {
-                let item = &self.data.items[*id];
-                ragar_core::vision::decode(&item.image)
+                ragar_core::vision::decode(self.data.image_path(id)?)
                     .map(|d| d.image)
                     .map_err(|e| e.context(format!("item '{id}'")))
             })
@@ -333,15 +331,14 @@ impl<'a> Pipeline<'a> {
 
     /// Whether an item's image can be read and decoded.
     fn check_image(&self, id: &str) -> Result<()> {
-        let p = &self.data.items[id].image;
-        ragar_core::vision::decode(p)
+        ragar_core::vision::decode(self.data.image_path(id)?)
             .map(|_| ())
             .map_err(|e| e.context(format!("item '{id}'")))
     }
 
     /// The bytes that identify an item's image: its file's content hash.
     fn image_key(&self, id: &str) -> Result<Vec<u8>> {
-        let p = &self.data.items[id].image;
+        let p = self.data.image_path(id)?;
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e).context(format!("item '{id}'")))?;
         Ok(Cache::key("file", "", &bytes).into_bytes())
     }
@@ -684,47 +681,6 @@ pub fn build_stages(loaded: &Loaded, registry: &Registry, need: &[Stage], method
         } else {
             None
         },
-    })
-}
-
-/// Ranker training data: every user's history plus reference, the last item
-/// held out for validation; features from the Encoder (image and text).
-pub fn ranker_data(p: &Pipeline, seed: u64) -> Result<RankerData> {
-    let ids: Vec<&str> = p.data.item_order.iter().map(String::as_str).collect();
-    let visual = p.image_features(&ids)?;
-    let texts: Vec<String> = ids.iter().map(|id| p.data.items[*id].text.clone()).collect();
-    let text = p.text_features(&texts)?;
-    let items = ids
-        .iter()
-        .zip(visual)
-        .zip(text)
-        .map(|((id, v), t)| {
-            Ok(ItemFeatures {
-                item: (*id).into(),
-                visual: Tensor::from_f32(&[v.len()], v)?,
-                text: Tensor::from_f32(&[t.len()], t)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (mut train, mut valid) = (Vec::new(), Vec::new());
-    for u in &p.data.users {
-        let mut seq: Vec<RString> = u.history.iter().map(|s| RString::from(s.as_str())).collect();
-        seq.extend(u.reference.iter().map(|s| RString::from(s.as_str())));
-        let last = seq.pop().expect("history + reference");
-        train.push(UserHistory {
-            user: u.user.as_str().into(),
-            items: seq.into(),
-        });
-        valid.push(UserHistory {
-            user: u.user.as_str().into(),
-            items: RVec::from(vec![last]),
-        });
-    }
-    Ok(RankerData {
-        train: train.into(),
-        valid: valid.into(),
-        items: items.into(),
-        seed,
     })
 }
 

@@ -14,10 +14,10 @@
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
 use crate::early_stopping::EarlyStopping;
-use crate::micro::recall_ndcg;
 use crate::state::{StateReader, StateWriter};
 use candle_core::{DType, Device, Tensor, Var, D};
 use ragar_core::component::Probe;
+use ragar_core::metrics::ranking::recall_ndcg;
 use ragar_core::stage::{FitReport, RankQuery, Ranker, RankerData};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::collections::HashMap;
@@ -113,13 +113,26 @@ impl ContentRanker {
             Var::from_tensor(&Tensor::from_vec(v, shape, &self.device).map_err(model_err("content ranker"))?)
                 .map_err(model_err("content ranker"))
         };
-        self.vars = vec![
-            ("visual.weight".into(), var((d, dv), (1.0 / dv as f32).sqrt())?),
-            ("text.weight".into(), var((d, dt), (1.0 / dt as f32).sqrt())?),
+        if dv + dt == 0 {
+            return Err(Error::invalid_input(
+                "the content ranker needs visual or text features; items have neither",
+            ));
+        }
+        // A modality no item has (MovieLens without posters) gets no weight.
+        self.vars = Vec::new();
+        if dv > 0 {
+            self.vars
+                .push(("visual.weight".into(), var((d, dv), (1.0 / dv as f32).sqrt())?));
+        }
+        if dt > 0 {
+            self.vars
+                .push(("text.weight".into(), var((d, dt), (1.0 / dt as f32).sqrt())?));
+        }
+        self.vars.extend([
             ("recency".into(), var((self.params.max_len, d), 0.02)?),
             ("attention.weight".into(), var((d, d), (1.0 / d as f32).sqrt())?),
             ("attention.query".into(), var((1, d), (1.0 / d as f32).sqrt())?),
-        ];
+        ]);
         self.dims = (dv, dt);
         Ok(())
     }
@@ -135,7 +148,11 @@ impl ContentRanker {
 
     /// `x = W_v v + W_t t` for `[n, dv]`, `[n, dt]`.
     fn embed(&self, v: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        v.matmul(&self.var("visual.weight").t()?)? + t.matmul(&self.var("text.weight").t()?)?
+        match self.dims {
+            (0, _) => t.matmul(&self.var("text.weight").t()?),
+            (_, 0) => v.matmul(&self.var("visual.weight").t()?),
+            _ => v.matmul(&self.var("visual.weight").t()?)? + t.matmul(&self.var("text.weight").t()?)?,
+        }
     }
 
     /// User representations for histories given as `[b, L, d]` item
@@ -297,8 +314,8 @@ impl Ranker for ContentRanker {
                 self.pool(&x, &m)?.matmul(&self.all_items(&names)?.t()?)?.to_vec2()
             })()
             .map_err(&err)?;
-            let (recall, ndcg) = recall_ndcg(&scores, &train_hist, &truth, 10);
-            if stop.epoch(recall, ndcg, &self.vars).map_err(&err)? {
+            let m = recall_ndcg(&scores, &train_hist, &truth, 10);
+            if stop.epoch(m.recall, m.ndcg, &self.vars).map_err(&err)? {
                 break;
             }
         }

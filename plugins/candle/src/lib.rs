@@ -24,6 +24,7 @@ pub mod mapper;
 pub mod micro;
 pub mod micro_ranker;
 pub mod minilm;
+pub mod sparse;
 pub mod stable_diffusion;
 pub mod state;
 pub mod unet;

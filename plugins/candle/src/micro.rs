@@ -25,9 +25,11 @@
 //! Users unseen in training are represented by the mean of their history
 //! items' embeddings (said in the score's error-free path; documented here).
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use crate::sparse::Sparse;
+use candle_core::{DType, Tensor, Var, D};
+use ragar_core::metrics::ranking::top_k;
 use ragar_core::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Hyper-parameters (the paper's MICRO defaults).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
@@ -94,10 +96,31 @@ pub struct Graph {
     pub val: Tensor,
     /// `d_i^-1/2` of each row `[n]`.
     pub inv: Tensor,
+    /// The same graph as a fixed sparse matrix, for graphs without autograd.
+    sparse: Option<Sparse>,
 }
 
 fn setup_err(e: candle_core::Error) -> Error {
     Error::model(format!("MICRO setup: {e}"))
+}
+
+impl Graph {
+    /// The same graph cut from autograd (and so held as a sparse matrix).
+    pub fn detached(&self) -> candle_core::Result<Graph> {
+        let (idx, val) = (self.idx.to_vec2::<u32>()?, self.val.to_vec2::<f32>()?);
+        let entries: Vec<(u32, u32, f32)> = idx
+            .iter()
+            .zip(&val)
+            .enumerate()
+            .flat_map(|(r, (is, vs))| is.iter().zip(vs).map(move |(&c, &v)| (r as u32, c, v)))
+            .collect();
+        Ok(Graph {
+            idx: self.idx.clone(),
+            val: self.val.detach(),
+            inv: self.inv.detach(),
+            sparse: Some(Sparse::new(idx.len(), idx.len(), &entries)),
+        })
+    }
 }
 
 /// Row-normalised features.
@@ -112,15 +135,11 @@ pub fn knn_indices(q: &Tensor, keys: &Tensor, k: usize) -> candle_core::Result<V
     let n = qn.dim(0)?;
     let mut out = Vec::with_capacity(n);
     let chunk = ((1 << 22) / kn.dim(0)?.max(1)).max(1);
+    let none = HashSet::new();
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let sims: Vec<Vec<f32>> = qn.narrow(0, start, len)?.matmul(&kn.t()?)?.to_vec2()?;
-        for row in sims {
-            let mut order: Vec<u32> = (0..row.len() as u32).collect();
-            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-            order.truncate(k.min(row.len()));
-            out.push(order);
-        }
+        out.extend(sims.iter().map(|row| top_k(row, &none, k)));
     }
     Ok(out)
 }
@@ -147,7 +166,12 @@ pub fn build_graph(x: &Tensor, k: usize) -> candle_core::Result<Graph> {
     let (n, k) = idx_t.dims2()?;
     let inv_j = inv.index_select(&idx_t.flatten_all()?, 0)?.reshape((n, k))?;
     let val = val.broadcast_mul(&inv.unsqueeze(1)?)?.mul(&inv_j)?;
-    Ok(Graph { idx: idx_t, val, inv })
+    Ok(Graph {
+        idx: idx_t,
+        val,
+        inv,
+        sparse: None,
+    })
 }
 
 /// The graph row of catalogue item `item` after its features became `row`
@@ -167,11 +191,15 @@ fn substituted_row(row: &Tensor, catalogue: &Tensor, item: usize, cat: &Graph, k
         idx: idx_t,
         val,
         inv: inv_self,
+        sparse: None,
     })
 }
 
 /// `h = A x` for a kNN graph.
 fn propagate(g: &Graph, x: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(s) = &g.sparse {
+        return s.matmul(x);
+    }
     let (n, k) = g.idx.dims2()?;
     let neigh = x.index_select(&g.idx.flatten_all()?, 0)?.reshape((n, k, ()))?;
     neigh.broadcast_mul(&g.val.unsqueeze(2)?)?.sum(1)
@@ -185,31 +213,32 @@ pub struct Modality {
     raw: Graph,
 }
 
-/// The user-item graph as edge lists with LightGCN weights.
+/// The user-item graph with LightGCN's weights `1 / sqrt(d_u d_i)`.
 pub struct Bipartite {
-    users: Tensor,
-    items: Tensor,
-    weight: Tensor,
+    /// `[users, items]`.
+    user_item: Sparse,
+    /// `[items, users]`.
+    item_user: Sparse,
 }
 
 impl Bipartite {
     /// Edges `(user, item)` (deduplicated by the caller).
-    pub fn new(edges: &[(u32, u32)], n_users: usize, n_items: usize, dev: &Device) -> candle_core::Result<Self> {
+    pub fn new(edges: &[(u32, u32)], n_users: usize, n_items: usize) -> Self {
         let mut du = vec![0f32; n_users];
         let mut di = vec![0f32; n_items];
         for &(u, i) in edges {
             du[u as usize] += 1.0;
             di[i as usize] += 1.0;
         }
-        let w: Vec<f32> = edges
+        let entries: Vec<(u32, u32, f32)> = edges
             .iter()
-            .map(|&(u, i)| 1.0 / (du[u as usize] * di[i as usize]).sqrt())
+            .map(|&(u, i)| (u, i, 1.0 / (du[u as usize] * di[i as usize]).sqrt()))
             .collect();
-        Ok(Bipartite {
-            users: Tensor::from_vec(edges.iter().map(|e| e.0).collect::<Vec<_>>(), edges.len(), dev)?,
-            items: Tensor::from_vec(edges.iter().map(|e| e.1).collect::<Vec<_>>(), edges.len(), dev)?,
-            weight: Tensor::from_vec(w, edges.len(), dev)?.unsqueeze(1)?,
-        })
+        let user_item = Sparse::new(n_users, n_items, &entries);
+        Bipartite {
+            item_user: user_item.t(),
+            user_item,
+        }
     }
 
     /// LightGCN: mean of `layers + 1` propagations of `(eu, ei)`.
@@ -217,10 +246,7 @@ impl Bipartite {
         let (mut u, mut i) = (eu.clone(), ei.clone());
         let (mut su, mut si) = (eu.clone(), ei.clone());
         for _ in 0..layers {
-            let to_users = i.index_select(&self.items, 0)?.broadcast_mul(&self.weight)?;
-            let to_items = u.index_select(&self.users, 0)?.broadcast_mul(&self.weight)?;
-            u = u.zeros_like()?.index_add(&self.users, &to_users, 0)?;
-            i = i.zeros_like()?.index_add(&self.items, &to_items, 0)?;
+            (u, i) = (self.user_item.matmul(&i)?, self.item_user.matmul(&u)?);
             su = (su + &u)?;
             si = (si + &i)?;
         }
@@ -260,7 +286,7 @@ pub struct Embeddings {
     /// LightGCN item embeddings alone `[items, dim]`.
     pub items_gcn: Tensor,
     /// The learned-feature graphs of this pass, per modality.
-    learned: Vec<Graph>,
+    pub learned: Vec<Graph>,
 }
 
 /// MICRO over fixed data.
@@ -319,7 +345,9 @@ impl Micro {
                 format!("projection.{m}.weight"),
                 xavier(d, f.dim(1).map_err(setup_err)?)?,
             ));
-            let raw = build_graph(&f, cfg.knn_k).map_err(setup_err)?;
+            let raw = build_graph(&f, cfg.knn_k)
+                .and_then(|g| g.detached())
+                .map_err(setup_err)?;
             modalities.push(Modality { features: f, raw });
         }
         vars.push(("attention.0.weight".into(), xavier(d, d)?));
@@ -328,7 +356,7 @@ impl Micro {
             Var::from_tensor(&Tensor::zeros(d, DType::F32, &dev).map_err(setup_err)?).map_err(setup_err)?,
         ));
         vars.push(("attention.2.weight".into(), xavier(1, d)?));
-        let graph = Bipartite::new(edges, n_users, n_items, &dev).map_err(setup_err)?;
+        let graph = Bipartite::new(edges, n_users, n_items);
         Ok(Micro {
             cfg,
             params: MicroParams { vars },
@@ -351,13 +379,17 @@ impl Micro {
             .matmul(&p.get("attention.2.weight").t()?)
     }
 
-    /// The item-item signal h_m of every modality, the fused h, and the learned graphs.
-    fn item_signals(&self) -> candle_core::Result<(Vec<Tensor>, Tensor, Vec<Graph>)> {
+    /// The item-item signal h_m of every modality, the fused h, and the
+    /// learned graphs (built now, or `cached` ones, detached).
+    fn item_signals(&self, cached: Option<&[Graph]>) -> candle_core::Result<(Vec<Tensor>, Tensor, Vec<Graph>)> {
         let ei = self.params.get("item_embedding");
         let lam = self.cfg.lambda;
         let (mut hs, mut learned) = (Vec::new(), Vec::new());
         for (m, md) in self.modalities.iter().enumerate() {
-            let g = build_graph(&self.projected(m, &md.features)?, self.cfg.knn_k)?;
+            let g = match cached {
+                Some(gs) => gs[m].clone(),
+                None => build_graph(&self.projected(m, &md.features)?, self.cfg.knn_k)?,
+            };
             hs.push(((propagate(&md.raw, ei)? * lam)? + (propagate(&g, ei)? * (1.0 - lam))?)?);
             learned.push(g);
         }
@@ -380,9 +412,18 @@ impl Micro {
         Ok(h)
     }
 
-    /// Full forward pass.
+    /// Full forward pass, building the learned graphs from the current
+    /// projections (differentiable through their weights).
     pub fn forward(&self) -> candle_core::Result<Embeddings> {
-        let (h_m, h, learned) = self.item_signals()?;
+        self.forward_with(None)
+    }
+
+    /// Forward pass reusing learned graphs from an earlier pass, detached.
+    /// The reference trainer does this: it rebuilds the learned graphs on
+    /// the first batch of an epoch (`build_item_graph=True`) and detaches
+    /// them for the rest, so an epoch costs one kNN search per modality.
+    pub fn forward_with(&self, cached: Option<&[Graph]>) -> candle_core::Result<Embeddings> {
+        let (h_m, h, learned) = self.item_signals(cached)?;
         let (users, items_gcn) = self.graph.lightgcn(
             self.params.get("user_embedding"),
             self.params.get("item_embedding"),
@@ -486,35 +527,6 @@ fn info_nce(a: &Tensor, b: &Tensor, tau: f64) -> candle_core::Result<Tensor> {
     };
     let diag = ((a * b)?.sum_keepdim(1)? / tau)?;
     (lse - diag)?.mean_all()
-}
-
-/// Recall@k and NDCG@k of `scores` (`[users, items]` rows as vectors)
-/// against held-out `truth`, excluding each user's `seen` items.
-pub fn recall_ndcg(scores: &[Vec<f32>], seen: &[Vec<u32>], truth: &[Vec<u32>], k: usize) -> (f64, f64) {
-    let (mut recall, mut ndcg, mut n) = (0.0, 0.0, 0usize);
-    for ((row, seen), truth) in scores.iter().zip(seen).zip(truth) {
-        if truth.is_empty() {
-            continue;
-        }
-        let mut order: Vec<usize> = (0..row.len()).filter(|i| !seen.contains(&(*i as u32))).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        order.truncate(k);
-        let hits: Vec<bool> = order.iter().map(|&i| truth.contains(&(i as u32))).collect();
-        recall += hits.iter().filter(|&&h| h).count() as f64 / truth.len().min(k) as f64;
-        let dcg: f64 = hits
-            .iter()
-            .enumerate()
-            .filter(|(_, &h)| h)
-            .map(|(r, _)| 1.0 / (r as f64 + 2.0).log2())
-            .sum();
-        let idcg: f64 = (0..truth.len().min(k)).map(|r| 1.0 / (r as f64 + 2.0).log2()).sum();
-        ndcg += dcg / idcg;
-        n += 1;
-    }
-    if n == 0 {
-        return (0.0, 0.0);
-    }
-    (recall / n as f64, ndcg / n as f64)
 }
 
 /// Index helpers for users and items by id.

@@ -14,10 +14,11 @@
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::device::{device, model_err};
 use crate::early_stopping::EarlyStopping;
-use crate::micro::{recall_ndcg, Embeddings, Ids, Micro, MicroConfig};
+use crate::micro::{Embeddings, Ids, Micro, MicroConfig};
 use crate::state::{StateReader, StateWriter};
 use candle_core::{Device, Tensor};
 use ragar_core::component::Probe;
+use ragar_core::metrics::ranking::recall_ndcg;
 use ragar_core::stage::{FitReport, RankQuery, Ranker, RankerData};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::collections::HashSet;
@@ -67,6 +68,8 @@ struct Trained {
     items: Ids,
     /// Each training user's items (for unseen-user fallbacks and exclusions).
     seen: Vec<Vec<u32>>,
+    /// The modalities of `model.modalities`, in order: `visual`, `text`.
+    kinds: Vec<String>,
 }
 
 /// The MICRO ranker component.
@@ -107,8 +110,14 @@ impl MicroRanker {
     }
 }
 
-/// Stack one modality's features in item order, checking widths.
-fn feature_matrix(data: &RankerData, items: &Ids, text: bool, dev: &Device) -> Result<Tensor> {
+/// Stack one modality's features in item order, checking widths; `None`
+/// when no item has this modality (MovieLens without posters, say).
+fn feature_matrix(data: &RankerData, items: &Ids, text: bool, dev: &Device) -> Result<Option<Tensor>> {
+    let kind = if text { "text" } else { "visual" };
+    let pick = |f: &ragar_core::stage::ItemFeatures| if text { f.text.numel() } else { f.visual.numel() };
+    if data.items.iter().all(|f| pick(f) == 0) {
+        return Ok(None);
+    }
     let mut dim = None;
     let mut flat = Vec::new();
     for name in &items.names {
@@ -120,15 +129,86 @@ fn feature_matrix(data: &RankerData, items: &Ids, text: bool, dev: &Device) -> R
         let v = if text { &f.text } else { &f.visual };
         let d = *dim.get_or_insert(v.numel());
         if v.numel() != d || d == 0 {
+            let missing = data.items.iter().filter(|f| pick(f) == 0).count();
             return Err(Error::invalid_input(format!(
-                "item '{name}': {} feature of {} values, others have {d}",
-                if text { "text" } else { "visual" },
-                v.numel()
+                "item '{name}': {kind} feature of {} values, others have {d} \
+                 ({missing} of {} items have no {kind} feature: give every item one, or none)",
+                v.numel(),
+                data.items.len()
             )));
         }
         flat.extend(v.to_f32_vec());
     }
-    Tensor::from_vec(flat, (items.names.len(), dim.unwrap_or(0)), dev).map_err(model_err("MICRO features"))
+    Tensor::from_vec(flat, (items.names.len(), dim.unwrap_or(0)), dev)
+        .map(Some)
+        .map_err(model_err("MICRO features"))
+}
+
+impl Trained {
+    /// The user's embedding; a user unseen in training is the mean of
+    /// their known history items' embeddings.
+    fn user_vector(&self, q: &RankQuery, qi: usize, dev: &Device) -> Result<Tensor> {
+        if let Some(&u) = self.users.index.get(q.history.user.as_str()) {
+            return self.emb.users.get(u).map_err(model_err("MICRO"));
+        }
+        let rows: Vec<u32> = q
+            .history
+            .items
+            .iter()
+            .filter_map(|i| self.items.index.get(i.as_str()).map(|&i| i as u32))
+            .collect();
+        if rows.is_empty() {
+            return Err(Error::invalid_input(format!(
+                "query {qi}: user '{}' was not in training and none of their history items is known",
+                q.history.user
+            )));
+        }
+        let idx = Tensor::new(rows.as_slice(), dev).map_err(model_err("MICRO"))?;
+        self.emb
+            .items
+            .index_select(&idx, 0)
+            .and_then(|x| x.mean(0))
+            .map_err(model_err("MICRO"))
+    }
+
+    /// A candidate's feature overrides, one slot per trained modality.
+    fn overrides(
+        &self,
+        c: &ragar_core::stage::Candidate,
+        qi: usize,
+        ci: usize,
+        dev: &Device,
+    ) -> Result<Vec<Option<Tensor>>> {
+        for (kind, given) in [("visual", c.visual.is_some()), ("text", c.text.is_some())] {
+            if given && !self.kinds.iter().any(|k| k == kind) {
+                return Err(Error::invalid_input(format!(
+                    "query {qi}, candidate {ci}: a {kind} feature was given, but this MICRO was trained \
+                     without {kind} features (modalities: {})",
+                    self.kinds.join(", ")
+                )));
+            }
+        }
+        self.kinds
+            .iter()
+            .enumerate()
+            .map(|(m, kind)| {
+                let f = if kind == "visual" { &c.visual } else { &c.text };
+                let Some(f) = f.as_ref().into_option() else {
+                    return Ok(None);
+                };
+                let want = self.model.modalities[m].features.dim(1).map_err(model_err("MICRO"))?;
+                if f.numel() != want {
+                    return Err(Error::invalid_input(format!(
+                        "query {qi}, candidate {ci}: {kind} feature of {} values, the catalogue's have {want}",
+                        f.numel()
+                    )));
+                }
+                Tensor::from_vec(f.to_f32_vec(), want, dev)
+                    .map(Some)
+                    .map_err(model_err("MICRO"))
+            })
+            .collect()
+    }
 }
 
 impl Ranker for MicroRanker {
@@ -154,10 +234,18 @@ impl Ranker for MicroRanker {
         if edges.is_empty() {
             return Err(Error::invalid_input("no training interactions"));
         }
-        let feats = vec![
-            feature_matrix(data, &items, false, &dev)?,
-            feature_matrix(data, &items, true, &dev)?,
-        ];
+        let (mut feats, mut kinds) = (Vec::new(), Vec::new());
+        for (kind, text) in [("visual", false), ("text", true)] {
+            if let Some(f) = feature_matrix(data, &items, text, &dev)? {
+                feats.push(f);
+                kinds.push(kind.to_string());
+            }
+        }
+        if feats.is_empty() {
+            return Err(Error::invalid_input(
+                "MICRO needs visual or text features; no item has either",
+            ));
+        }
         let model = Micro::new(self.params.model.clone(), feats, &edges, users.names.len(), data.seed)?;
         // Validation truth per training user (unknown users cannot be evaluated transductively).
         let mut truth: Vec<Vec<u32>> = vec![Vec::new(); users.names.len()];
@@ -181,10 +269,15 @@ impl Ranker for MicroRanker {
         let seen_sets: Vec<HashSet<u32>> = seen.iter().map(|s| s.iter().copied().collect()).collect();
         let mut stop = EarlyStopping::new(self.params.patience);
         let vars = model.params.vars.clone();
-        for _epoch in 0..self.params.epochs {
+        for epoch in 0..self.params.epochs {
+            let (mut loss_sum, mut steps) = (0.0, 0usize);
             // Shuffle the interactions (Fisher-Yates on the torch generator's stream).
             let mut order: Vec<usize> = (0..edges.len()).collect();
             rng.shuffle(&mut order);
+            // The learned graphs are rebuilt on the epoch's first batch and
+            // reused, detached (as sparse matrices), for the rest: the
+            // reference's schedule.
+            let mut graphs: Option<Vec<crate::micro::Graph>> = None;
             for chunk in order.chunks(self.params.batch_size.max(1)) {
                 let (mut u, mut p, mut n) = (Vec::new(), Vec::new(), Vec::new());
                 for &e in chunk {
@@ -199,20 +292,39 @@ impl Ranker for MicroRanker {
                     p.push(pp);
                     n.push(neg);
                 }
-                let emb = model.forward().map_err(model_err("MICRO forward"))?;
+                let emb = model
+                    .forward_with(graphs.as_deref())
+                    .map_err(model_err("MICRO forward"))?;
+                if graphs.is_none() {
+                    let g = emb.learned.iter().map(crate::micro::Graph::detached);
+                    graphs = Some(
+                        g.collect::<candle_core::Result<_>>()
+                            .map_err(model_err("MICRO graphs"))?,
+                    );
+                }
                 let [total, ..] = model.loss(&emb, &u, &p, &n).map_err(model_err("MICRO loss"))?;
+                loss_sum += total.to_scalar::<f32>().map_err(model_err("MICRO loss"))? as f64;
+                steps += 1;
                 let grads = total.backward().map_err(model_err("MICRO backward"))?;
                 opt.step(&vars, &grads, self.params.lr, 0.0, &opt_cfg)
                     .map_err(model_err("MICRO optimiser step"))?;
             }
+            // Evaluation rebuilds the graphs from the epoch's final weights.
             let emb = model.forward().map_err(model_err("MICRO forward"))?;
             let scores = emb
                 .users
                 .matmul(&emb.items.t().map_err(model_err("MICRO"))?)
                 .and_then(|s| s.to_vec2::<f32>())
                 .map_err(model_err("MICRO evaluation"))?;
-            let (recall, ndcg) = recall_ndcg(&scores, &seen, &truth, 10);
-            if stop.epoch(recall, ndcg, &vars).map_err(model_err("MICRO"))? {
+            let m = recall_ndcg(&scores, &seen, &truth, 10);
+            // Training runs for minutes: say where it is (stderr, one line an epoch).
+            eprintln!(
+                "MICRO epoch {epoch}: loss {:.4}, valid recall@10 {:.4}, ndcg@10 {:.4}",
+                loss_sum / steps.max(1) as f64,
+                m.recall,
+                m.ndcg
+            );
+            if stop.epoch(m.recall, m.ndcg, &vars).map_err(model_err("MICRO"))? {
                 break;
             }
         }
@@ -224,78 +336,55 @@ impl Ranker for MicroRanker {
             users,
             items,
             seen,
+            kinds,
         });
         Ok(stop.report())
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
         let t = self.trained()?;
+        let err = model_err("MICRO score");
         queries
             .iter()
             .enumerate()
             .map(|(qi, q)| {
-                let user = match t.users.index.get(q.history.user.as_str()) {
-                    Some(&u) => t.emb.users.get(u).map_err(model_err("MICRO"))?,
-                    None => {
-                        // Unseen user: the mean of their known history items.
-                        let rows: Vec<u32> = q
-                            .history
-                            .items
-                            .iter()
-                            .filter_map(|i| t.items.index.get(i.as_str()).map(|&i| i as u32))
-                            .collect();
-                        if rows.is_empty() {
-                            return Err(Error::invalid_input(format!(
-                                "query {qi}: user '{}' was not in training and none of their history items is known",
-                                q.history.user
-                            )));
-                        }
-                        let idx = Tensor::new(rows.as_slice(), &self.device).map_err(model_err("MICRO"))?;
-                        t.emb
-                            .items
-                            .index_select(&idx, 0)
-                            .and_then(|x| x.mean(0))
-                            .map_err(model_err("MICRO"))?
-                    }
-                };
-                q.candidates
-                    .iter()
-                    .enumerate()
-                    .map(|(ci, c)| {
-                        let &item = t.items.index.get(c.item.as_str()).ok_or_else(|| {
-                            Error::invalid_input(format!(
-                                "query {qi}, candidate {ci}: item '{}' is not in the catalogue",
-                                c.item
-                            ))
-                        })?;
-                        let sub = |f: Option<&ragar_core::Tensor>, m: usize| -> Result<Option<Tensor>> {
-                            let Some(f) = f else { return Ok(None) };
-                            let want = t.model.modalities[m].features.dim(1).map_err(model_err("MICRO"))?;
-                            if f.numel() != want {
-                                return Err(Error::invalid_input(format!(
-                                    "query {qi}, candidate {ci}: {} feature of {} values, the catalogue's have {want}",
-                                    if m == 0 { "visual" } else { "text" },
-                                    f.numel()
-                                )));
-                            }
-                            Tensor::from_vec(f.to_f32_vec(), want, &self.device)
-                                .map(Some)
-                                .map_err(model_err("MICRO"))
-                        };
-                        let feats = [
-                            sub(c.visual.as_ref().into_option(), 0)?,
-                            sub(c.text.as_ref().into_option(), 1)?,
-                        ];
-                        let emb = t
-                            .model
-                            .substituted_item(&t.emb, item, &feats)
-                            .map_err(model_err("MICRO substitution"))?;
-                        (&user * &emb)
+                let user = t.user_vector(q, qi, &self.device)?;
+                let mut out = vec![0f32; q.candidates.len()];
+                // Catalogue items as they are: one gather and one product.
+                let (mut plain, mut rows) = (Vec::new(), Vec::new());
+                for (ci, c) in q.candidates.iter().enumerate() {
+                    let &item = t.items.index.get(c.item.as_str()).ok_or_else(|| {
+                        Error::invalid_input(format!(
+                            "query {qi}, candidate {ci}: item '{}' is not in the catalogue",
+                            c.item
+                        ))
+                    })?;
+                    if c.visual.is_none() && c.text.is_none() {
+                        plain.push(ci);
+                        rows.push(item as u32);
+                    } else {
+                        let feats = t.overrides(c, qi, ci, &self.device)?;
+                        let emb = t.model.substituted_item(&t.emb, item, &feats).map_err(&err)?;
+                        out[ci] = (&user * &emb)
                             .and_then(|x| x.sum_all())
                             .and_then(|x| x.to_scalar::<f32>())
-                            .map_err(model_err("MICRO score"))
-                    })
-                    .collect()
+                            .map_err(&err)?;
+                    }
+                }
+                if !rows.is_empty() {
+                    let idx = Tensor::new(rows.as_slice(), &self.device).map_err(&err)?;
+                    let s: Vec<f32> = t
+                        .emb
+                        .items
+                        .index_select(&idx, 0)
+                        .and_then(|e| e.matmul(&user.unsqueeze(1)?))
+                        .and_then(|s| s.flatten_all()?.to_vec1())
+                        .map_err(&err)?;
+                    for (ci, v) in plain.into_iter().zip(s) {
+                        out[ci] = v;
+                    }
+                }
+                Ok(out)
             })
             .collect()
     }
@@ -317,7 +406,7 @@ impl Ranker for MicroRanker {
             .flat_map(|(u, items)| items.iter().flat_map(move |&i| [u as u32, i]))
             .collect();
         w.u32s("edges", vec![edges.len() / 2, 2], &edges);
-        let meta = serde_json::json!({"config": self.params.model, "users": t.users.names, "items": t.items.names});
+        let meta = serde_json::json!({"config": self.params.model, "users": t.users.names, "items": t.items.names, "modalities": t.kinds});
         w.write(path, "ragar.micro", &meta)
     }
 
@@ -328,10 +417,10 @@ impl Ranker for MicroRanker {
         let items: Vec<String> = r.field("items")?;
         let flat = r.u32s("edges")?;
         let edges: Vec<(u32, u32)> = flat.chunks_exact(2).map(|p| (p[0], p[1])).collect();
-        let feats = vec![
-            r.require("features.0", None, &self.device)?,
-            r.require("features.1", None, &self.device)?,
-        ];
+        let kinds: Vec<String> = r.field("modalities")?;
+        let feats = (0..kinds.len())
+            .map(|m| r.require(&format!("features.{m}"), None, &self.device))
+            .collect::<Result<Vec<_>>>()?;
         let model = Micro::new(cfg.clone(), feats, &edges, users.len(), 0)?;
         for (name, var) in &model.params.vars {
             var.set(&r.require(name, Some(var.as_tensor().dims()), &self.device)?)
@@ -349,6 +438,7 @@ impl Ranker for MicroRanker {
             users: Ids::new(users.iter().map(String::as_str)),
             items: Ids::new(items.iter().map(String::as_str)),
             seen,
+            kinds,
         });
         Ok(())
     }
