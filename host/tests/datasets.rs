@@ -39,6 +39,8 @@ fn movielens(dir: &Path, movies: &str, ratings: &str) -> DatasetConfig {
         root: Some(dir.to_path_buf()),
         posters: "posters".into(),
         min_rating: 4.0,
+        max_users: None,
+        merged_users: 1000,
         history_len: 3,
         split_seed: 0,
         valid: 0.0,
@@ -175,6 +177,8 @@ fn manifest(dir: &Path, items: &str, users: &str) -> DatasetConfig {
         root: None,
         posters: "posters".into(),
         min_rating: 4.0,
+        max_users: None,
+        merged_users: 1000,
         history_len: 20,
         split_seed: 0,
         valid: 0.0,
@@ -224,4 +228,142 @@ fn manifest_refuses_escaping_paths_duplicates_and_empty_users() {
 
     let bad_json = "{\"user\": \"w\", \"history\": [\"a\"]\n";
     assert!(load_err(&manifest(p, items, bad_json)).contains("users.jsonl:1"));
+}
+
+fn from_json(v: serde_json::Value) -> DatasetConfig {
+    serde_json::from_value(v).unwrap()
+}
+
+const POG_ITEMS: &str = "i1,c1,http://img/1.jpg,red floral summer dress
+i2,c2,http://img/2.jpg,white canvas sneakers, low top
+i3,c1,http://img/3.jpg,black slim jeans
+i4,c3,http://img/4.jpg,straw hat
+";
+const POG_OUTFITS: &str = "o1,i1;i2\no2,i3;i4\n";
+const POG_USERS: &str = "u1,i1;i3;i1;i2,o1
+u2,i4,o2
+u1,i4,o2
+u3,i2;i4,o1
+";
+
+fn pog(dir: &Path, items: &str, users: &str) -> DatasetConfig {
+    std::fs::write(dir.join("item_data.txt"), items).unwrap();
+    std::fs::write(dir.join("outfit_data.txt"), POG_OUTFITS).unwrap();
+    std::fs::write(dir.join("user_data.txt"), users).unwrap();
+    from_json(serde_json::json!({"format": "pog", "root": dir}))
+}
+
+#[test]
+fn pog_users_items_and_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir(p.join("images")).unwrap();
+    std::fs::write(p.join("images/i2.jpg"), b"x").unwrap();
+    let d = Dataset::load(&pog(p, POG_ITEMS, POG_USERS), Path::new("."), Path::new(".")).unwrap();
+    assert_eq!(d.items["i2"].text, "white canvas sneakers, low top", "titles keep their commas");
+    assert!(d.items["i2"].image.is_some() && d.items["i1"].image.is_none());
+    // u1's two lines joined, repeats dropped; u2 has one item and is skipped.
+    let ids: Vec<&str> = d.users.iter().map(|u| u.user.as_str()).collect();
+    assert_eq!(ids, ["u1", "u3"]);
+    assert_eq!(d.sequences[0], ["i1", "i3", "i2", "i4"]);
+    assert_eq!(d.users[0].reference.as_deref(), Some("i4"));
+    assert!(d.notes.iter().any(|n| n.contains("1 users with a single item")), "{:?}", d.notes);
+
+    let e = load_err(&pog(p, POG_ITEMS, &POG_USERS.replace("u2,i4,o2", "u2,i9,o2")));
+    assert!(e.contains("user_data.txt:2") && e.contains("item i9 is not in"), "{e}");
+    let e = load_err(&pog(p, POG_ITEMS, &POG_USERS.replace("u2,i4,o2", "u2,,o2")));
+    assert!(e.contains("user_data.txt:2: user u2 has no items"), "{e}");
+    let e = load_err(&pog(p, POG_ITEMS, &POG_USERS.replace("u2,i4,o2", "u2;i4")));
+    assert!(e.contains("user_data.txt:2: expected user_id"), "{e}");
+    let e = load_err(&pog(p, POG_ITEMS, &POG_USERS.replace("u2,i4,o2", "u2,i4,o7")));
+    assert!(e.contains("outfit o7 is not in"), "{e}");
+    let e = load_err(&pog(p, &format!("{POG_ITEMS}i3,c9,u,again\n"), POG_USERS));
+    assert!(e.contains("item_data.txt:5: item i3 appears twice (first on line 3)"), "{e}");
+
+    let mut sub = pog(p, POG_ITEMS, POG_USERS);
+    sub.max_users = Some(1);
+    let d = Dataset::load(&sub, Path::new("."), Path::new(".")).unwrap();
+    assert!(d.users.len() <= 1 && d.notes.iter().any(|n| n.contains("1 of 3 users drawn")));
+}
+
+fn ser30k(dir: &Path, themes: &[(&str, usize)]) -> DatasetConfig {
+    let mut ann = Vec::new();
+    for (t, n) in themes {
+        std::fs::create_dir_all(dir.join("Images").join(t)).unwrap();
+        for i in 0..*n {
+            let f = format!("{t}_{i}.png");
+            image::RgbImage::new(2, 2).save(dir.join("Images").join(t).join(&f)).unwrap();
+            ann.push(serde_json::json!({"topic": t, "file_name": f, "anno": 1 + i % 7, "text": if i == 0 { "hi!" } else { "" }}));
+        }
+    }
+    std::fs::create_dir_all(dir.join("Annotations/image-level")).unwrap();
+    let half = ann.len() / 2;
+    for (part, a) in [("train", &ann[..half]), ("test", &ann[half..])] {
+        std::fs::write(
+            dir.join(format!("Annotations/image-level/{part}.json")),
+            serde_json::json!({"annotations": a}).to_string(),
+        )
+        .unwrap();
+    }
+    let mut c = from_json(serde_json::json!({"format": "ser30k", "root": dir, "merged_users": 50}));
+    c.history_len = 5;
+    c
+}
+
+#[test]
+fn ser30k_merges_two_themes_and_takes_the_reference_from_a_third() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let cfg = ser30k(p, &[("cat", 6), ("dog", 4), ("bear", 8), ("frog", 3)]);
+    let d = Dataset::load(&cfg, Path::new("."), Path::new(".")).unwrap();
+    assert_eq!(d.items.len(), 21);
+    assert_eq!(d.items["cat/cat_0.png"].text, "hi!");
+    assert_eq!(d.items["cat/cat_1.png"].text, "cat", "no text: the theme's name");
+    assert_eq!(d.users.len(), 50);
+    let theme = |id: &str| id.split('/').next().unwrap().to_string();
+    for u in &d.users {
+        let hist: std::collections::HashSet<String> = u.history.iter().map(|i| theme(i)).collect();
+        assert!(hist.len() <= 2 && !hist.is_empty(), "{u:?}");
+        assert!(!hist.contains(&theme(u.reference.as_deref().unwrap())), "{u:?}");
+        let distinct: std::collections::HashSet<&String> = u.history.iter().collect();
+        assert_eq!(distinct.len(), u.history.len(), "drawn without replacement: {u:?}");
+        assert!(u.history.len() == 5 || u.history.len() < 5 && hist.len() == 2, "{u:?}");
+    }
+    // Seeded: the same users again.
+    let again = Dataset::load(&cfg, Path::new("."), Path::new(".")).unwrap();
+    assert_eq!(again.users, d.users);
+
+    let two = ser30k(&p.join("two"), &[("cat", 3), ("dog", 3)]);
+    assert!(load_err(&two).contains("2 themes; merged users need at least three"));
+    let escape = p.join("esc");
+    let mut c = ser30k(&escape, &[("a", 1), ("b", 1), ("c", 1)]);
+    std::fs::write(
+        escape.join("Annotations/image-level/val.json"),
+        r#"{"annotations": [{"topic": "../../x", "file_name": "y.png"}]}"#,
+    )
+    .unwrap();
+    let e = load_err(&c);
+    assert!(e.contains("val.json: annotations[0]") && e.contains("leaves the dataset folder"), "{e}");
+    std::fs::write(escape.join("Annotations/image-level/val.json"), r#"{"annotations": [{"topic": "a"}]}"#).unwrap();
+    c.merged_users = 1;
+    assert!(load_err(&c).contains("val.json:1"));
+}
+
+#[test]
+fn the_open_sticker_set_loads_as_ser30k() {
+    let cache = std::env::var_os("RAGAR_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ragar"));
+    let root = cache.join("data/stickers");
+    assert!(root.join("ATTRIBUTION.md").is_file(), "{} missing: run scripts/setup.sh", root.display());
+    let cfg = from_json(serde_json::json!({"format": "ser30k", "root": root, "merged_users": 200}));
+    let d = Dataset::load(&cfg, Path::new("."), Path::new(".")).unwrap();
+    assert_eq!(d.items.len(), 1368);
+    assert_eq!(d.users.len(), 200);
+    assert!(d.users.iter().all(|u| u.history.len() == 20));
+    assert_eq!(d.items["food/1F355.png"].text.split('.').next(), Some("slice of pizza"));
+    for id in &d.item_order {
+        let img = ragar_core::vision::decode(d.image_path(id).unwrap()).unwrap().image;
+        assert_eq!((img.width, img.height), (64, 64), "{id}");
+    }
 }

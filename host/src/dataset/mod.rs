@@ -4,7 +4,11 @@
 //! Every format loads into one [`Dataset`]:
 //! - `jsonl` ([`jsonl`]): the generic manifest, `items.jsonl` + `users.jsonl`;
 //! - `movielens` ([`movielens`]): GroupLens ml-latest / ml-latest-small
-//!   (`ratings.csv`, `movies.csv`, a posters folder keyed by movieId).
+//!   (`ratings.csv`, `movies.csv`, a posters folder keyed by movieId);
+//! - `pog` ([`pog`]): Alibaba POG (`item_data.txt`, `user_data.txt`,
+//!   `outfit_data.txt`, `images/`);
+//! - `ser30k` ([`ser30k`]): SER30K stickers (`Images/<theme>/`,
+//!   `Annotations/image-level/*.json`), users made by merging two themes.
 //!
 //! Users keep their last `history_len` history items (20, the paper's);
 //! [`Dataset::sequences`] keeps each user's whole ordered sequence, which is
@@ -14,6 +18,8 @@
 
 pub mod jsonl;
 pub mod movielens;
+pub mod pog;
+pub mod ser30k;
 
 use ragar_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -29,6 +35,10 @@ pub enum Format {
     Jsonl,
     /// GroupLens MovieLens (`ratings.csv`, `movies.csv`, `posters/`).
     Movielens,
+    /// Alibaba POG (`item_data.txt`, `user_data.txt`, `images/`).
+    Pog,
+    /// SER30K stickers (`Images/`, `Annotations/image-level/`).
+    Ser30k,
 }
 
 /// The `dataset:` block.
@@ -44,7 +54,7 @@ pub struct DatasetConfig {
     /// `jsonl`: the users file.
     #[serde(default)]
     pub users: Option<PathBuf>,
-    /// `movielens`: the folder holding `ratings.csv` and `movies.csv`.
+    /// `movielens`, `pog`, `ser30k`: the dataset's folder.
     #[serde(default)]
     pub root: Option<PathBuf>,
     /// `movielens`: poster images `<movieId>.{jpg,jpeg,png,webp}`, relative to `root`.
@@ -53,6 +63,12 @@ pub struct DatasetConfig {
     /// `movielens`: ratings at or above this count as interactions (the paper: 4).
     #[serde(default = "four")]
     pub min_rating: f64,
+    /// `pog`: keep a seeded random subset of this many users.
+    #[serde(default)]
+    pub max_users: Option<usize>,
+    /// `ser30k`: how many users to make by merging two themes.
+    #[serde(default = "thousand")]
+    pub merged_users: usize,
     /// History items kept per user (most recent).
     #[serde(default = "twenty")]
     pub history_len: usize,
@@ -75,6 +91,9 @@ fn posters() -> PathBuf {
 }
 fn four() -> f64 {
     4.0
+}
+fn thousand() -> usize {
+    1000
 }
 fn twenty() -> usize {
     20
@@ -202,6 +221,8 @@ impl Dataset {
                 &cfg.path("users", &cfg.users, base, cache)?,
             )?,
             Format::Movielens => movielens::load(cfg, &cfg.path("root", &cfg.root, base, cache)?)?,
+            Format::Pog => pog::load(cfg, &cfg.path("root", &cfg.root, base, cache)?)?,
+            Format::Ser30k => ser30k::load(cfg, &cfg.path("root", &cfg.root, base, cache)?)?,
         };
         let mut items = HashMap::new();
         let mut item_order = Vec::new();
