@@ -184,4 +184,12 @@ if ! stamp_ok "$CACHE/data/stickers/.stamp" "$want"; then
   "$PY" "$ROOT/scripts/data/make_stickers.py" "$CACHE/wheels/ruby-gemojione_3.3.0-1_all.deb" "$CACHE/data/stickers"
   echo "$want" > "$CACHE/data/stickers/.stamp"
 fi
+# 12. Metric references: real photos (scikit-image data), the real LPIPS
+#     linear heads, random AlexNet/VGG16 backbones, SSIM and LPIPS values.
+want="$(sha256sum "$ROOT/scripts/fixtures/make_metrics.py" | cut -c1-16)"
+if ! stamp_ok "$CACHE/data/metrics-ref/.stamp" "$want"; then
+  say "computing the metric references (scikit-image SSIM, lpips)"
+  "$V/bin/python" -W ignore "$ROOT/scripts/fixtures/make_metrics.py" "$CACHE/data/metrics-ref" > /dev/null
+  echo "$want" > "$CACHE/data/metrics-ref/.stamp"
+fi
 say "ready: $CACHE"

@@ -74,17 +74,7 @@ pub struct Retrieved {
 
 /// Cosine similarity (0 when either vector is all zeros).
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64, y as f64);
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-    }
-    if na == 0.0 || nb == 0.0 {
-        return 0.0;
-    }
-    (dot / (na.sqrt() * nb.sqrt())) as f32
+    crate::metrics::scores::cosine(a, b) as f32
 }
 
 fn check(name: &str, v: &[f32], dim: usize) -> Result<()> {

@@ -20,6 +20,7 @@ pub mod device;
 pub mod early_stopping;
 pub mod keyword_llm;
 pub mod llama;
+pub mod lpips;
 pub mod mapper;
 pub mod micro;
 pub mod micro_ranker;
