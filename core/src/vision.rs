@@ -19,6 +19,30 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// PIL's Lanczos kernel (a = 3): `sinc(x) sinc(x / 3)`, support 3.
+fn lanczos(x: f64) -> f64 {
+    let sinc = |x: f64| {
+        if x == 0.0 {
+            1.0
+        } else {
+            let x = x * std::f64::consts::PI;
+            x.sin() / x
+        }
+    };
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// A PIL resampling filter: kernel and support.
+#[derive(Clone, Copy)]
+struct Filter(fn(f64) -> f64, f64);
+
+const BICUBIC: Filter = Filter(bicubic, 2.0);
+const LANCZOS: Filter = Filter(lanczos, 3.0);
+
 /// PIL keeps 8-bit resampling weights as fixed point with this many bits.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
@@ -29,17 +53,17 @@ struct Taps {
 }
 
 /// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<Taps> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = filter.1 * filterscale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as isize).max(0) as usize;
             let xmax = (((center + support + 0.5) as isize).min(in_size as isize) as usize).max(xmin);
             let mut k: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .map(|x| (filter.0)((x as f64 - center + 0.5) / filterscale))
                 .collect();
             let total: f64 = k.iter().sum();
             if total != 0.0 {
@@ -69,6 +93,41 @@ fn clip8(v: i64) -> u8 {
 /// `Image.resize(size, Image.BICUBIC)`: separable, horizontal pass first,
 /// each pass rounded to 8 bits, antialiased when shrinking.
 pub fn resize_bicubic(img: &Image, width: u32, height: u32) -> Result<Image> {
+    resize(img, width, height, BICUBIC)
+}
+
+/// Resample as PIL's `Image.resize(size, Image.LANCZOS)` (what the
+/// reference systems use for item images).
+pub fn resize_lanczos(img: &Image, width: u32, height: u32) -> Result<Image> {
+    resize(img, width, height, LANCZOS)
+}
+
+/// Pad to a square of the longer side with `fill`, the image centred
+/// (offsets rounded down), as the reference systems do before resizing
+/// item images.
+pub fn pad_square(img: &Image, fill: [u8; 3]) -> Image {
+    let side = img.width.max(img.height) as usize;
+    let (ox, oy) = ((side - img.width as usize) / 2, (side - img.height as usize) / 2);
+    let mut out: Vec<u8> = fill.iter().copied().cycle().take(side * side * 3).collect();
+    let w = img.width as usize;
+    for y in 0..img.height as usize {
+        let dst = ((oy + y) * side + ox) * 3;
+        out[dst..dst + w * 3].copy_from_slice(&img.rgb[y * w * 3..(y + 1) * w * 3]);
+    }
+    Image::new(side as u32, side as u32, out).expect("sized above")
+}
+
+/// An item image as the metrics compare it: padded to a white square,
+/// then resized (Lanczos) to `size` x `size`.
+pub fn square(img: &Image, size: u32) -> Result<Image> {
+    let padded = pad_square(img, [255, 255, 255]);
+    if padded.width == size {
+        return Ok(padded);
+    }
+    resize_lanczos(&padded, size, size)
+}
+
+fn resize(img: &Image, width: u32, height: u32, filter: Filter) -> Result<Image> {
     if img.width == 0 || img.height == 0 || width == 0 || height == 0 {
         return Err(Error::invalid_input(format!(
             "cannot resize a {}x{} image to {width}x{height}",
@@ -82,7 +141,7 @@ pub fn resize_bicubic(img: &Image, width: u32, height: u32) -> Result<Image> {
     let horiz: Vec<u8> = if ow == iw {
         img.rgb.to_vec()
     } else {
-        let taps = coefficients(iw, ow);
+        let taps = coefficients(iw, ow, filter);
         let mut out = vec![0u8; ih * ow * 3];
         for y in 0..ih {
             let row = &img.rgb[y * iw * 3..(y + 1) * iw * 3];
@@ -101,7 +160,7 @@ pub fn resize_bicubic(img: &Image, width: u32, height: u32) -> Result<Image> {
     if oh == ih {
         return Image::new(width, height, horiz);
     }
-    let taps = coefficients(ih, oh);
+    let taps = coefficients(ih, oh, filter);
     let mut out = vec![0u8; oh * ow * 3];
     for (y, t) in taps.iter().enumerate() {
         for x in 0..ow * 3 {

@@ -425,7 +425,7 @@ pub fn stage_not_available(stage: Stage) -> Error {
 }
 
 /// Open the dataset and cache a method command needs.
-fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset, crate::cache::Cache)> {
+pub(crate) fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset, crate::cache::Cache)> {
     let dc = loaded
         .config
         .dataset

@@ -50,6 +50,9 @@ pub struct Config {
     /// The RAGAR method's settings (the paper's values by default).
     #[serde(default)]
     pub method: crate::pipeline::MethodConfig,
+    /// `ragar evaluate`'s settings (LPIPS weights).
+    #[serde(default)]
+    pub evaluation: crate::evaluate::EvaluationConfig,
 }
 
 /// One stage's component block.

@@ -126,6 +126,18 @@ enum Command {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// The paper's Table 1 metrics for a run folder (CS, CIS, CPS, CPIS,
+    /// LPIPS, SSIM, rank change): writes metrics.jsonl, metrics.json and
+    /// metrics.md into it.
+    Evaluate {
+        /// Config file (the run's own config.yaml works).
+        config: PathBuf,
+        /// The run folder (holds samples.jsonl and images/).
+        #[arg(long)]
+        run: PathBuf,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
     /// Check a config without loading weights.
     Validate {
         /// Config file.
@@ -316,6 +328,24 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 println!("{name}\t{:.4}\t{:.4}", m.recall, m.ndcg);
             }
             eprintln!("ranker -> {} (report: {}.eval.json)", out.display(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Evaluate { config, run, overrides } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let summary = ragar_host::evaluate::evaluate(&loaded, &registry, &run)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(run.join("metrics.md")).unwrap_or_default()
+            );
+            for n in &summary.notes {
+                eprintln!("note: {n}");
+            }
+            eprintln!(
+                "{} samples evaluated, {} failed -> {}",
+                summary.samples - summary.failed,
+                summary.failed,
+                run.join("metrics.json").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config, overrides } => {

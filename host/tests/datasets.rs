@@ -260,14 +260,21 @@ fn pog_users_items_and_bad_lines() {
     std::fs::create_dir(p.join("images")).unwrap();
     std::fs::write(p.join("images/i2.jpg"), b"x").unwrap();
     let d = Dataset::load(&pog(p, POG_ITEMS, POG_USERS), Path::new("."), Path::new(".")).unwrap();
-    assert_eq!(d.items["i2"].text, "white canvas sneakers, low top", "titles keep their commas");
+    assert_eq!(
+        d.items["i2"].text, "white canvas sneakers, low top",
+        "titles keep their commas"
+    );
     assert!(d.items["i2"].image.is_some() && d.items["i1"].image.is_none());
     // u1's two lines joined, repeats dropped; u2 has one item and is skipped.
     let ids: Vec<&str> = d.users.iter().map(|u| u.user.as_str()).collect();
     assert_eq!(ids, ["u1", "u3"]);
     assert_eq!(d.sequences[0], ["i1", "i3", "i2", "i4"]);
     assert_eq!(d.users[0].reference.as_deref(), Some("i4"));
-    assert!(d.notes.iter().any(|n| n.contains("1 users with a single item")), "{:?}", d.notes);
+    assert!(
+        d.notes.iter().any(|n| n.contains("1 users with a single item")),
+        "{:?}",
+        d.notes
+    );
 
     let e = load_err(&pog(p, POG_ITEMS, &POG_USERS.replace("u2,i4,o2", "u2,i9,o2")));
     assert!(e.contains("user_data.txt:2") && e.contains("item i9 is not in"), "{e}");
@@ -278,7 +285,10 @@ fn pog_users_items_and_bad_lines() {
     let e = load_err(&pog(p, POG_ITEMS, &POG_USERS.replace("u2,i4,o2", "u2,i4,o7")));
     assert!(e.contains("outfit o7 is not in"), "{e}");
     let e = load_err(&pog(p, &format!("{POG_ITEMS}i3,c9,u,again\n"), POG_USERS));
-    assert!(e.contains("item_data.txt:5: item i3 appears twice (first on line 3)"), "{e}");
+    assert!(
+        e.contains("item_data.txt:5: item i3 appears twice (first on line 3)"),
+        "{e}"
+    );
 
     let mut sub = pog(p, POG_ITEMS, POG_USERS);
     sub.max_users = Some(1);
@@ -292,7 +302,9 @@ fn ser30k(dir: &Path, themes: &[(&str, usize)]) -> DatasetConfig {
         std::fs::create_dir_all(dir.join("Images").join(t)).unwrap();
         for i in 0..*n {
             let f = format!("{t}_{i}.png");
-            image::RgbImage::new(2, 2).save(dir.join("Images").join(t).join(&f)).unwrap();
+            image::RgbImage::new(2, 2)
+                .save(dir.join("Images").join(t).join(&f))
+                .unwrap();
             ann.push(serde_json::json!({"topic": t, "file_name": f, "anno": 1 + i % 7, "text": if i == 0 { "hi!" } else { "" }}));
         }
     }
@@ -343,8 +355,15 @@ fn ser30k_merges_two_themes_and_takes_the_reference_from_a_third() {
     )
     .unwrap();
     let e = load_err(&c);
-    assert!(e.contains("val.json: annotations[0]") && e.contains("leaves the dataset folder"), "{e}");
-    std::fs::write(escape.join("Annotations/image-level/val.json"), r#"{"annotations": [{"topic": "a"}]}"#).unwrap();
+    assert!(
+        e.contains("val.json: annotations[0]") && e.contains("leaves the dataset folder"),
+        "{e}"
+    );
+    std::fs::write(
+        escape.join("Annotations/image-level/val.json"),
+        r#"{"annotations": [{"topic": "a"}]}"#,
+    )
+    .unwrap();
     c.merged_users = 1;
     assert!(load_err(&c).contains("val.json:1"));
 }
@@ -355,7 +374,11 @@ fn the_open_sticker_set_loads_as_ser30k() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ragar"));
     let root = cache.join("data/stickers");
-    assert!(root.join("ATTRIBUTION.md").is_file(), "{} missing: run scripts/setup.sh", root.display());
+    assert!(
+        root.join("ATTRIBUTION.md").is_file(),
+        "{} missing: run scripts/setup.sh",
+        root.display()
+    );
     let cfg = from_json(serde_json::json!({"format": "ser30k", "root": root, "merged_users": 200}));
     let d = Dataset::load(&cfg, Path::new("."), Path::new(".")).unwrap();
     assert_eq!(d.items.len(), 1368);

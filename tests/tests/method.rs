@@ -256,6 +256,61 @@ fn train_ranker_train_resume_and_run() {
         &with_mapper,
     ]);
     assert_eq!(lines(&gen.join("samples.jsonl")).len(), 3);
+
+    // Table 1's metrics for the run: every column, for every sample.
+    let refs = cache().join("data/metrics-ref");
+    let table = ragar_ok(&[
+        "evaluate",
+        cfg,
+        "--run",
+        gen.to_str().unwrap(),
+        &with_ranker,
+        "evaluation.lpips.net=alex",
+        &format!(
+            "evaluation.lpips.backbone={}",
+            refs.join("alexnet-random.safetensors").display()
+        ),
+        &format!(
+            "evaluation.lpips.heads={}",
+            refs.join("lpips-alex-lin.safetensors").display()
+        ),
+    ]);
+    assert!(
+        table.contains("| dataset | method | CPS↑ | CPIS↑ | LPIPS↓ | SSIM↑ | ΔR↑ | CS↑ | CIS↑ | LPIPS↓ | SSIM↑ |"),
+        "{table}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gen.join("metrics.json")).unwrap()).unwrap();
+    for k in [
+        "cps",
+        "cpis",
+        "lpips_personal",
+        "ssim_personal",
+        "rank_change",
+        "cs",
+        "cis",
+        "lpips_reference",
+        "ssim_reference",
+    ] {
+        assert_eq!(summary["counts"][k], 3, "{k}: {summary}");
+    }
+    for l in lines(&gen.join("metrics.jsonl")) {
+        let m = &l["metrics"];
+        let f = |k: &str| m[k].as_f64().unwrap();
+        for k in ["ssim_reference", "ssim_personal"] {
+            assert!((-1.0..=1.0).contains(&f(k)), "{l}");
+        }
+        for k in ["lpips_reference", "lpips_personal"] {
+            assert!(f(k) >= 0.0, "{l}");
+        }
+        for k in ["cs", "cis", "cps", "cpis"] {
+            assert!((-100.0..=100.0).contains(&f(k)), "{l}");
+        }
+        // 12 items, 5 in the history: 7 candidates.
+        let (ro, rg) = (f("rank_original"), f("rank_generated"));
+        assert!((1.0..=7.0).contains(&ro) && (1.0..=7.0).contains(&rg), "{l}");
+        assert!((f("rank_change") - (ro - rg) / (1.0 + ro).log2()).abs() < 1e-9, "{l}");
+    }
 }
 
 #[test]

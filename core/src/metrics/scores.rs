@@ -7,7 +7,8 @@
 //!
 //! Personalization, against what represents the user's preference:
 //! - **CPS** = 100 cos(CLIP_image(g), CLIP_text(preference text)), the
-//!   preference text being the user's kept keywords joined by ", ";
+//!   preference text being the user's kept keywords joined by ", " (the
+//!   history items' texts when no keyword was kept);
 //! - **CPIS** = mean over the user's history images h of
 //!   100 cos(CLIP_image(g), CLIP_image(h)).
 //!
@@ -77,7 +78,11 @@ pub fn rank_change(original: usize, generated: usize) -> Result<f64> {
 /// as high, other than itself).
 pub fn rank_of(scores: &[f32], which: usize) -> usize {
     let s = scores[which];
-    1 + scores.iter().enumerate().filter(|&(i, &v)| i != which && v >= s).count()
+    1 + scores
+        .iter()
+        .enumerate()
+        .filter(|&(i, &v)| i != which && v >= s)
+        .count()
 }
 
 #[cfg(test)]

@@ -55,7 +55,9 @@ pub fn ssim(a: &Image, b: &Image) -> Result<f64> {
     }
     let (w, h) = (a.width as usize, a.height as usize);
     if w < 2 * RADIUS + 1 || h < 2 * RADIUS + 1 {
-        return Err(Error::invalid_input(format!("SSIM needs at least 11x11 pixels, got {w}x{h}")));
+        return Err(Error::invalid_input(format!(
+            "SSIM needs at least 11x11 pixels, got {w}x{h}"
+        )));
     }
     let k = kernel();
     let (c1, c2) = ((0.01f64 * 255.0).powi(2), (0.03f64 * 255.0).powi(2));

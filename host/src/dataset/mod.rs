@@ -41,6 +41,18 @@ pub enum Format {
     Ser30k,
 }
 
+impl Format {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Movielens => "movielens",
+            Format::Pog => "pog",
+            Format::Ser30k => "ser30k",
+        }
+    }
+}
+
 /// The `dataset:` block.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

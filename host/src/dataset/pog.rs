@@ -23,8 +23,8 @@ use std::path::Path;
 
 fn lines(path: &Path) -> Result<Vec<(usize, String)>> {
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(text)
-        .map_err(|e| Error::invalid_input(format!("{}: not UTF-8 ({e})", path.display())))?;
+    let text =
+        String::from_utf8(text).map_err(|e| Error::invalid_input(format!("{}: not UTF-8 ({e})", path.display())))?;
     Ok(text
         .lines()
         .enumerate()
@@ -91,7 +91,10 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
     if outfits_path.is_file() {
         for (line, l) in lines(&outfits_path)? {
             let (id, members) = l.split_once(',').ok_or_else(|| {
-                Error::invalid_input(format!("{}:{line}: expected outfit_id,item;item;...", outfits_path.display()))
+                Error::invalid_input(format!(
+                    "{}:{line}: expected outfit_id,item;item;...",
+                    outfits_path.display()
+                ))
             })?;
             if let Some(bad) = members.split(';').find(|m| !known.contains_key(m.trim())) {
                 return Err(Error::invalid_input(format!(

@@ -63,7 +63,11 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
             .map_err(|e| Error::invalid_input(format!("{}:{}: {e}", path.display(), e.line())))?;
         for (i, a) in file.annotations.into_iter().enumerate() {
             let at = |what: String| {
-                Error::invalid_input(format!("{}: annotations[{i}] ('{}'): {what}", path.display(), a.file_name))
+                Error::invalid_input(format!(
+                    "{}: annotations[{i}] ('{}'): {what}",
+                    path.display(),
+                    a.file_name
+                ))
             };
             if a.topic.is_empty() || a.file_name.is_empty() {
                 return Err(at("empty topic or file_name".into()));
@@ -86,7 +90,10 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
                     return Err(at(format!("anno {v} is not an emotion label")));
                 }
             }
-            let text = a.text.filter(|t| !t.trim().is_empty()).unwrap_or_else(|| a.topic.clone());
+            let text = a
+                .text
+                .filter(|t| !t.trim().is_empty())
+                .unwrap_or_else(|| a.topic.clone());
             themes.entry(a.topic.clone()).or_default().push(items.len());
             items.push(Item {
                 id,
@@ -121,7 +128,11 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
                 pick.push(t);
             }
         }
-        let mut pool: Vec<usize> = themes[names[pick[0]]].iter().chain(&themes[names[pick[1]]]).copied().collect();
+        let mut pool: Vec<usize> = themes[names[pick[0]]]
+            .iter()
+            .chain(&themes[names[pick[1]]])
+            .copied()
+            .collect();
         let n = cfg.history_len.min(pool.len());
         // Partial Fisher-Yates: the first n of the pool, in draw order.
         for i in 0..n {

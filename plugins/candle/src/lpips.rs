@@ -55,7 +55,13 @@ fn architecture(net: Net) -> (Vec<(usize, char, [usize; 5])>, Vec<usize>) {
     let taps;
     match net {
         Net::Alex => {
-            let convs = [(0, [3, 64, 11, 4, 2]), (3, [64, 192, 5, 1, 2]), (6, [192, 384, 3, 1, 1]), (8, [384, 256, 3, 1, 1]), (10, [256, 256, 3, 1, 1])];
+            let convs = [
+                (0, [3, 64, 11, 4, 2]),
+                (3, [64, 192, 5, 1, 2]),
+                (6, [192, 384, 3, 1, 1]),
+                (8, [384, 256, 3, 1, 1]),
+                (10, [256, 256, 3, 1, 1]),
+            ];
             for (i, c) in convs {
                 spec.push((i, 'c', c));
                 spec.push((i + 1, 'r', [0; 5]));
@@ -65,7 +71,13 @@ fn architecture(net: Net) -> (Vec<(usize, char, [usize; 5])>, Vec<usize>) {
             taps = vec![1, 4, 7, 9, 11];
         }
         Net::Vgg => {
-            let cfg: [&[usize]; 5] = [&[64, 64], &[128, 128], &[256, 256, 256], &[512, 512, 512], &[512, 512, 512]];
+            let cfg: [&[usize]; 5] = [
+                &[64, 64],
+                &[128, 128],
+                &[256, 256, 256],
+                &[512, 512, 512],
+                &[512, 512, 512],
+            ];
             let (mut i, mut cin) = (0, 3);
             let mut t = Vec::new();
             for (b, block) in cfg.iter().enumerate() {
@@ -88,7 +100,13 @@ fn architecture(net: Net) -> (Vec<(usize, char, [usize; 5])>, Vec<usize>) {
     (spec, taps)
 }
 
-fn shape_checked(st: &candle_core::safetensors::MmapedSafetensors, name: &str, want: &[usize], file: &Path, dev: &Device) -> Result<Tensor> {
+fn shape_checked(
+    st: &candle_core::safetensors::MmapedSafetensors,
+    name: &str,
+    want: &[usize],
+    file: &Path,
+    dev: &Device,
+) -> Result<Tensor> {
     let t = st
         .load(name, dev)
         .map_err(|_| Error::invalid_input(format!("{}: no tensor '{name}'", file.display())))?;
@@ -114,7 +132,13 @@ impl Lpips {
             layers.push(match kind {
                 'c' => {
                     let [cin, cout, k, stride, padding] = p;
-                    let w = shape_checked(&bb, &format!("features.{i}.weight"), &[cout, cin, k, k], backbone, device)?;
+                    let w = shape_checked(
+                        &bb,
+                        &format!("features.{i}.weight"),
+                        &[cout, cin, k, k],
+                        backbone,
+                        device,
+                    )?;
                     let b = shape_checked(&bb, &format!("features.{i}.bias"), &[cout], backbone, device)?;
                     let cfg = Conv2dConfig {
                         padding,
@@ -154,6 +178,11 @@ impl Lpips {
             heads: heads_t,
             device: device.clone(),
         })
+    }
+
+    /// [`Lpips::load`] on the CPU.
+    pub fn load_cpu(net: Net, backbone: &Path, heads: &Path) -> Result<Self> {
+        Self::load(net, backbone, heads, &Device::Cpu)
     }
 
     /// `[1, 3, h, w]` in LPIPS's input scale from an RGB image.
