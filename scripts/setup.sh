@@ -16,6 +16,14 @@ LOCK=${RAGAR_ASSETS_LOCK:-$ROOT/scripts/assets.lock}
 mkdir -p "$CACHE"/{wheels,models,lib,data}
 say() { printf '[setup] %s\n' "$*" >&2; }
 
+# 0. Chromium (Debian's package), for checking the HTML report headless.
+if ! command -v chromium > /dev/null; then
+  say "installing chromium (Debian) for the HTML report check"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get install -y --no-install-recommends chromium > /dev/null || {
+    say "could not install chromium: run 'apt-get install chromium' as root"; exit 1; }
+fi
+
 # 1. Wheels, hash-checked.
 while read -r file sha; do
   [[ -z "$file" || "$file" == \#* ]] && continue

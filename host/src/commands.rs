@@ -505,6 +505,16 @@ pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<
     Ok(report)
 }
 
+/// `ragar report`: the HTML page over run folders.
+pub fn report(loaded: &Loaded, runs: &[std::path::PathBuf], users: usize, out: &Path) -> Result<usize> {
+    let (data, _cache) = method_inputs(loaded)?;
+    let runs = runs
+        .iter()
+        .map(|r| crate::report::Run::open(r))
+        .collect::<Result<Vec<_>>>()?;
+    crate::report::write(&data, &runs, users, out)
+}
+
 /// Options of `ragar train` and `ragar run`.
 pub struct MethodArgs {
     /// Output folder (default runs/<config>/<time>).

@@ -17,6 +17,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod ranking;
 pub mod registry;
+pub mod report;
 
 // A plugin crate the binary never references is dropped by the linker, and
 // its inventory registrations with it: name each linked plugin once.

@@ -138,6 +138,23 @@ enum Command {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// report.html: for sampled users, the history with the retrieved items
+    /// and weights, keywords, reference and each run's image and metrics.
+    Report {
+        /// Config file (for the dataset).
+        config: PathBuf,
+        /// Run folders to compare (one per method); repeat the flag.
+        #[arg(long = "run", required = true)]
+        runs: Vec<PathBuf>,
+        /// Users shown.
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        /// Output file (default: report.html in the first run folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
     /// Check a config without loading weights.
     Validate {
         /// Config file.
@@ -346,6 +363,19 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 summary.failed,
                 run.join("metrics.json").display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            config,
+            runs,
+            users,
+            out,
+            overrides,
+        } => {
+            let (loaded, _) = commands::open(Some(&config), &overrides)?;
+            let out = out.unwrap_or_else(|| runs[0].join("report.html"));
+            let n = commands::report(&loaded, &runs, users, &out)?;
+            eprintln!("report of {n} users -> {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config, overrides } => {

@@ -154,3 +154,45 @@ pub fn reference() -> Vec<Vec<f64>> {
             .unwrap();
     serde_json::from_value(v["embeddings"].clone()).unwrap()
 }
+
+/// Load `page` in headless Chromium (no sandbox, no background networking)
+/// and return the DOM after the load event; saves a screenshot to `shot`.
+pub fn chromium(page: &Path, shot: &Path) -> String {
+    let url = format!("file://{}", page.canonicalize().unwrap().display());
+    let profile = tempfile::tempdir().unwrap();
+    let base = [
+        "--headless".to_string(),
+        "--no-sandbox".into(),
+        "--disable-gpu".into(),
+        "--no-first-run".into(),
+        "--disable-background-networking".into(),
+        "--disable-component-update".into(),
+        "--disable-sync".into(),
+        format!("--user-data-dir={}", profile.path().display()),
+        "--virtual-time-budget=5000".into(),
+    ];
+    let dom = Command::new("chromium")
+        .args(&base)
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .expect("chromium (installed by scripts/setup.sh)");
+    assert!(
+        dom.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let s = Command::new("chromium")
+        .args(&base)
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg("--window-size=1280,2400")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        s.status.success() && shot.is_file(),
+        "screenshot failed: {}",
+        String::from_utf8_lossy(&s.stderr)
+    );
+    String::from_utf8(dom.stdout).unwrap()
+}

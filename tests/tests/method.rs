@@ -311,6 +311,47 @@ fn train_ranker_train_resume_and_run() {
         assert!((1.0..=7.0).contains(&ro) && (1.0..=7.0).contains(&rg), "{l}");
         assert!((f("rank_change") - (ro - rg) / (1.0 + ro).log2()).abs() < 1e-9, "{l}");
     }
+
+    // The report over both runs, rendered by headless Chromium.
+    let page = tmp.path().join("report.html");
+    ragar_ok(&[
+        "report",
+        cfg,
+        "--run",
+        gen.to_str().unwrap(),
+        "--run",
+        again.to_str().unwrap(),
+        "--out",
+        page.to_str().unwrap(),
+    ]);
+    let shot = tmp.path().join("report.png");
+    let dom = chromium(&page, &shot);
+    for u in ["u0", "u1", "u2"] {
+        assert!(
+            dom.contains(&format!("data-user=\"{u}\"")),
+            "user {u} missing from the rendered page"
+        );
+    }
+    // Every image decoded in the browser: 5 history + reference + 2 runs per user.
+    assert!(
+        dom.contains("data-images=\"24\" data-decoded=\"24\""),
+        "{}",
+        &dom[dom.find("<body").unwrap()..][..200]
+    );
+    assert_eq!(
+        dom.matches("class=\"item retrieved\"").count(),
+        9,
+        "k = 3 outlined per user"
+    );
+    assert!(dom.contains("ΔR↑") && dom.contains("data-run=\"again\""));
+    let png = image::open(&shot).unwrap().to_rgb8();
+    let colours: std::collections::HashSet<[u8; 3]> = png.pixels().map(|p| p.0).collect();
+    assert!(
+        colours.len() > 50,
+        "the screenshot looks blank ({} colours)",
+        colours.len()
+    );
+    std::fs::copy(&shot, root().join("target/report-screenshot.png")).ok();
 }
 
 #[test]
