@@ -280,6 +280,18 @@ pub fn validate(loaded: &Loaded, registry: &Registry) -> Vec<String> {
             Err(e) => problems.push(format!("{key}: {e}")),
         }
     }
+    if let Some(c) = &loaded.config.image_encoder {
+        match registry.find(Stage::Encoder, &c.name, &c.backend).and_then(|entry| {
+            check_device(&entry.component.descriptor, &c.device)?;
+            loaded
+                .block_spec("image_encoder", c)
+                .and_then(|spec| (entry.component.probe)(&spec).into_result())
+        }) {
+            // Image facts (image_dim) come from the image encoder: put it first.
+            Ok(p) => probes.insert(0, (Stage::Encoder, p)),
+            Err(e) => problems.push(format!("image_encoder: {e}")),
+        }
+    }
     if loaded.config.component_count() == 0 {
         problems
             .push("the config configures no stage (captioner, encoder, keyword_llm, mapper, generator, ranker)".into());
@@ -305,7 +317,14 @@ const WIRING: [(Stage, &str, Stage, &str); 6] = [
 
 /// Compare every wired pair of facts that both components report.
 pub fn check_wiring(probes: &[(Stage, ragar_core::component::Probe)]) -> Vec<String> {
-    let fact = |stage: Stage, name: &str| probes.iter().find(|(s, _)| *s == stage).and_then(|(_, p)| p.get(name));
+    // The first probe of a stage that reports the fact (the image encoder's
+    // image_dim before the text encoder's).
+    let fact = |stage: Stage, name: &str| {
+        probes
+            .iter()
+            .filter(|(s, _)| *s == stage)
+            .find_map(|(_, p)| p.get(name))
+    };
     WIRING
         .iter()
         .filter_map(|&(a, fa, b, fb)| match (fact(a, fa), fact(b, fb)) {

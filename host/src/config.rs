@@ -32,6 +32,10 @@ pub struct Config {
     /// Text / image -> vector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<ComponentConfig>,
+    /// Image -> vector, when item images should not go through `encoder`
+    /// (a text-only encoder such as MiniLM beside an image encoder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_encoder: Option<ComponentConfig>,
     /// Keywords and [IMG] hidden states.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyword_llm: Option<ComponentConfig>,
@@ -242,6 +246,11 @@ impl Loaded {
             .config
             .component(stage)
             .ok_or_else(|| Error::config(format!("the config has no `{key}` block")))?;
+        self.block_spec(&key, c)
+    }
+
+    /// The spec of the component block `c` found under `key`.
+    pub fn block_spec(&self, key: &str, c: &ComponentConfig) -> Result<ComponentSpec> {
         let dtype = DType::parse(&c.dtype).map_err(|e| e.context(format!("{key}.dtype")))?;
         ragar_core::Device::parse(&c.device).map_err(|e| e.context(format!("{key}.device")))?;
         Ok(ComponentSpec {
@@ -250,7 +259,7 @@ impl Loaded {
             params_json: serde_json::Value::Object(c.params.clone()).to_string().into(),
             base_dir: self.base_dir().to_string_lossy().as_ref().into(),
             cache_dir: self.cache_dir().to_string_lossy().as_ref().into(),
-            key: key.as_str().into(),
+            key: key.into(),
         })
     }
 

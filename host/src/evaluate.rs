@@ -185,6 +185,11 @@ pub fn evaluate(loaded: &Loaded, registry: &Registry, run_dir: &Path) -> Result<
     if !with_ranker {
         notes.push("ΔR left out: the config has no ranker".into());
     }
+    if loaded.config.image_encoder.is_some() {
+        notes.push(
+            "CS and CPS left out: text and image features come from different encoders (encoder, image_encoder)".into(),
+        );
+    }
     let p = Pipeline {
         timings: Default::default(),
         method,
@@ -289,8 +294,11 @@ fn sample_metrics(
         ragar_core::vision::square(&img, size)
     };
     let mut m = BTreeMap::new();
-    let (enc, _) = &p.stages.encoder;
-    let g = enc.embed_image(std::slice::from_ref(&gen))?.to_rows()?.remove(0);
+    let g = p
+        .image_encoder()
+        .embed_image(std::slice::from_ref(&gen))?
+        .to_rows()?
+        .remove(0);
 
     // Semantic alignment.
     let ref_img = sq(reference)?;
@@ -300,8 +308,10 @@ fn sample_metrics(
     }
     let ref_feat = p.image_features(&[reference])?.remove(0);
     m.insert("cis".into(), scores::clip_score(&g, &ref_feat)?);
+    // CS and CPS compare image and text features: one encoder must give both.
+    let joint = p.stages.image_encoder.is_none();
     let ref_text = &p.data.items[reference].text;
-    if !ref_text.is_empty() {
+    if joint && !ref_text.is_empty() {
         let t = p.text_features(std::slice::from_ref(ref_text))?.remove(0);
         m.insert("cs".into(), scores::clip_score(&g, &t)?);
     }
@@ -316,7 +326,7 @@ fn sample_metrics(
             .filter(|t| !t.is_empty())
             .collect();
     }
-    if !preference.is_empty() {
+    if joint && !preference.is_empty() {
         let t = p.text_features(&[preference.join(", ")])?.remove(0);
         m.insert("cps".into(), scores::clip_score(&g, &t)?);
     }

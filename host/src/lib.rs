@@ -11,6 +11,7 @@ pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod dataset;
+pub mod demo;
 pub mod evaluate;
 pub mod io;
 pub mod paths;

@@ -155,6 +155,24 @@ enum Command {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// The whole method on the embedded sticker set (or CONFIG): ranker,
+    /// reflection training, generation, metrics, report.html.
+    Demo {
+        /// Config file.
+        #[arg(long, default_value = "configs/demo.yaml")]
+        config: PathBuf,
+        /// Output folder (a finished step in it is kept, not redone).
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Training users for the reflection module.
+        #[arg(long, default_value_t = 6)]
+        train_users: usize,
+        /// Test users to generate for.
+        #[arg(long, default_value_t = 6)]
+        test_users: usize,
+        /// key.path=value overrides for every step.
+        overrides: Vec<String>,
+    },
     /// Check a config without loading weights.
     Validate {
         /// Config file.
@@ -376,6 +394,24 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             let out = out.unwrap_or_else(|| runs[0].join("report.html"));
             let n = commands::report(&loaded, &runs, users, &out)?;
             eprintln!("report of {n} users -> {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            config,
+            out,
+            train_users,
+            test_users,
+            overrides,
+        } => {
+            let args = ragar_host::demo::DemoArgs {
+                config: config.clone(),
+                out,
+                train_users,
+                test_users,
+                overrides,
+            };
+            let report = ragar_host::demo::demo(&args)?;
+            eprint!("{}", ragar_host::demo::epilogue(&report, &config));
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config, overrides } => {

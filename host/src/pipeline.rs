@@ -178,6 +178,15 @@ fn identity(loaded: &Loaded, registry: &Registry, stage: Stage) -> Result<String
         .config
         .component(stage)
         .ok_or_else(|| Error::config(format!("the config has no `{}` block", stage_key(stage))))?;
+    stage_identity(registry, stage, c)
+}
+
+/// [`identity`] of the `image_encoder` block.
+fn block_identity(registry: &Registry, c: &crate::config::ComponentConfig) -> Result<String> {
+    stage_identity(registry, Stage::Encoder, c)
+}
+
+fn stage_identity(registry: &Registry, stage: Stage, c: &crate::config::ComponentConfig) -> Result<String> {
     let version = registry
         .find(stage, &c.name, &c.backend)?
         .component
@@ -204,8 +213,10 @@ fn fill(template: &str, pairs: &[(&str, &str)]) -> String {
 pub struct Stages {
     /// Captioner (when captions come from images).
     pub captioner: Option<(DynCaptioner, String)>,
-    /// Encoder (text and image).
+    /// Encoder (text, and images unless `image_encoder` is set).
     pub encoder: (DynEncoder, String),
+    /// Encoder of item images, when separate.
+    pub image_encoder: Option<(DynEncoder, String)>,
     /// KeywordLLM.
     pub llm: Option<(DynKeywordLlm, String)>,
     /// Mapper.
@@ -343,6 +354,11 @@ impl<'a> Pipeline<'a> {
         Ok(Cache::key("file", "", &bytes).into_bytes())
     }
 
+    /// The encoder of images: `image_encoder` when configured, else `encoder`.
+    pub fn image_encoder(&self) -> &DynEncoder {
+        &self.stages.image_encoder.as_ref().unwrap_or(&self.stages.encoder).0
+    }
+
     /// Text embeddings through the cache.
     pub fn text_features(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let (enc, ident) = &self.stages.encoder;
@@ -358,7 +374,7 @@ impl<'a> Pipeline<'a> {
 
     /// Eq. 4: image features of items through the cache.
     pub fn image_features(&self, ids: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let (enc, ident) = &self.stages.encoder;
+        let (enc, ident) = self.stages.image_encoder.as_ref().unwrap_or(&self.stages.encoder);
         let inputs: Vec<Vec<u8>> = ids.iter().map(|id| self.image_key(id)).collect::<Result<_>>()?;
         self.cache.memo("image-embedding", ident, &inputs, |missing| {
             let which: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
@@ -552,7 +568,7 @@ impl<'a> Pipeline<'a> {
         let images = self.generate(&prefs, &seeds)?;
         let feats = self
             .timings
-            .time("encoder (image)", || self.stages.encoder.0.embed_image(&images))?
+            .time("encoder (image)", || self.image_encoder().embed_image(&images))?
             .to_rows()?;
         let ranker = self
             .stages
@@ -661,6 +677,10 @@ pub fn build_stages(loaded: &Loaded, registry: &Registry, need: &[Stage], method
             None
         },
         encoder: (registry.encoder(loaded)?, ident(Stage::Encoder)?),
+        image_encoder: match (registry.image_encoder(loaded)?, &loaded.config.image_encoder) {
+            (Some(e), Some(c)) => Some((e, block_identity(registry, c)?)),
+            _ => None,
+        },
         llm: if has(Stage::KeywordLlm) {
             Some((registry.keyword_llm(loaded)?, ident(Stage::KeywordLlm)?))
         } else {

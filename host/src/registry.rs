@@ -196,6 +196,31 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The `image_encoder` block's encoder, when the config has one.
+    pub fn image_encoder(&self, loaded: &Loaded) -> Result<Option<DynEncoder>> {
+        let Some(c) = &loaded.config.image_encoder else {
+            return Ok(None);
+        };
+        let spec = loaded.block_spec("image_encoder", c)?;
+        let entry = self
+            .find(Stage::Encoder, &c.name, &c.backend)
+            .map_err(|e| e.context("image_encoder"))?;
+        check_device(&entry.component.descriptor, &c.device).map_err(|e| e.context("image_encoder"))?;
+        match entry.component.factory {
+            Factory::Encoder(make) => make(&spec)
+                .into_result()
+                .and_then(DynEncoder::new)
+                .map(Some)
+                .map_err(|e| e.context("image_encoder")),
+            other => Err(Error::model(format!(
+                "plugin bug: component registered as encoder has a {} factory",
+                other.stage()
+            ))),
+        }
+    }
+}
+
 /// Refuse a device the component does not declare (`auto` always passes).
 pub fn check_device(d: &ComponentDescriptor, device: &str) -> Result<()> {
     let kind = device.split(':').next().unwrap_or(device);

@@ -214,6 +214,43 @@ pub(crate) struct Raw {
     notes: Vec<String>,
 }
 
+/// A user whose whole sequence is `seq`: the last item the reference, the
+/// ones before it the history; `None` with fewer than two items.
+pub(crate) fn from_sequence(user: String, seq: Vec<String>) -> Option<(User, Vec<String>)> {
+    if seq.len() < 2 {
+        return None;
+    }
+    let mut history = seq.clone();
+    let reference = history.pop();
+    Some((
+        User {
+            user,
+            history,
+            reference,
+        },
+        seq,
+    ))
+}
+
+/// Image files of `dir` by file stem (jpg, jpeg, png, webp; any case);
+/// `None` when `dir` does not exist.
+pub(crate) fn image_files(dir: &Path) -> Result<Option<HashMap<String, PathBuf>>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        if matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                out.insert(stem.to_string(), path.clone());
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
 impl Dataset {
     /// Load and check a dataset; relative paths resolve against `base`,
     /// `${RAGAR_CACHE}` to `cache`.

@@ -15,7 +15,7 @@
 //! such ratings cannot give a history and a reference and are skipped (the
 //! count is a note). An item's text is its title and genres.
 
-use super::{DatasetConfig, Item, Raw, User};
+use super::{DatasetConfig, Item, Raw};
 use ragar_core::{Error, Result};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -96,24 +96,6 @@ fn parse<T: FromStr>(path: &Path, line: usize, column: &str, v: &str) -> Result<
     })
 }
 
-/// The poster files of a folder by movieId.
-fn posters(dir: &Path) -> Result<Option<HashMap<String, PathBuf>>> {
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    let mut out = HashMap::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-        if matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
-            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                out.insert(stem.to_string(), path.clone());
-            }
-        }
-    }
-    Ok(Some(out))
-}
-
 /// Load `root`.
 pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
     let mut notes = Vec::new();
@@ -121,7 +103,7 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
     let movies_path = root.join("movies.csv");
     let mut movies = Csv::open(&movies_path, &["movieId", "title", "genres"])?;
     let poster_dir = root.join(&cfg.posters);
-    let poster_files = posters(&poster_dir)?;
+    let poster_files = super::image_files(&poster_dir)?;
     let mut items = Vec::new();
     let mut known: HashMap<String, usize> = HashMap::new();
     movies.rows(|line, f| {
@@ -166,7 +148,9 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
     // Ratings.
     let ratings_path = root.join("ratings.csv");
     let mut ratings = Csv::open(&ratings_path, &["userId", "movieId", "rating", "timestamp"])?;
-    let mut per_user: Vec<(String, Vec<(i64, usize, String)>)> = Vec::new();
+    // Per user, in order of first appearance: (timestamp, line, movieId) of each liked movie.
+    type Events = Vec<(i64, usize, String)>;
+    let mut per_user: Vec<(String, Events)> = Vec::new();
     let mut user_row: HashMap<String, usize> = HashMap::new();
     ratings.rows(|line, f| {
         let user: u64 = parse(&ratings_path, line, "userId", f[0])?;
@@ -207,20 +191,10 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
             .filter(|(_, _, m)| seen.insert(m.clone()))
             .map(|(_, _, m)| m)
             .collect();
-        if seq.len() < 2 {
-            skipped += 1;
-            continue;
+        match super::from_sequence(user, seq) {
+            Some(u) => users.push(u),
+            None => skipped += 1,
         }
-        let mut history = seq.clone();
-        let reference = history.pop();
-        users.push((
-            User {
-                user,
-                history,
-                reference,
-            },
-            seq,
-        ));
     }
     if skipped > 0 {
         notes.push(format!(

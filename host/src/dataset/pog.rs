@@ -16,7 +16,7 @@
 //! kept). A user id may appear on several lines (one per outfit); their
 //! clicks are joined in file order.
 
-use super::{DatasetConfig, Item, Raw, User};
+use super::{DatasetConfig, Item, Raw};
 use ragar_core::{Error, Result};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -33,28 +33,11 @@ fn lines(path: &Path) -> Result<Vec<(usize, String)>> {
         .collect())
 }
 
-fn image_files(dir: &Path) -> Result<HashMap<String, std::path::PathBuf>> {
-    let mut out = HashMap::new();
-    if !dir.is_dir() {
-        return Ok(out);
-    }
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-        if matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
-            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                out.insert(stem.to_string(), path.clone());
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Load `root`.
 pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
     let mut notes = Vec::new();
     let items_path = root.join("item_data.txt");
-    let pictures = image_files(&root.join("images"))?;
+    let pictures = super::image_files(&root.join("images"))?.unwrap_or_default();
     let mut items = Vec::new();
     let mut known: HashMap<String, usize> = HashMap::new();
     for (line, l) in lines(&items_path)? {
@@ -161,20 +144,10 @@ pub(crate) fn load(cfg: &DatasetConfig, root: &Path) -> Result<Raw> {
     let mut short = 0;
     for user in order {
         let seq = clicks.remove(&user).unwrap_or_default();
-        if seq.len() < 2 {
-            short += 1;
-            continue;
+        match super::from_sequence(user, seq) {
+            Some(u) => users.push(u),
+            None => short += 1,
         }
-        let mut history = seq.clone();
-        let reference = history.pop();
-        users.push((
-            User {
-                user,
-                history,
-                reference,
-            },
-            seq,
-        ));
     }
     if short > 0 {
         notes.push(format!("{short} users with a single item were skipped"));

@@ -41,7 +41,7 @@ struct Annotation {
 
 /// A uniform index below `n` from the generator's 32-bit stream.
 fn below(g: &mut TorchGenerator, n: usize) -> usize {
-    (g.next_u32() as u64 * n as u64 >> 32) as usize
+    ((g.next_u32() as u64 * n as u64) >> 32) as usize
 }
 
 /// Load `root`.

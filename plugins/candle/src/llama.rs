@@ -248,7 +248,14 @@ impl Llama {
     }
 
     /// Load a GGUF file (llama.cpp layout; quantized weights stay quantized).
-    pub fn from_gguf<R: Read + Seek>(content: &gguf_file::Content, r: &mut R, dev: &Device) -> Result<Self> {
+    /// `dequantize` turns every quantized matrix into f32 (see the
+    /// keyword LLM's `dequantize` param).
+    pub fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        r: &mut R,
+        dev: &Device,
+        dequantize: bool,
+    ) -> Result<Self> {
         let md = |k: &str| {
             content
                 .metadata
@@ -277,7 +284,14 @@ impl Llama {
             rope_parameters: None,
         };
         cfg.check()?;
-        let q = |r: &mut R, name: &str| -> Result<QMatMul> { QMatMul::from_qtensor(content.tensor(r, name, dev)?) };
+        let q = |r: &mut R, name: &str| -> Result<QMatMul> {
+            let t = content.tensor(r, name, dev)?;
+            if dequantize {
+                Ok(QMatMul::Tensor(t.dequantize(dev)?))
+            } else {
+                QMatMul::from_qtensor(t)
+            }
+        };
         let f = |r: &mut R, name: &str| -> Result<Tensor> { content.tensor(r, name, dev)?.dequantize(dev) };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
