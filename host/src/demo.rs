@@ -29,6 +29,8 @@ pub struct DemoArgs {
     pub train_users: usize,
     /// Test users generated for.
     pub test_users: usize,
+    /// A trained ranker state to use instead of training one.
+    pub ranker: Option<PathBuf>,
     /// Extra `key=value` overrides for every step.
     pub overrides: Vec<String>,
 }
@@ -54,10 +56,15 @@ pub fn demo(args: &DemoArgs) -> Result<PathBuf> {
         .canonicalize()
         .map_err(|e| ragar_core::Error::io(&args.out, e))?;
     let out = |p: &str| root.join(p);
-    let ranker = out("ranker/micro.safetensors");
+    let ranker = match &args.ranker {
+        Some(r) => r.canonicalize().map_err(|e| ragar_core::Error::io(r, e))?,
+        None => out("ranker/micro.safetensors"),
+    };
 
     step(1, "training the ranker (MICRO) on the interactions");
-    if ranker.is_file() {
+    if args.ranker.is_some() {
+        eprintln!("using the trained ranker {}", ranker.display());
+    } else if ranker.is_file() {
         eprintln!("{} exists: kept", ranker.display());
     } else {
         std::fs::create_dir_all(out("ranker")).map_err(|e| ragar_core::Error::io(&out("ranker"), e))?;

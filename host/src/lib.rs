@@ -7,6 +7,7 @@
 //! from a shared library at run time.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod cache;
 pub mod commands;
 pub mod config;

@@ -170,8 +170,36 @@ enum Command {
         /// Test users to generate for.
         #[arg(long, default_value_t = 6)]
         test_users: usize,
+        /// Use this trained ranker state instead of training one.
+        #[arg(long)]
+        ranker: Option<PathBuf>,
         /// key.path=value overrides for every step.
         overrides: Vec<String>,
+    },
+    /// A benchmark matrix: every variant x sweep combination as a job
+    /// (`ragar demo` + overrides), results tables over all jobs.
+    /// `ragar bench merge OUT SHARD...` joins shard folders.
+    #[command(args_conflicts_with_subcommands = true)]
+    Bench {
+        /// `merge`.
+        #[command(subcommand)]
+        action: Option<BenchAction>,
+        /// The matrix file.
+        matrix: Option<PathBuf>,
+        /// Output folder.
+        #[arg(long, default_value = "runs/bench")]
+        out: PathBuf,
+        /// Skip jobs that finished.
+        #[arg(long)]
+        resume: bool,
+        /// Stop at the first failed job.
+        #[arg(long)]
+        fail_fast: bool,
+        /// Run the jobs i, i+N, ... of the matrix (0-based).
+        #[arg(long, default_value = "0/1")]
+        shard: String,
+        /// Extra sweeps: key.path=a,b,c.
+        sweeps: Vec<String>,
     },
     /// Check a config without loading weights.
     Validate {
@@ -200,6 +228,18 @@ enum Command {
         /// Also load the plugins this config lists.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchAction {
+    /// Join shard folders of one matrix into OUT.
+    Merge {
+        /// Output folder.
+        out: PathBuf,
+        /// Shard folders.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
     },
 }
 
@@ -401,6 +441,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             out,
             train_users,
             test_users,
+            ranker,
             overrides,
         } => {
             let args = ragar_host::demo::DemoArgs {
@@ -408,11 +449,51 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 out,
                 train_users,
                 test_users,
+                ranker,
                 overrides,
             };
             let report = ragar_host::demo::demo(&args)?;
             eprint!("{}", ragar_host::demo::epilogue(&report, &config));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            action: Some(BenchAction::Merge { out, shards }),
+            ..
+        } => {
+            let n = ragar_host::bench::merge(&out, &shards)?;
+            eprintln!("{n} jobs -> {}", out.join("results.md").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            action: None,
+            matrix,
+            out,
+            resume,
+            fail_fast,
+            shard,
+            sweeps,
+        } => {
+            let matrix = matrix.ok_or_else(|| {
+                ragar_core::Error::config("ragar bench: give a MATRIX.yaml (or `merge OUT SHARD...`)")
+            })?;
+            let m = ragar_host::bench::Matrix::load(&matrix)?.with_sweeps(&sweeps)?;
+            let args = ragar_host::bench::BenchArgs {
+                out: out.clone(),
+                resume,
+                fail_fast,
+                shard: ragar_host::bench::parse_shard(&shard)?,
+            };
+            let (ok, failed) = ragar_host::bench::run(&m, &args)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(out.join("results.md")).unwrap_or_default()
+            );
+            eprintln!("{ok} jobs ok, {failed} failed -> {}", out.display());
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Validate { config, overrides } => {
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;

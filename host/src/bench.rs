@@ -1,0 +1,457 @@
+//! `ragar bench MATRIX.yaml`: config-driven benchmark matrices.
+//!
+//! A matrix names a base config, method variants (named override sets: the
+//! paper's baselines and ablations are one line each) and parameter sweeps;
+//! its jobs are the cartesian product `variants x sweep values`, in a fixed
+//! order, each with a stable id. A job is `ragar demo` on the base config
+//! plus the job's overrides (ranker, reflection training, generation for
+//! the test users, Table 1 metrics), run as a child process so that a
+//! crash stays in its job and its peak memory is its own. Each job folder
+//! holds `job.json` (overrides, resolved config, versions), `log.txt`, the
+//! run folders and `results.json` (status, metrics, per-stage seconds, peak
+//! memory); the bench folder gets `results.{csv,json,md}` over every job.
+//!
+//! `--resume` skips jobs whose `results.json` says ok; a failed job is
+//! recorded and the bench goes on (`--fail-fast` stops); `--shard i/N` runs
+//! the jobs whose index is i mod N, so array jobs of a cluster scheduler
+//! (Slurm `--array`, Kubernetes indexed Jobs) can split a matrix; `ragar
+//! bench merge OUT SHARD...` joins shard folders into one, refusing two
+//! different results for one job.
+
+use crate::evaluate::COLUMNS;
+use ragar_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The matrix file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Matrix {
+    /// The base config, relative to the matrix file.
+    pub config: PathBuf,
+    /// Training users of the reflection module per job.
+    #[serde(default = "six")]
+    pub train_users: usize,
+    /// Test users per job.
+    #[serde(default = "six")]
+    pub test_users: usize,
+    /// A trained ranker state every job reuses (else each job trains one).
+    #[serde(default)]
+    pub ranker: Option<PathBuf>,
+    /// Variant name -> overrides (`key.path=value`).
+    #[serde(default = "ragar_only")]
+    pub methods: BTreeMap<String, Vec<String>>,
+    /// Override key -> values; jobs take every combination.
+    #[serde(default)]
+    pub sweep: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+fn six() -> usize {
+    6
+}
+fn ragar_only() -> BTreeMap<String, Vec<String>> {
+    BTreeMap::from([("ragar".to_string(), Vec::new())])
+}
+
+/// One job of a matrix.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    /// Stable id (folder name).
+    pub id: String,
+    /// Variant name.
+    pub method: String,
+    /// Sweep key -> value of this job.
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Every override the job passes.
+    pub overrides: Vec<String>,
+}
+
+fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Matrix {
+    /// Read a matrix file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut m: Matrix =
+            serde_norway::from_str(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        m.config = dir.join(&m.config);
+        m.ranker = m.ranker.map(|r| dir.join(r));
+        Ok(m)
+    }
+
+    /// Apply command-line sweeps `key=a,b,c` (replacing the file's values
+    /// for that key).
+    pub fn with_sweeps(mut self, args: &[String]) -> Result<Self> {
+        for a in args {
+            let (k, v) = a
+                .split_once('=')
+                .ok_or_else(|| Error::config(format!("sweep '{a}': expected key.path=a,b,...")))?;
+            let values = v
+                .split(',')
+                .map(|x| serde_norway::from_str::<serde_json::Value>(x).unwrap_or(serde_json::Value::String(x.into())))
+                .collect();
+            self.sweep.insert(k.to_string(), values);
+        }
+        Ok(self)
+    }
+
+    /// The jobs, in their fixed order.
+    pub fn jobs(&self) -> Vec<Job> {
+        let mut combos: Vec<BTreeMap<String, serde_json::Value>> = vec![BTreeMap::new()];
+        for (k, values) in &self.sweep {
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.insert(k.clone(), v.clone());
+                        c
+                    })
+                })
+                .collect();
+        }
+        let mut jobs = Vec::new();
+        for (method, base) in &self.methods {
+            for params in &combos {
+                let mut id = method.clone();
+                let mut overrides = base.clone();
+                for (k, v) in params {
+                    let short = k.rsplit('.').next().unwrap_or(k);
+                    id += &format!("__{short}={}", value_text(v));
+                    overrides.push(format!("{k}={}", value_text(v)));
+                }
+                jobs.push(Job {
+                    id: crate::pipeline::file_safe(&id),
+                    method: method.clone(),
+                    params: params.clone(),
+                    overrides,
+                });
+            }
+        }
+        jobs
+    }
+
+    /// Check every variant and sweep key against the base config: an
+    /// unknown key is an error that lists the valid ones.
+    pub fn check(&self) -> Result<()> {
+        for job in self.jobs() {
+            crate::commands::open(Some(&self.config), &job.overrides)
+                .map_err(|e| e.context(format!("job {} (overrides {})", job.id, job.overrides.join(" "))))?;
+        }
+        Ok(())
+    }
+}
+
+/// `i/N`.
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || Error::config(format!("--shard '{s}': expected i/N with 0 <= i < N"));
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// What a job's `results.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobResult {
+    /// The job.
+    pub job: Job,
+    /// `ok` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Wall seconds of the whole job.
+    pub seconds: f64,
+    /// Peak resident memory of the job's process, MiB.
+    pub peak_rss_mib: f64,
+    /// Run name (`ragar`, `untrained`) -> metric means.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Seconds per stage of the `ragar` run.
+    #[serde(default)]
+    pub timing: serde_json::Value,
+}
+
+/// Options of `ragar bench`.
+pub struct BenchArgs {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Skip jobs already ok.
+    pub resume: bool,
+    /// Stop at the first failure.
+    pub fail_fast: bool,
+    /// `(i, N)`.
+    pub shard: (usize, usize),
+}
+
+/// Run the shard's jobs; returns (ok, failed) counts.
+pub fn run(matrix: &Matrix, args: &BenchArgs) -> Result<(usize, usize)> {
+    matrix.check()?;
+    let jobs_dir = args.out.join("jobs");
+    std::fs::create_dir_all(&jobs_dir).map_err(|e| Error::io(&jobs_dir, e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io(Path::new("ragar"), e))?;
+    let (mut ok, mut failed) = (0, 0);
+    let jobs = matrix.jobs();
+    let mine: Vec<&Job> = jobs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % args.shard.1 == args.shard.0)
+        .map(|(_, j)| j)
+        .collect();
+    for (n, job) in mine.iter().enumerate() {
+        let dir = jobs_dir.join(&job.id);
+        let results = dir.join("results.json");
+        if let Ok(prev) = read_result(&results) {
+            if prev.status == "ok" && args.resume {
+                eprintln!("[{}/{}] {}: done earlier, kept", n + 1, mine.len(), job.id);
+                ok += 1;
+                continue;
+            }
+            if !args.resume {
+                return Err(Error::config(format!(
+                    "{} exists: pass --resume to continue this bench, or another --out",
+                    results.display()
+                )));
+            }
+        }
+        eprintln!("[{}/{}] {} ...", n + 1, mine.len(), job.id);
+        let r = run_job(&exe, matrix, job, &dir)?;
+        crate::io::write_json(&results, &r)?;
+        eprintln!(
+            "[{}/{}] {}: {} in {:.1} s, peak {:.0} MiB{}",
+            n + 1,
+            mine.len(),
+            job.id,
+            r.status,
+            r.seconds,
+            r.peak_rss_mib,
+            r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+        );
+        if r.status == "ok" {
+            ok += 1;
+        } else {
+            failed += 1;
+            if args.fail_fast {
+                break;
+            }
+        }
+    }
+    aggregate(&args.out)?;
+    Ok((ok, failed))
+}
+
+fn read_result(path: &Path) -> Result<JobResult> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid_input(format!("{}: {e}", path.display())))
+}
+
+/// Run one job in a child process.
+fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResult> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let (loaded, registry) = crate::commands::open(Some(&matrix.config), &job.overrides)?;
+    let versions: BTreeMap<String, String> = registry
+        .entries()
+        .iter()
+        .map(|e| {
+            let d = &e.component.descriptor;
+            (format!("{}/{}/{}", d.stage, d.name, d.backend), d.version.to_string())
+        })
+        .collect();
+    let job_info = serde_json::json!({
+        "job": job,
+        "ragar": env!("CARGO_PKG_VERSION"),
+        "components": versions,
+        "config": serde_json::to_value(&loaded.config).unwrap_or_default(),
+    });
+    crate::io::write_json(&dir.join("job.json"), &job_info)?;
+    let log = std::fs::File::create(dir.join("log.txt")).map_err(|e| Error::io(&dir.join("log.txt"), e))?;
+    let run_dir = dir.join("run");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("demo")
+        .arg("--config")
+        .arg(&matrix.config)
+        .arg("--out")
+        .arg(&run_dir)
+        .arg("--train-users")
+        .arg(matrix.train_users.to_string())
+        .arg("--test-users")
+        .arg(matrix.test_users.to_string());
+    if let Some(r) = &matrix.ranker {
+        cmd.arg("--ranker").arg(r);
+    }
+    cmd.args(&job.overrides)
+        .stdout(log.try_clone().map_err(|e| Error::io(dir, e))?)
+        .stderr(log);
+    let start = std::time::Instant::now();
+    let child = cmd.spawn().map_err(|e| Error::io(exe, e))?;
+    let (success, peak_kib) = wait_with_peak(child)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut r = JobResult {
+        job: job.clone(),
+        status: "ok".into(),
+        error: None,
+        seconds,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+        metrics: BTreeMap::new(),
+        timing: serde_json::Value::Null,
+    };
+    if !success {
+        let text = std::fs::read_to_string(dir.join("log.txt")).unwrap_or_default();
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("the job's process failed");
+        r.status = "failed".into();
+        r.error = Some(format!("{last} (see {})", dir.join("log.txt").display()));
+        return Ok(r);
+    }
+    for name in ["ragar", "untrained"] {
+        let p = run_dir.join(name).join("metrics.json");
+        let s: crate::evaluate::Summary =
+            serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?)
+                .map_err(|e| Error::invalid_input(format!("{}: {e}", p.display())))?;
+        r.metrics.insert(name.into(), s.means);
+    }
+    r.timing = std::fs::read_to_string(run_dir.join("ragar/timing.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    Ok(r)
+}
+
+/// Wait for `child`; its exit success and peak resident set (KiB).
+fn wait_with_peak(child: std::process::Child) -> Result<(bool, i64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled by the kernel; pid is our child,
+    // reaped here exactly once (the Child handle is not waited on after).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r < 0 {
+        return Err(Error::io(Path::new("wait4"), std::io::Error::last_os_error()));
+    }
+    std::mem::forget(child);
+    Ok((
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        usage.ru_maxrss,
+    ))
+}
+
+/// Every job's results in a bench folder, by id.
+pub fn collect(out: &Path) -> Result<BTreeMap<String, JobResult>> {
+    let dir = out.join("jobs");
+    let mut all = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(all);
+    };
+    for e in entries {
+        let p = e.map_err(|e| Error::io(&dir, e))?.path().join("results.json");
+        if p.is_file() {
+            let r = read_result(&p)?;
+            all.insert(r.job.id.clone(), r);
+        }
+    }
+    Ok(all)
+}
+
+/// Write `results.json`, `results.csv` and `results.md` (Table 1 layout,
+/// with seconds and peak memory) over every job in `out`.
+pub fn aggregate(out: &Path) -> Result<usize> {
+    let all = collect(out)?;
+    let list: Vec<&JobResult> = all.values().collect();
+    crate::io::write_json(&out.join("results.json"), &list)?;
+    let mut csv = String::from("job,method,run,status,seconds,peak_rss_mib");
+    for (_, k, _) in COLUMNS {
+        csv += &format!(",{k}");
+    }
+    csv += "\n";
+    let mut md = String::from("| job | run | status |");
+    for (_, _, h) in COLUMNS {
+        md += &format!(" {h} |");
+    }
+    md += " seconds | peak MiB |\n|---|---|---|";
+    md += &"---:|".repeat(COLUMNS.len() + 2);
+    md += "\n";
+    for r in &list {
+        let runs: Vec<&str> = if r.metrics.is_empty() {
+            vec!["-"]
+        } else {
+            r.metrics.keys().map(String::as_str).collect()
+        };
+        for run in runs {
+            let m = r.metrics.get(run);
+            csv += &format!(
+                "{},{},{run},{},{:.3},{:.1}",
+                r.job.id, r.job.method, r.status, r.seconds, r.peak_rss_mib
+            );
+            md += &format!("| {} | {run} | {} |", r.job.id, r.status);
+            for (_, k, _) in COLUMNS {
+                match m.and_then(|m| m.get(k)) {
+                    Some(v) => {
+                        csv += &format!(",{v}");
+                        md += &format!(" {v:.4} |");
+                    }
+                    None => {
+                        csv += ",";
+                        md += " n/a |";
+                    }
+                }
+            }
+            csv += "\n";
+            md += &format!(" {:.1} | {:.0} |\n", r.seconds, r.peak_rss_mib);
+        }
+    }
+    crate::io::write_atomic(&out.join("results.csv"), csv.as_bytes())?;
+    crate::io::write_atomic(&out.join("results.md"), md.as_bytes())?;
+    Ok(list.len())
+}
+
+/// Join shard folders into `out`: every job's folder is copied in; one job
+/// found in two shards must have the same result (timings aside).
+pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<usize> {
+    let mut seen: BTreeMap<String, (JobResult, PathBuf)> = BTreeMap::new();
+    for s in shards {
+        for (id, r) in collect(s)? {
+            if let Some((prev, from)) = seen.get(&id) {
+                if prev.metrics != r.metrics || prev.status != r.status {
+                    return Err(Error::invalid_input(format!(
+                        "job {id} has different results in {} and {}",
+                        from.display(),
+                        s.display()
+                    )));
+                }
+                continue;
+            }
+            seen.insert(id, (r, s.clone()));
+        }
+    }
+    for (id, (_, from)) in &seen {
+        copy_dir(&from.join("jobs").join(id), &out.join("jobs").join(id))?;
+    }
+    aggregate(out)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let e = e.map_err(|e| Error::io(from, e))?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}

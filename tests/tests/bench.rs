@@ -1,0 +1,111 @@
+//! `ragar bench` on a two-job matrix over the demo setup (shrunk): the jobs
+//! run and are tabled; two shards merged equal the unsharded bench; a bench
+//! killed mid-job and resumed equals an uninterrupted one; unknown sweep
+//! keys and an existing bench without --resume are refused.
+
+use ragar_tests::*;
+use std::path::Path;
+use std::process::Command;
+
+fn matrix(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("matrix.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "config: {}\ntrain_users: 1\ntest_users: 1\nmethods:\n  ragar: [dataset.merged_users=30, \"stage_cache={}\"]\n  no-rank-reward: [dataset.merged_users=30, \"stage_cache={}\", method.reflection.rank_weight=0]\n",
+            root().join("configs/demo.yaml").display(),
+            dir.join("stage.redb").display(),
+            dir.join("stage.redb").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn bench(args: &[&str]) -> (bool, String) {
+    let o = run(Command::new(ragar()).current_dir(root()).arg("bench").args(args));
+    (o.status.success(), text(&o))
+}
+
+fn metrics(out: &Path) -> serde_json::Value {
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let by_id: serde_json::Map<String, serde_json::Value> = all
+        .iter()
+        .map(|r| (r["job"]["id"].as_str().unwrap().to_string(), r["metrics"].clone()))
+        .collect();
+    serde_json::Value::Object(by_id)
+}
+
+#[test]
+fn bench_shards_merge_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = matrix(tmp.path());
+    let m = m.to_str().unwrap();
+    let full = tmp.path().join("full");
+    let (ok, t) = bench(&[m, "--out", full.to_str().unwrap()]);
+    assert!(ok, "{t}");
+    assert!(t.contains("2 jobs ok, 0 failed"), "{t}");
+    let whole = metrics(&full);
+    assert_eq!(whole.as_object().unwrap().len(), 2);
+    for (id, runs) in whole.as_object().unwrap() {
+        assert!(runs["ragar"]["ssim_reference"].is_number(), "{id}: {runs}");
+    }
+    let csv = std::fs::read_to_string(full.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4, "2 jobs x 2 runs: {csv}");
+
+    // Again without --resume: refused.
+    let (ok, t) = bench(&[m, "--out", full.to_str().unwrap()]);
+    assert!(!ok && t.contains("--resume"), "{t}");
+
+    // Two shards, merged, equal the whole.
+    let (s0, s1) = (tmp.path().join("s0"), tmp.path().join("s1"));
+    assert!(bench(&[m, "--out", s0.to_str().unwrap(), "--shard", "0/2"]).0);
+    assert!(bench(&[m, "--out", s1.to_str().unwrap(), "--shard", "1/2"]).0);
+    assert_eq!(metrics(&s0).as_object().unwrap().len(), 1);
+    let merged = tmp.path().join("merged");
+    let (ok, t) = bench(&[
+        "merge",
+        merged.to_str().unwrap(),
+        s0.to_str().unwrap(),
+        s1.to_str().unwrap(),
+    ]);
+    assert!(ok, "{t}");
+    assert_eq!(metrics(&merged), whole);
+
+    // Killed in the middle of the second job (its results missing, its
+    // generation run begun but no sample logged, the next run not started),
+    // then resumed: the same results.
+    let killed = tmp.path().join("killed");
+    copy(&full, &killed);
+    let second = whole.as_object().unwrap().keys().nth(1).unwrap().clone();
+    let job = killed.join("jobs").join(&second);
+    std::fs::remove_file(job.join("results.json")).unwrap();
+    std::fs::remove_dir_all(job.join("run/untrained")).unwrap();
+    std::fs::write(job.join("run/ragar/samples.jsonl"), "").unwrap();
+    std::fs::remove_file(job.join("run/ragar/metrics.json")).unwrap();
+    let (ok, t) = bench(&[m, "--out", killed.to_str().unwrap(), "--resume"]);
+    assert!(ok && t.contains("done earlier, kept"), "{t}");
+    assert_eq!(metrics(&killed), whole);
+
+    // An unknown sweep key names the valid ones.
+    let (ok, t) = bench(&[
+        m,
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+        "method.retrival.k=1,2",
+    ]);
+    assert!(!ok && t.contains("retrival") && t.contains("retrieval"), "{t}");
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
