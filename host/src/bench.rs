@@ -9,7 +9,8 @@
 //! crash stays in its job and its peak memory is its own. Each job folder
 //! holds `job.json` (overrides, resolved config, versions), `log.txt`, the
 //! run folders and `results.json` (status, metrics, per-stage seconds, peak
-//! memory); the bench folder gets `results.{csv,json,md}` over every job.
+//! memory); the bench folder gets `results.{csv,json,md}` over every job
+//! and, for numeric sweeps, `plots/<key>__<metric>.{svg,png}` (Fig. 4).
 //!
 //! `--resume` skips jobs whose `results.json` says ok; a failed job is
 //! recorded and the bench goes on (`--fail-fast` stops); `--shard i/N` runs
@@ -414,6 +415,8 @@ pub fn aggregate(out: &Path) -> Result<usize> {
     }
     crate::io::write_atomic(&out.join("results.csv"), csv.as_bytes())?;
     crate::io::write_atomic(&out.join("results.md"), md.as_bytes())?;
+    let ok: Vec<&JobResult> = list.iter().copied().filter(|r| r.status == "ok").collect();
+    crate::plots::sweep_plots(&ok, &out.join("plots"))?;
     Ok(list.len())
 }
 

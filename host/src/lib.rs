@@ -17,6 +17,7 @@ pub mod evaluate;
 pub mod io;
 pub mod paths;
 pub mod pipeline;
+pub mod plots;
 pub mod ranking;
 pub mod registry;
 pub mod report;
