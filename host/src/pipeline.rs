@@ -32,10 +32,24 @@ pub enum CaptionSource {
     Text,
 }
 
+/// What conditions the generator when `ragar run` generates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Condition {
+    /// RAGAR: the Mapper's general preference (Eq. 8-9).
+    #[default]
+    Preference,
+    /// The SD baseline of Table 1: the reference item's text (its caption
+    /// when it has no text) as the prompt; no Mapper.
+    ReferenceText,
+}
+
 /// The `method:` block: every choice of the paper, with its value as default.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MethodConfig {
+    /// What conditions the generator in `ragar run`.
+    pub condition: Condition,
     /// Retrieval module (k = 5).
     pub retrieval: RetrievalConfig,
     /// Caption source for retrieval.
@@ -63,6 +77,7 @@ pub struct MethodConfig {
 impl Default for MethodConfig {
     fn default() -> Self {
         MethodConfig {
+            condition: Condition::Preference,
             retrieval: RetrievalConfig::default(),
             captions: CaptionSource::Captioner,
             caption_max_tokens: 30,
@@ -515,6 +530,11 @@ impl<'a> Pipeline<'a> {
     }
 
     fn generate(&self, prefs: &[Tensor], seeds: &[u64]) -> Result<Vec<Image>> {
+        let conds = prefs.iter().map(|p| Conditioning::Embeddings(p.clone())).collect();
+        self.generate_from(conds, seeds)
+    }
+
+    fn generate_from(&self, conds: Vec<Conditioning>, seeds: &[u64]) -> Result<Vec<Image>> {
         let g = self
             .stages
             .generator
@@ -526,11 +546,11 @@ impl<'a> Pipeline<'a> {
         } else {
             ROption::RSome(Conditioning::Text(gc.negative.as_str().into()))
         };
-        let reqs: Vec<GenerationRequest> = prefs
-            .iter()
+        let reqs: Vec<GenerationRequest> = conds
+            .into_iter()
             .zip(seeds)
-            .map(|(p, &seed)| GenerationRequest {
-                cond: Conditioning::Embeddings(p.clone()),
+            .map(|(cond, &seed)| GenerationRequest {
+                cond,
                 negative: negative.clone(),
                 seed,
                 steps: gc.steps,
@@ -652,6 +672,17 @@ impl<'a> Pipeline<'a> {
     /// The personalised image of one user (`ragar run`).
     pub fn personalise(&self, user: &User, seed: u64) -> Result<(Image, Prepared)> {
         let prepared = self.prepare(user)?;
+        if self.method.condition == Condition::ReferenceText {
+            let reference = user.reference.as_deref().expect("filled by Dataset::load");
+            let text = match self.data.items[reference].text.as_str() {
+                "" => self.captions(&[reference])?.remove(0),
+                t => t.to_string(),
+            };
+            let img = self
+                .generate_from(vec![Conditioning::Text(text.as_str().into())], &[seed])?
+                .remove(0);
+            return Ok((img, prepared));
+        }
         let mapper = self
             .stages
             .mapper

@@ -382,4 +382,27 @@ fn broken_history_images_are_skipped_and_recorded() {
     assert!(out.contains("skipped history item 'red-dots'"), "{out}");
     assert!(out.contains("fewer than k = 9"), "{out}");
     assert!(gen.join(l["image"].as_str().unwrap()).is_file());
+
+    // The SD baseline: the reference item's text as the prompt, no Mapper.
+    let sd = tmp.path().join("sd");
+    ragar_ok(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        sd.to_str().unwrap(),
+        "--split",
+        "all",
+        "--limit",
+        "1",
+        "method.condition=reference-text",
+    ]);
+    let b = &lines(&sd.join("samples.jsonl"))[0];
+    let (ours, base) = (
+        std::fs::read(gen.join(l["image"].as_str().unwrap())).unwrap(),
+        std::fs::read(sd.join(b["image"].as_str().unwrap())).unwrap(),
+    );
+    assert!(
+        b["error"].is_null() && ours != base,
+        "the baseline draws from the text, not the preference"
+    );
 }
