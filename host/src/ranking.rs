@@ -205,7 +205,8 @@ pub fn evaluate(ranker: &DynRanker, split: &RankerSplit, k: usize, seed: u64) ->
             truth.push(ids(t));
         }
     }
-    let pop_rows = vec![popularity; scores.len()];
+    // Popularity scores every user alike: one row, borrowed per user.
+    let pop_rows = vec![popularity.as_slice(); scores.len()];
     let random_rows = random_scores(scores.len(), names.len(), seed);
     Ok(Evaluation {
         k,

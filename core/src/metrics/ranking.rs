@@ -58,7 +58,8 @@ pub fn recall_ndcg_one(list: &[u32], truth: &HashSet<u32>, k: usize) -> (f64, f6
 
 /// Recall@k and NDCG@k of score rows (`scores[u][i]`) against `truth[u]`,
 /// excluding each user's `seen[u]`; users without held-out items are skipped.
-pub fn recall_ndcg(scores: &[Vec<f32>], seen: &[Vec<u32>], truth: &[Vec<u32>], k: usize) -> TopK {
+/// Rows may be borrowed (`&[f32]`), so one row can serve every user.
+pub fn recall_ndcg<R: AsRef<[f32]>>(scores: &[R], seen: &[Vec<u32>], truth: &[Vec<u32>], k: usize) -> TopK {
     let mut out = TopK::default();
     for ((row, seen), truth) in scores.iter().zip(seen).zip(truth) {
         if truth.is_empty() {
@@ -66,7 +67,7 @@ pub fn recall_ndcg(scores: &[Vec<f32>], seen: &[Vec<u32>], truth: &[Vec<u32>], k
         }
         let exclude: HashSet<u32> = seen.iter().copied().collect();
         let t: HashSet<u32> = truth.iter().copied().collect();
-        let (r, n) = recall_ndcg_one(&top_k(row, &exclude, k), &t, k);
+        let (r, n) = recall_ndcg_one(&top_k(row.as_ref(), &exclude, k), &t, k);
         out.recall += r;
         out.ndcg += n;
         out.users += 1;
