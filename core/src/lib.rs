@@ -21,6 +21,8 @@
 //! No ML framework is a dependency of this crate (architecture invariant).
 #![deny(missing_docs)]
 
+#[cfg(feature = "text")]
+pub mod clip;
 pub mod component;
 pub mod data;
 pub mod error;

@@ -9,7 +9,7 @@
 //! crash stays in its job and its peak memory is its own. Each job folder
 //! holds `job.json` (overrides, resolved config, versions), `log.txt`, the
 //! run folders and `results.json` (status, metrics, per-stage seconds, peak
-//! memory); the bench folder gets `results.{csv,json,md}` over every job
+//! memory, per-image latency percentiles); the bench folder gets `results.{csv,json,md}` over every job
 //! and, for numeric sweeps, `plots/<key>__<metric>.{svg,png}` (Fig. 4).
 //!
 //! `--resume` skips jobs whose `results.json` says ok; a failed job is
@@ -20,6 +20,7 @@
 //! different results for one job.
 
 use crate::evaluate::COLUMNS;
+use ragar_core::metrics::latency::Latency;
 use ragar_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -181,6 +182,15 @@ pub struct JobResult {
     /// Seconds per stage of the `ragar` run.
     #[serde(default)]
     pub timing: serde_json::Value,
+    /// Run name -> seconds per generated image (each sample's retrieval,
+    /// keywords, mapping and generation; failed samples left out):
+    /// percentiles and images per second.
+    #[serde(default)]
+    pub latency: BTreeMap<String, Latency>,
+    /// Table 4: run name (and `ORI`) -> (Recall@10, NDCG@10) of the ranker
+    /// retrained with that run's images in place of the references.
+    #[serde(default)]
+    pub table4: BTreeMap<String, (f64, f64)>,
 }
 
 /// Options of `ragar bench`.
@@ -305,6 +315,8 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
         peak_rss_mib: peak_kib as f64 / 1024.0,
         metrics: BTreeMap::new(),
         timing: serde_json::Value::Null,
+        latency: BTreeMap::new(),
+        table4: BTreeMap::new(),
     };
     if !success {
         let text = std::fs::read_to_string(dir.join("log.txt")).unwrap_or_default();
@@ -323,11 +335,33 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
             serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?)
                 .map_err(|e| Error::invalid_input(format!("{}: {e}", p.display())))?;
         r.metrics.insert(name.into(), s.means);
+        let samples: Vec<crate::pipeline::SampleLine> =
+            crate::io::read_jsonl(&run_dir.join(name).join("samples.jsonl"))?;
+        let seconds: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.error.is_none())
+            .map(|s| s.seconds)
+            .collect();
+        if let Some(l) = Latency::of(&seconds) {
+            r.latency.insert(name.into(), l);
+        }
     }
     r.timing = std::fs::read_to_string(run_dir.join("ragar/timing.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
+    let t4 = run_dir.join("table4/table4.json");
+    if t4.is_file() {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&t4).map_err(|e| Error::io(&t4, e))?)
+                .map_err(|e| Error::invalid_input(format!("{}: {e}", t4.display())))?;
+        for row in rows {
+            let f = |k: &str| row["test"]["ranker"][k].as_f64();
+            if let (Some(m), Some(rc), Some(nd)) = (row["method"].as_str(), f("recall"), f("ndcg")) {
+                r.table4.insert(m.to_string(), (rc, nd));
+            }
+        }
+    }
     Ok(r)
 }
 
@@ -367,12 +401,14 @@ pub fn collect(out: &Path) -> Result<BTreeMap<String, JobResult>> {
 }
 
 /// Write `results.json`, `results.csv` and `results.md` (Table 1 layout,
-/// with seconds and peak memory) over every job in `out`.
+/// with seconds, peak memory and per-image latency) over every job in `out`.
 pub fn aggregate(out: &Path) -> Result<usize> {
     let all = collect(out)?;
     let list: Vec<&JobResult> = all.values().collect();
     crate::io::write_json(&out.join("results.json"), &list)?;
-    let mut csv = String::from("job,method,run,status,seconds,peak_rss_mib");
+    let mut csv = String::from(
+        "job,method,run,status,seconds,peak_rss_mib,p50_s,p90_s,p99_s,images_per_s,table4_recall10,table4_ndcg10",
+    );
     for (_, k, _) in COLUMNS {
         csv += &format!(",{k}");
     }
@@ -381,8 +417,8 @@ pub fn aggregate(out: &Path) -> Result<usize> {
     for (_, _, h) in COLUMNS {
         md += &format!(" {h} |");
     }
-    md += " seconds | peak MiB |\n|---|---|---|";
-    md += &"---:|".repeat(COLUMNS.len() + 2);
+    md += " seconds | peak MiB | p50 s | p90 s | img/s | T4 R@10 | T4 N@10 |\n|---|---|---|";
+    md += &"---:|".repeat(COLUMNS.len() + 7);
     md += "\n";
     for r in &list {
         let runs: Vec<&str> = if r.metrics.is_empty() {
@@ -392,9 +428,25 @@ pub fn aggregate(out: &Path) -> Result<usize> {
         };
         for run in runs {
             let m = r.metrics.get(run);
+            let lat = |f: fn(&Latency) -> f64, digits: usize| {
+                r.latency
+                    .get(run)
+                    .map_or(String::new(), |l| format!("{:.*}", digits, f(l)))
+            };
+            let t4 = r.table4.get(run);
+            let t4_csv = t4.map_or(",".to_string(), |(a, b)| format!("{a},{b}"));
+            let t4_md = t4.map_or("n/a | n/a".to_string(), |(a, b)| format!("{a:.4} | {b:.4}"));
             csv += &format!(
-                "{},{},{run},{},{:.3},{:.1}",
-                r.job.id, r.job.method, r.status, r.seconds, r.peak_rss_mib
+                "{},{},{run},{},{:.3},{:.1},{},{},{},{},{t4_csv}",
+                r.job.id,
+                r.job.method,
+                r.status,
+                r.seconds,
+                r.peak_rss_mib,
+                lat(|l| l.p50, 4),
+                lat(|l| l.p90, 4),
+                lat(|l| l.p99, 4),
+                lat(|l| l.per_second, 4)
             );
             md += &format!("| {} | {run} | {} |", r.job.id, r.status);
             for (_, k, _) in COLUMNS {
@@ -410,7 +462,15 @@ pub fn aggregate(out: &Path) -> Result<usize> {
                 }
             }
             csv += "\n";
-            md += &format!(" {:.1} | {:.0} |\n", r.seconds, r.peak_rss_mib);
+            let or_na = |v: String| if v.is_empty() { "n/a".to_string() } else { v };
+            md += &format!(
+                " {:.1} | {:.0} | {} | {} | {} | {t4_md} |\n",
+                r.seconds,
+                r.peak_rss_mib,
+                or_na(lat(|l| l.p50, 2)),
+                or_na(lat(|l| l.p90, 2)),
+                or_na(lat(|l| l.per_second, 3))
+            );
         }
     }
     crate::io::write_atomic(&out.join("results.csv"), csv.as_bytes())?;

@@ -453,7 +453,11 @@ pub(crate) fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset,
     let cache_dir = loaded.config.cache_dir.clone().unwrap_or_else(crate::paths::cache_dir);
     let data = crate::dataset::Dataset::load(dc, &loaded.base_dir(), &cache_dir)?;
     let store = match &loaded.config.stage_cache {
-        Some(p) => loaded.base_dir().join(p),
+        // `${RAGAR_CACHE}` as in every other path of a config.
+        Some(p) => loaded.base_dir().join(
+            p.to_string_lossy()
+                .replace("${RAGAR_CACHE}", &cache_dir.to_string_lossy()),
+        ),
         None => cache_dir.join("stage-outputs.redb"),
     };
     let cache = crate::cache::Cache::open(&store)?;
@@ -461,7 +465,7 @@ pub(crate) fn method_inputs(loaded: &Loaded) -> Result<(crate::dataset::Dataset,
 }
 
 /// What `ragar train-ranker` reports.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct RankerReport {
     /// The ranker's own figures (validation Recall@10 / NDCG@10, epochs).
     pub fit: Vec<(String, f64)>,
@@ -471,14 +475,23 @@ pub struct RankerReport {
     pub counts: serde_json::Value,
     /// What loading the dataset noted.
     pub notes: Vec<String>,
+    /// Table 4: the generated images that replaced reference images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<crate::ranking::Replacement>,
 }
 
 /// `ragar train-ranker`: fit the configured ranker on the dataset's
-/// interactions with Encoder features (leave-one-out by time: see
-/// `ranking`), save it to `out`, evaluate it on the held-out last items
-/// against the popularity and random rankers, and write the report next to
-/// `out` (`<out>.eval.json`).
-pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<RankerReport> {
+/// interactions with Encoder features (hold-out: see `ranking`), save it to
+/// `out`, evaluate it on the held-out items against the popularity and
+/// random rankers, and write the report next to `out` (`<out>.eval.json`).
+/// With `generated`, a run folder's images replace the reference items'
+/// own images first (Table 4; `ranking::generated_visuals`).
+pub fn train_ranker(
+    loaded: &Loaded,
+    registry: &Registry,
+    out: &Path,
+    generated: Option<&Path>,
+) -> Result<RankerReport> {
     use crate::pipeline::{build_stages, Pipeline};
     let (data, cache) = method_inputs(loaded)?;
     let holdout = loaded
@@ -501,7 +514,13 @@ pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<
         cache: &cache,
         stages,
     };
-    let split = crate::ranking::ranker_split(&p, &holdout, seed)?;
+    let mut replaced = generated
+        .map(|run| crate::ranking::generated_visuals(&p, run))
+        .transpose()?;
+    let split = crate::ranking::ranker_split(&p, &holdout, seed, &replaced.clone().unwrap_or_default())?;
+    if let Some(r) = replaced.as_mut() {
+        r.changed = split.replaced;
+    }
     let ranker = p.stages.ranker.as_mut().expect("built above");
     let fit = ranker.fit(&split.data)?;
     ranker.save(&out.to_string_lossy())?;
@@ -517,11 +536,97 @@ pub fn train_ranker(loaded: &Loaded, registry: &Registry, out: &Path) -> Result<
             "test": {"users": split.test.len(), "interactions": n(&split.test)},
         }),
         notes: data.notes.clone(),
+        replaced,
     };
     let mut eval_path = out.as_os_str().to_owned();
     eval_path.push(".eval.json");
     crate::io::write_json(Path::new(&eval_path), &report)?;
     Ok(report)
+}
+
+/// `ragar table4`: the paper's Table 4 — the ranker trained with the
+/// original images (ORI) and, for each run, with that run's generated
+/// images in place of the reference images; held-out Recall@10 / NDCG@10
+/// of each on the same split. Writes `<label>.safetensors` (+ `.eval.json`)
+/// per row, `table4.json` and `table4.md` into `out`; a row whose
+/// `.eval.json` exists is read, not retrained (`ori` may name an existing
+/// ORI report, e.g. `ragar demo`'s). Returns the markdown table.
+pub fn table4(
+    loaded: &Loaded,
+    registry: &Registry,
+    runs: &[std::path::PathBuf],
+    ori: Option<&Path>,
+    out: &Path,
+) -> Result<String> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut rows: Vec<(String, Option<std::path::PathBuf>)> = vec![("ORI".into(), None)];
+    for r in runs {
+        let label = r
+            .canonicalize()
+            .map_err(|e| Error::io(r, e))?
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy().to_string());
+        if rows.iter().any(|(l, _)| *l == label) {
+            return Err(Error::config(format!(
+                "two runs are named '{label}': rows need distinct folder names"
+            )));
+        }
+        rows.push((label, Some(r.clone())));
+    }
+    let mut table = Vec::new();
+    for (label, run) in &rows {
+        let state = out.join(format!("{label}.safetensors"));
+        let eval = match (run, ori) {
+            (None, Some(o)) => o.to_path_buf(),
+            _ => out.join(format!("{label}.safetensors.eval.json")),
+        };
+        let report: RankerReport = if eval.is_file() {
+            let text = std::fs::read_to_string(&eval).map_err(|e| Error::io(&eval, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::invalid_input(format!("{}: {e}", eval.display())))?
+        } else {
+            eprintln!("Table 4: training the ranker for {label}");
+            train_ranker(loaded, registry, &state, run.as_deref())?
+        };
+        table.push((label.clone(), report));
+    }
+    let dataset = loaded.config.dataset.as_ref().map_or("-", |d| d.format.name());
+    let k = table[0].1.test.k;
+    let mut md = format!("| Methods | {dataset} R@{k} | {dataset} N@{k} |\n|---|---:|---:|\n");
+    for (label, r) in &table {
+        md += &format!(
+            "| {label} | {:.4} | {:.4} |\n",
+            r.test.ranker.recall, r.test.ranker.ndcg
+        );
+    }
+    let ori_fig = &table[0].1.test.ranker;
+    md += &format!(
+        "\nHeld-out test users: {}. Each row trains the config's ranker on the same split and seed; only the visual \
+         features of the reference items differ (a run's generated images, averaged per item, in place of the item's own \
+         image). ORI: the original images. Change against ORI:",
+        ori_fig.users
+    );
+    for (label, r) in &table[1..] {
+        let rel = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:+.1} %", 100.0 * (a - b) / b)
+            } else {
+                "n/a".into()
+            }
+        };
+        md += &format!(
+            " {label} R {} / N {};",
+            rel(r.test.ranker.recall, ori_fig.recall),
+            rel(r.test.ranker.ndcg, ori_fig.ndcg)
+        );
+    }
+    md = md.trim_end_matches([';', ':']).to_string() + ".\n";
+    let json: Vec<serde_json::Value> = table
+        .iter()
+        .map(|(l, r)| serde_json::json!({"method": l, "test": r.test, "replaced": r.replaced}))
+        .collect();
+    crate::io::write_json(&out.join("table4.json"), &json)?;
+    crate::io::write_atomic(&out.join("table4.md"), md.as_bytes())?;
+    Ok(md)
 }
 
 /// `ragar report`: the HTML page over run folders.
@@ -664,6 +769,7 @@ fn failed_line(user: &str, epoch: usize, e: &Error, t: std::time::Instant) -> cr
         epoch,
         image: None,
         prepared: crate::pipeline::Prepared {
+            reference: String::new(),
             retrieved: ragar_core::retrieval::Retrieved {
                 indices: vec![],
                 similarities: vec![],

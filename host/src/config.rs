@@ -23,7 +23,8 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
     /// The content-addressed store of captions, embeddings and keywords
-    /// (default `<cache_dir>/stage-outputs.redb`; one process at a time).
+    /// (default `<cache_dir>/stage-outputs.redb`; `${RAGAR_CACHE}` expands
+    /// to the cache directory; one process at a time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_cache: Option<PathBuf>,
     /// Image -> caption.

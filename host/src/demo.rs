@@ -8,7 +8,10 @@
 //! 3. `ragar/` and `untrained/`: personalized images for test users, with
 //!    the trained Mapper and with the Mapper before training (what the
 //!    reflection module changed);
-//! 4. Table 1's metrics for both (`ragar evaluate`), and `report.html`.
+//! 4. Table 1's metrics for both (`ragar evaluate`);
+//! 5. Table 4 (`ragar table4`): the ranker retrained with each run's
+//!    generated images in place of the reference images;
+//! 6. `report.html`.
 //!
 //! Each step is an ordinary command on the same config plus overrides, so
 //! the demo shows exactly what a user would type; a step that finished in
@@ -36,7 +39,7 @@ pub struct DemoArgs {
 }
 
 fn step(n: usize, what: &str) {
-    eprintln!("\n== {n}/5 {what}");
+    eprintln!("\n== {n}/6 {what}");
 }
 
 fn with(base: &[String], extra: &[String]) -> Vec<String> {
@@ -69,7 +72,7 @@ pub fn demo(args: &DemoArgs) -> Result<PathBuf> {
     } else {
         std::fs::create_dir_all(out("ranker")).map_err(|e| ragar_core::Error::io(&out("ranker"), e))?;
         let (loaded, registry) = open(args, &[])?;
-        let r = commands::train_ranker(&loaded, &registry, &ranker)?;
+        let r = commands::train_ranker(&loaded, &registry, &ranker, None)?;
         let t = &r.test;
         eprintln!(
             "test recall@10 / ndcg@10: MICRO {:.4} / {:.4}, popularity {:.4} / {:.4}, random {:.4} / {:.4}",
@@ -149,9 +152,26 @@ pub fn demo(args: &DemoArgs) -> Result<PathBuf> {
         eprintln!("note: {n}");
     }
 
-    step(5, "writing the report");
-    let report = out("report.html");
+    step(
+        5,
+        "Table 4: the ranker trained with generated images in place of the references",
+    );
+    let (loaded, registry) = open(args, &[])?;
+    let mut ori = ranker.as_os_str().to_owned();
+    ori.push(".eval.json");
+    let ori = PathBuf::from(ori);
     let dirs: Vec<PathBuf> = runs.iter().map(|(d, _)| d.clone()).collect();
+    let t4 = commands::table4(
+        &loaded,
+        &registry,
+        &dirs,
+        ori.is_file().then_some(ori.as_path()),
+        &out("table4"),
+    )?;
+    println!("{t4}");
+
+    step(6, "writing the report");
+    let report = out("report.html");
     let n = commands::report(&loaded, &dirs, args.test_users, &report)?;
     eprintln!("report of {n} users -> {}", report.display());
     Ok(report)

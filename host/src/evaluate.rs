@@ -5,7 +5,7 @@
 //!
 //! | group | metric | definition |
 //! |---|---|---|
-//! | personalization | CPS | 100 cos(image feature of g, text feature of the preference text): the kept keywords joined by ", ", or, when none were kept, the history items' texts joined by ", " |
+//! | personalization | CPS | 100 cos(image feature of g, text feature of the preference text): the kept keywords joined by ", ", or, when none were kept, the history items' texts joined by ", " (`evaluation.cps: keywords`, default); or the mean over history items of 100 cos(g, text feature of the item's text) (`evaluation.cps: history`) |
 //! | personalization | CPIS | mean over history images h of 100 cos(g, h) (image features) |
 //! | personalization | LPIPS | mean over history images of LPIPS(g, h) |
 //! | personalization | SSIM | mean over history images of SSIM(g, h) |
@@ -43,6 +43,22 @@ pub struct EvaluationConfig {
     /// LPIPS weights; LPIPS is skipped without them.
     #[serde(default)]
     pub lpips: Option<LpipsConfig>,
+    /// The text CPS compares with.
+    #[serde(default)]
+    pub cps: CpsText,
+}
+
+/// What "the text description representing user preferences" of CPS is.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpsText {
+    /// One text: the kept keywords joined by ", " (the history texts joined
+    /// when no keyword was kept).
+    #[default]
+    Keywords,
+    /// Each history item's text: the mean of the scores against them
+    /// (Pigeon's evaluation).
+    History,
 }
 
 /// Where LPIPS's weights are.
@@ -161,26 +177,22 @@ fn load_lpips(_: &LpipsConfig, _: &Loaded) -> Result<Lpips> {
 /// Evaluate `run_dir`; writes `metrics.jsonl`, `metrics.json` and `metrics.md` there.
 pub fn evaluate(loaded: &Loaded, registry: &Registry, run_dir: &Path) -> Result<Summary> {
     let log = run_dir.join("samples.jsonl");
-    let text = std::fs::read_to_string(&log).map_err(|e| Error::io(&log, e))?;
-    let samples: Vec<SampleLine> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::invalid_input(format!("{}:{}: {e}", log.display(), i + 1)))
-        })
-        .collect::<Result<_>>()?;
+    let samples: Vec<SampleLine> = crate::io::read_jsonl(&log)?;
     let (data, cache) = crate::commands::method_inputs(loaded)?;
     let method = loaded.config.method.clone();
     let mut notes = Vec::new();
     let with_ranker = loaded.config.component(Stage::Ranker).is_some();
-    let stages = match crate::pipeline::build_stages(loaded, registry, &[Stage::Encoder, Stage::Ranker], &method) {
-        Ok(s) => s,
-        Err(e) if with_ranker => {
-            notes.push(format!("ΔR left out: the ranker could not be loaded ({e})"));
-            crate::pipeline::build_stages(loaded, registry, &[Stage::Encoder], &method)?
+    let encoder_only = || crate::pipeline::build_stages(loaded, registry, &[Stage::Encoder], &method);
+    let stages = if with_ranker {
+        match crate::pipeline::build_stages(loaded, registry, &[Stage::Encoder, Stage::Ranker], &method) {
+            Ok(s) => s,
+            Err(e) => {
+                notes.push(format!("ΔR left out: the ranker could not be loaded ({e})"));
+                encoder_only()?
+            }
         }
-        Err(e) => return Err(e),
+    } else {
+        encoder_only()?
     };
     if !with_ranker {
         notes.push("ΔR left out: the config has no ranker".into());
@@ -214,7 +226,7 @@ pub fn evaluate(loaded: &Loaded, registry: &Registry, run_dir: &Path) -> Result<
         if let Some(e) = &s.error {
             m.error = Some(format!("the run failed this sample: {e}"));
         } else {
-            match sample_metrics(&p, lpips.as_ref(), run_dir, s) {
+            match sample_metrics(&p, loaded.config.evaluation.cps, lpips.as_ref(), run_dir, s) {
                 Ok(v) => m.metrics = v,
                 Err(e) => m.error = Some(e.to_string()),
             }
@@ -265,6 +277,7 @@ fn decode(path: &Path) -> Result<Image> {
 /// Every metric of one sample.
 fn sample_metrics(
     p: &Pipeline,
+    cps: CpsText,
     lpips: Option<&Lpips>,
     run_dir: &Path,
     s: &SampleLine,
@@ -326,13 +339,26 @@ fn sample_metrics(
             .filter(|t| !t.is_empty())
             .collect();
     }
-    if joint && !preference.is_empty() {
-        let t = p.text_features(&[preference.join(", ")])?.remove(0);
-        m.insert("cps".into(), scores::clip_score(&g, &t)?);
+    let history_texts: Vec<String> = user
+        .history
+        .iter()
+        .map(|id| p.data.items[id].text.clone())
+        .filter(|t| !t.is_empty())
+        .collect();
+    match cps {
+        CpsText::Keywords if joint && !preference.is_empty() => {
+            let t = p.text_features(&[preference.join(", ")])?.remove(0);
+            m.insert("cps".into(), scores::clip_score(&g, &t)?);
+        }
+        CpsText::History if joint && !history_texts.is_empty() => {
+            let t = p.text_features(&history_texts)?;
+            m.insert("cps".into(), scores::mean_clip_score(&g, &t)?);
+        }
+        _ => {}
     }
     if !history.is_empty() {
         let feats = p.image_features(&history)?;
-        m.insert("cpis".into(), scores::cpis(&g, &feats)?);
+        m.insert("cpis".into(), scores::mean_clip_score(&g, &feats)?);
         let (mut ss, mut ll) = (0.0, 0.0);
         for id in &history {
             let h = sq(id)?;

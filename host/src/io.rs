@@ -31,6 +31,18 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
 
 pub use ragar_core::files::write_atomic;
 
+/// Parse a JSON-lines file (blank lines skipped); errors name file and line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::invalid_input(format!("{}:{}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
 /// Write `value` as pretty JSON (with a final newline), atomically.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::io(path, e))?;

@@ -123,6 +123,28 @@ enum Command {
         /// Where to save the trained ranker.
         #[arg(long)]
         out: PathBuf,
+        /// A run folder whose generated images replace the reference items'
+        /// own images during training (the paper's Table 4).
+        #[arg(long)]
+        generated: Option<PathBuf>,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// The paper's Table 4: Recall@10 / NDCG@10 of the ranker trained with
+    /// the original images (ORI) and with each run's generated images in
+    /// place of the reference images; writes table4.{json,md} into --out.
+    Table4 {
+        /// Config file (dataset, encoders, ranker).
+        config: PathBuf,
+        /// Run folders (one row each); repeat the flag.
+        #[arg(long, required = true)]
+        run: Vec<PathBuf>,
+        /// An existing ORI report (`<ranker>.eval.json`) to reuse.
+        #[arg(long)]
+        ori: Option<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
@@ -387,9 +409,34 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::TrainRanker { config, out, overrides } => {
+        Command::Table4 {
+            config,
+            run,
+            ori,
+            out,
+            overrides,
+        } => {
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;
-            let r = commands::train_ranker(&loaded, &registry, &out)?;
+            print!("{}", commands::table4(&loaded, &registry, &run, ori.as_deref(), &out)?);
+            eprintln!("-> {}", out.join("table4.md").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TrainRanker {
+            config,
+            out,
+            generated,
+            overrides,
+        } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let r = commands::train_ranker(&loaded, &registry, &out, generated.as_deref())?;
+            if let Some(g) = &r.replaced {
+                eprintln!(
+                    "generated images replaced {} reference items ({} images, {} samples skipped)",
+                    g.items,
+                    g.images,
+                    g.skipped.len()
+                );
+            }
             for (k, v) in &r.fit {
                 println!("valid {k}\t{v:.4}");
             }

@@ -245,6 +245,9 @@ pub struct Stages {
 /// What the method computes for one user before the Mapper (Eq. 2-7).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Prepared {
+    /// The reference item whose image is personalised.
+    #[serde(default)]
+    pub reference: String,
     /// Retrieved history items (indices into the history) and their weights.
     pub retrieved: Retrieved,
     /// Retrieved item ids.
@@ -389,11 +392,35 @@ impl<'a> Pipeline<'a> {
 
     /// Eq. 4: image features of items through the cache.
     pub fn image_features(&self, ids: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let paths: Vec<(&Path, String)> = ids
+            .iter()
+            .map(|id| Ok((self.data.image_path(id)?, format!("item '{id}'"))))
+            .collect::<Result<_>>()?;
+        self.file_features(&paths)
+    }
+
+    /// Image features of image files, each named by `what` in errors. The
+    /// cache is keyed by the file's bytes, as for items, so a file equal to
+    /// an item's image gets exactly that item's feature.
+    pub fn file_features(&self, files: &[(&Path, String)]) -> Result<Vec<Vec<f32>>> {
         let (enc, ident) = self.stages.image_encoder.as_ref().unwrap_or(&self.stages.encoder);
-        let inputs: Vec<Vec<u8>> = ids.iter().map(|id| self.image_key(id)).collect::<Result<_>>()?;
+        let inputs: Vec<Vec<u8>> = files
+            .iter()
+            .map(|(p, what)| {
+                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e).context(what.clone()))?;
+                Ok(Cache::key("file", "", &bytes).into_bytes())
+            })
+            .collect::<Result<_>>()?;
         self.cache.memo("image-embedding", ident, &inputs, |missing| {
-            let which: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-            let images = self.images(&which)?;
+            let images = missing
+                .iter()
+                .map(|&i| {
+                    let (p, what) = &files[i];
+                    ragar_core::vision::decode(p)
+                        .map(|d| d.image)
+                        .map_err(|e| e.context(what.clone()))
+                })
+                .collect::<Result<Vec<_>>>()?;
             self.timings
                 .time("encoder (image)", || enc.embed_image(&images))?
                 .to_rows()
@@ -513,6 +540,7 @@ impl<'a> Pipeline<'a> {
         let states = self.preference_states(&prompt)?;
         let keyword_feature = self.text_features(std::slice::from_ref(&kw_text))?.remove(0);
         Ok(Prepared {
+            reference: reference.to_string(),
             skipped,
             notes,
             retrieved_items: retrieved.indices.iter().map(|&i| hist[i].to_string()).collect(),

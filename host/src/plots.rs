@@ -214,6 +214,8 @@ mod tests {
             peak_rss_mib: 1.0,
             metrics: BTreeMap::from([("ragar".to_string(), BTreeMap::from([("cps".to_string(), cps)]))]),
             timing: serde_json::Value::Null,
+            latency: BTreeMap::new(),
+            table4: BTreeMap::new(),
         }
     }
 

@@ -16,13 +16,14 @@
 //! candidates. A ranker is worth its training only above both.
 
 use crate::dataset::Dataset;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, SampleLine};
 use ragar_core::abi_stable::std_types::{RNone, RString, RVec};
 use ragar_core::metrics::ranking::{popularity_scores, random_scores, recall_ndcg, TopK};
 use ragar_core::stage::{Candidate, DynRanker, ItemFeatures, RankQuery, RankerData, UserHistory};
-use ragar_core::{Result, Tensor};
+use ragar_core::{Error, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::path::Path;
 
 /// Training data plus the held-out test item of each user.
 pub struct RankerSplit {
@@ -30,6 +31,8 @@ pub struct RankerSplit {
     pub data: RankerData,
     /// Each user's test items (last interaction).
     pub test: Vec<UserHistory>,
+    /// Items whose visual feature a [`Replacement`] changed.
+    pub replaced: usize,
 }
 
 fn history(user: &str, items: &[String]) -> UserHistory {
@@ -116,8 +119,9 @@ pub enum HoldoutMode {
 /// The split with Encoder features for every catalogue item: image
 /// features where items have images (no item with one: empty visual
 /// features, and the ranker decides whether it can work on text alone),
-/// text features of every item's text.
-pub fn ranker_split(p: &Pipeline, holdout: &Holdout, seed: u64) -> Result<RankerSplit> {
+/// text features of every item's text. Items in `replace` take its visual
+/// feature instead of their own image's (Table 4, [`generated_visuals`]).
+pub fn ranker_split(p: &Pipeline, holdout: &Holdout, seed: u64, replace: &Replacement) -> Result<RankerSplit> {
     let ids: Vec<&str> = p.data.item_order.iter().map(String::as_str).collect();
     let with_image: Vec<&str> = ids
         .iter()
@@ -125,6 +129,23 @@ pub fn ranker_split(p: &Pipeline, holdout: &Holdout, seed: u64) -> Result<Ranker
         .filter(|id| p.data.items[*id].image.is_some())
         .collect();
     let mut visual: HashMap<&str, Vec<f32>> = with_image.iter().copied().zip(p.image_features(&with_image)?).collect();
+    let mut changed = 0;
+    if !replace.features.is_empty() && with_image.is_empty() {
+        return Err(Error::invalid_input(
+            "generated images can only replace reference images in a dataset whose items have images",
+        ));
+    }
+    for (id, f) in &replace.features {
+        let own = visual.get_mut(id.as_str()).ok_or_else(|| {
+            Error::invalid_input(format!(
+                "item '{id}' has no image of its own for a generated one to replace"
+            ))
+        })?;
+        if own != f {
+            changed += 1;
+        }
+        *own = f.clone();
+    }
     let texts: Vec<String> = ids.iter().map(|id| p.data.items[*id].text.clone()).collect();
     let text = p.text_features(&texts)?;
     let items = ids
@@ -148,7 +169,91 @@ pub fn ranker_split(p: &Pipeline, holdout: &Holdout, seed: u64) -> Result<Ranker
             seed,
         },
         test,
+        replaced: changed,
     })
+}
+
+/// Table 4: the visual features that replace reference items' own while the
+/// ranker trains ("we replace reference images with those generated ...
+/// during rank model training"). A ranker knows one feature per item, while
+/// a run generates one image per user: an item that is the reference of
+/// several generated samples takes the mean of their image features.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Replacement {
+    /// The run folder the images come from.
+    pub run: Option<String>,
+    /// Reference item -> mean image feature of its generated images.
+    #[serde(skip)]
+    pub features: HashMap<String, Vec<f32>>,
+    /// Reference items replaced.
+    pub items: usize,
+    /// Generated images used.
+    pub images: usize,
+    /// Replaced items whose feature differs from their own image's (set
+    /// when the ranker's split is made; 0 when the run's images are copies).
+    pub changed: usize,
+    /// Samples left out, and why (failed in the run, image missing).
+    pub skipped: Vec<String>,
+}
+
+/// The [`Replacement`] made of a run folder's generated images
+/// (`samples.jsonl`: user, image), each standing for its user's reference
+/// item, features from the pipeline's image encoder. A failed sample or a
+/// missing image file is skipped and named; a user the dataset does not
+/// know is an error (the run belongs to another dataset).
+pub fn generated_visuals(p: &Pipeline, run_dir: &Path) -> Result<Replacement> {
+    let log = run_dir.join("samples.jsonl");
+    let samples: Vec<SampleLine> = crate::io::read_jsonl(&log)?;
+    let reference: HashMap<&str, &str> = p
+        .data
+        .users
+        .iter()
+        .filter_map(|u| Some((u.user.as_str(), u.reference.as_deref()?)))
+        .collect();
+    let mut out = Replacement {
+        run: Some(run_dir.display().to_string()),
+        ..Default::default()
+    };
+    let mut sums: HashMap<String, (Vec<f32>, usize)> = HashMap::new();
+    for (n, s) in samples.iter().enumerate() {
+        let at = format!("{} sample {}", log.display(), n + 1);
+        let item = *reference
+            .get(s.user.as_str())
+            .ok_or_else(|| Error::invalid_input(format!("{at}: user '{}' is not in the dataset", s.user)))?;
+        let image = match (&s.error, &s.image) {
+            (Some(e), _) => {
+                out.skipped
+                    .push(format!("{at}: user '{}': the run failed this sample ({e})", s.user));
+                continue;
+            }
+            (None, None) => {
+                out.skipped.push(format!("{at}: user '{}': no image", s.user));
+                continue;
+            }
+            (None, Some(i)) => run_dir.join(i),
+        };
+        if !image.is_file() {
+            out.skipped
+                .push(format!("{at}: user '{}': {} is missing", s.user, image.display()));
+            continue;
+        }
+        let f = p
+            .file_features(&[(image.as_path(), format!("user '{}'", s.user))])?
+            .remove(0);
+        let e = sums.entry(item.to_string()).or_insert_with(|| (vec![0.0; f.len()], 0));
+        if e.0.len() != f.len() {
+            return Err(Error::model(format!("{}: image feature sizes differ", image.display())));
+        }
+        e.0.iter_mut().zip(&f).for_each(|(a, b)| *a += b);
+        e.1 += 1;
+        out.images += 1;
+    }
+    out.items = sums.len();
+    out.features = sums
+        .into_iter()
+        .map(|(k, (v, c))| (k, v.into_iter().map(|x| x / c as f32).collect()))
+        .collect();
+    Ok(out)
 }
 
 /// Held-out figures of a ranker and the two reference rankers.

@@ -82,24 +82,13 @@ pub struct Run {
     pub order: Vec<String>,
 }
 
-fn jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::invalid_input(format!("{}:{}: {e}", path.display(), i + 1)))
-        })
-        .collect()
-}
-
 impl Run {
     /// Read a run folder (samples.jsonl required; metrics optional).
     pub fn open(dir: &Path) -> Result<Self> {
-        let lines: Vec<SampleLine> = jsonl(&dir.join("samples.jsonl"))?;
+        let lines: Vec<SampleLine> = crate::io::read_jsonl(&dir.join("samples.jsonl"))?;
         let order = lines.iter().map(|l| l.user.clone()).collect();
         let metrics: Vec<SampleMetrics> = if dir.join("metrics.jsonl").is_file() {
-            jsonl(&dir.join("metrics.jsonl"))?
+            crate::io::read_jsonl(&dir.join("metrics.jsonl"))?
         } else {
             Vec::new()
         };
@@ -182,7 +171,7 @@ pub fn write(data: &Dataset, runs: &[Run], users: usize, out: &Path) -> Result<u
         }
     }
     html += "<details><summary>Definitions</summary><dl class=\"defs\">\
-        <dt>CPS</dt><dd>100 cos(image feature of the generated image, text feature of the preference text: the kept keywords joined by \", \", or the history items' texts when none were kept).</dd>\
+        <dt>CPS</dt><dd>100 cos(image feature of the generated image, text feature of the preference text: the kept keywords joined by \", \", or the history items' texts when none were kept; with <code>evaluation.cps: history</code>, the mean score against each history item's text).</dd>\
         <dt>CPIS</dt><dd>Mean over the history images of 100 cos(generated, history image) (image features).</dd>\
         <dt>LPIPS, SSIM (personalization)</dt><dd>Means over the history images; images padded to a white square and resized (LANCZOS) to the generated size. LPIPS v0.1 (lpips package); SSIM: Gaussian 11x11, sigma 1.5, data range 255, mean over RGB.</dd>\
         <dt>ΔR (rank change, Eq. 16)</dt><dd>(r_o - r_g) / log2(1 + r_o): r_o the reference item's rank among the catalogue items outside the history, r_g the generated image's rank in its place (1 = first). Larger = more personalized.</dd>\

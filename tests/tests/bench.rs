@@ -1,5 +1,5 @@
 //! `ragar bench` on a two-job matrix over the demo setup (shrunk): the jobs
-//! run and are tabled; two shards merged equal the unsharded bench; a bench
+//! run and are tabled (Table 1 metrics, per-image latency, Table 4); two shards merged equal the unsharded bench; a bench
 //! killed mid-job and resumed equals an uninterrupted one; unknown sweep
 //! keys and an existing bench without --resume are refused.
 
@@ -53,6 +53,21 @@ fn bench_shards_merge_and_resume() {
     }
     let csv = std::fs::read_to_string(full.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 4, "2 jobs x 2 runs: {csv}");
+    assert!(
+        csv.starts_with("job,method,run,status,seconds,peak_rss_mib,p50_s,p90_s,p99_s,images_per_s,table4_recall10")
+    );
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(full.join("results.json")).unwrap()).unwrap();
+    for r in &all {
+        // One test user: one timed image per run, and Table 4's three rows.
+        for run in ["ragar", "untrained"] {
+            let l = &r["latency"][run];
+            assert_eq!(l["n"].as_u64(), Some(1), "{r}");
+            assert!(l["p50"].as_f64().unwrap() > 0.0 && l["p50"] == l["p99"], "{r}");
+        }
+        let t4 = r["table4"].as_object().unwrap();
+        assert_eq!(t4.keys().collect::<Vec<_>>(), ["ORI", "ragar", "untrained"], "{r}");
+    }
 
     // Again without --resume: refused.
     let (ok, t) = bench(&[m, "--out", full.to_str().unwrap()]);

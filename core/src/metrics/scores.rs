@@ -53,16 +53,19 @@ pub fn clip_score(a: &[f32], b: &[f32]) -> Result<f64> {
     Ok(100.0 * cosine(a, b))
 }
 
-/// CPIS: the mean CLIP score of `generated` against each history image.
-pub fn cpis(generated: &[f32], history: &[Vec<f32>]) -> Result<f64> {
-    if history.is_empty() {
-        return Err(Error::invalid_input("CPIS of a user without history images"));
+/// The mean CLIP score of `generated` against each of `others`: CPIS (history
+/// images) and the `history` variant of CPS (history texts).
+pub fn mean_clip_score(generated: &[f32], others: &[Vec<f32>]) -> Result<f64> {
+    if others.is_empty() {
+        return Err(Error::invalid_input(
+            "a mean CLIP score over no features (a user without history?)",
+        ));
     }
     let mut sum = 0.0;
-    for h in history {
+    for h in others {
         sum += clip_score(generated, h)?;
     }
-    Ok(sum / history.len() as f64)
+    Ok(sum / others.len() as f64)
 }
 
 /// Eq. 16 for one user: `(r_o - r_g) / log2(1 + r_o)`, ranks from 1.
@@ -94,9 +97,9 @@ mod tests {
         assert!((clip_score(&[1.0, 0.0], &[1.0, 1.0]).unwrap() - 100.0 / 2f64.sqrt()).abs() < 1e-9);
         assert!((clip_score(&[1.0, 0.0], &[-2.0, 0.0]).unwrap() + 100.0).abs() < 1e-9);
         assert!(clip_score(&[1.0], &[1.0, 2.0]).is_err());
-        let c = cpis(&[1.0, 0.0], &[vec![1.0, 0.0], vec![0.0, 1.0]]).unwrap();
+        let c = mean_clip_score(&[1.0, 0.0], &[vec![1.0, 0.0], vec![0.0, 1.0]]).unwrap();
         assert!((c - 50.0).abs() < 1e-9);
-        assert!(cpis(&[1.0], &[]).is_err());
+        assert!(mean_clip_score(&[1.0], &[]).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! (`text_model.encoder.layers.{i}.self_attn.q_proj.weight`,
 //! `vision_model.pre_layrnorm.weight` — sic —, `visual_projection.weight`).
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{
     conv2d_no_bias, embedding, layer_norm, linear, linear_no_bias, Conv2dConfig, Embedding, LayerNorm, Linear,
     VarBuilder,
@@ -432,9 +432,4 @@ impl ClipModel {
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         self.visual_projection.forward(&self.vision.forward(pixels)?.1)
     }
-}
-
-/// L2-normalise the last dimension.
-pub fn normalize(x: &Tensor) -> Result<Tensor> {
-    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }

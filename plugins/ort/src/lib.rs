@@ -7,6 +7,7 @@
 //! other backends read (see `scripts/export_minilm.py`).
 #![deny(missing_docs)]
 
+pub mod clip;
 pub mod minilm;
 pub mod runtime;
 
@@ -14,15 +15,26 @@ use ragar_core::{component, Component, ComponentSpec};
 
 /// Every component this plugin offers.
 pub fn components() -> Vec<Component> {
-    vec![component!(
-        Encoder,
-        "minilm",
-        "ort",
-        ["cpu", "cuda"],
-        "sentence-transformers BERT text encoder from an ONNX graph (model.onnx, or model_int8.onnx)",
-        minilm::SentenceEncoder::load,
-        |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.onnx")
-    )]
+    vec![
+        component!(
+            Encoder,
+            "minilm",
+            "ort",
+            ["cpu", "cuda"],
+            "sentence-transformers BERT text encoder from an ONNX graph (model.onnx, or model_int8.onnx)",
+            minilm::SentenceEncoder::load,
+            |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.onnx")
+        ),
+        component!(
+            Encoder,
+            "clip",
+            "ort",
+            ["cpu", "cuda"],
+            "CLIP text + image encoder from ONNX graphs (text_model.onnx, vision_model.onnx; scripts/export_clip.py)",
+            clip::ClipEncoder::load,
+            |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+        ),
+    ]
 }
 
 ragar_core::register_static!("ort", components);

@@ -6,21 +6,33 @@
 //! points `LIBTORCH` at it and the binaries carry an rpath to its `lib/`.
 #![deny(missing_docs)]
 
+pub mod clip;
 pub mod minilm;
 
 use ragar_core::{component, Component, ComponentSpec, Error, Result};
 
 /// Every component this plugin offers.
 pub fn components() -> Vec<Component> {
-    vec![component!(
-        Encoder,
-        "minilm",
-        "tch",
-        ["cpu", "cuda"],
-        "sentence-transformers BERT text encoder from a TorchScript module (model.ts)",
-        minilm::SentenceEncoder::load,
-        |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.ts")
-    )]
+    vec![
+        component!(
+            Encoder,
+            "minilm",
+            "tch",
+            ["cpu", "cuda"],
+            "sentence-transformers BERT text encoder from a TorchScript module (model.ts)",
+            minilm::SentenceEncoder::load,
+            |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.ts")
+        ),
+        component!(
+            Encoder,
+            "clip",
+            "tch",
+            ["cpu", "cuda"],
+            "CLIP text + image encoder from TorchScript modules (text_model.ts, vision_model.ts; scripts/export_clip.py)",
+            clip::ClipEncoder::load,
+            |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+        ),
+    ]
 }
 
 ragar_core::register_static!("tch", components);
@@ -41,4 +53,30 @@ pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
             Ok(tch::Device::Cuda(n))
         }
     }
+}
+
+/// Load a TorchScript module onto `device` in eval mode; a file this
+/// libtorch cannot read (another torch version's, or not TorchScript) is an
+/// error naming the file and the libtorch it needs.
+pub fn load_module(path: &std::path::Path, device: tch::Device) -> Result<tch::CModule> {
+    if !path.is_file() {
+        return Err(Error::not_found(format!(
+            "missing TorchScript module {}",
+            path.display()
+        )));
+    }
+    let mut module = tch::CModule::load_on_device(path, device).map_err(|e| {
+        Error::model(format!(
+            "{}: not a TorchScript module this libtorch (torch 2.11, tch 0.24) can read: {}",
+            path.display(),
+            first_line(&e.to_string())
+        ))
+    })?;
+    module.set_eval();
+    Ok(module)
+}
+
+/// libtorch errors carry a C++ backtrace; the first line says what happened.
+pub fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
 }

@@ -4,7 +4,7 @@
 //! (`scripts/export_minilm.py`). Tokenisation and pooling are shared
 //! (`ragar_core::text`).
 
-use crate::device;
+use crate::{device, first_line, load_module};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
@@ -30,14 +30,7 @@ impl SentenceEncoder {
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir, path) = SentenceEncoderParams::open(spec, "model.ts", Fetch::IfMissing)?;
         let device = device(spec)?;
-        let mut module = CModule::load_on_device(&path, device).map_err(|e| {
-            Error::model(format!(
-                "{}: not a TorchScript module this libtorch (torch 2.11, tch 0.24) can read: {}",
-                path.display(),
-                first_line(&e.to_string())
-            ))
-        })?;
-        module.set_eval();
+        let module = load_module(&path, device)?;
         Ok(SentenceEncoder {
             module: Mutex::new(module),
             device,
@@ -63,11 +56,6 @@ impl SentenceEncoder {
             .view(-1);
         Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
     }
-}
-
-/// libtorch errors carry a C++ backtrace; the first line says what happened.
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
 }
 
 impl Encoder for SentenceEncoder {

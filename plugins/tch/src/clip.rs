@@ -1,0 +1,89 @@
+//! CLIP text and image encoder from two TorchScript modules exported by
+//! `scripts/export_clip.py` from an HF `CLIPModel` folder: `text_model.ts`
+//! (`input_ids`, `attention_mask` int64 `[batch, seq]` -> projected text
+//! features) and `vision_model.ts` (`pixel_values` f32 `[batch, 3, size,
+//! size]` -> projected image features). Tokenisation, preprocessing and
+//! normalisation are shared with the other backends (`ragar_core::clip`).
+
+use crate::{device, first_line, load_module};
+use ragar_core::clip::ClipDir;
+use ragar_core::model::Fetch;
+use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
+use ragar_core::text::{SentenceTokenizer, TokenBatch};
+use ragar_core::{ComponentSpec, Error, Image, Result};
+use std::sync::Mutex;
+use tch::{CModule, Kind, Tensor};
+
+/// The modules this encoder reads.
+pub const GRAPHS: [&str; 2] = ["text_model.ts", "vision_model.ts"];
+
+/// The CLIP encoder on libtorch.
+pub struct ClipEncoder {
+    // CModule is not Sync; the contract is `&self`.
+    text: Mutex<CModule>,
+    vision: Mutex<CModule>,
+    device: tch::Device,
+    tokenizer: SentenceTokenizer,
+    dir: ClipDir,
+    batch_size: usize,
+}
+
+impl ClipEncoder {
+    /// Build from `params: { model_dir, batch_size }`.
+    pub fn load(spec: &ComponentSpec) -> Result<Self> {
+        let (params, dir) = ClipDir::open(spec, &GRAPHS, Fetch::IfMissing)?;
+        let device = device(spec)?;
+        Ok(ClipEncoder {
+            text: Mutex::new(load_module(&dir.root.join(GRAPHS[0]), device)?),
+            vision: Mutex::new(load_module(&dir.root.join(GRAPHS[1]), device)?),
+            device,
+            tokenizer: dir.tokenizer()?,
+            dir,
+            batch_size: params.batch_size,
+        })
+    }
+
+    fn run(&self, module: &Mutex<CModule>, inputs: &[Tensor], what: &str) -> Result<Vec<f32>> {
+        let m = module
+            .lock()
+            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+        let out = tch::no_grad(|| m.forward_ts(inputs))
+            .map_err(|e| Error::model(format!("CLIP {what} (TorchScript): {}", first_line(&e.to_string()))))?;
+        let out = out
+            .to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .contiguous()
+            .view(-1);
+        Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+    }
+
+    fn text_forward(&self, b: &TokenBatch) -> Result<Vec<f32>> {
+        let shape = [b.batch as i64, b.seq_len as i64];
+        let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(self.device);
+        self.run(&self.text, &[t(&b.ids), t(&b.mask)], "text")
+    }
+
+    fn image_forward(&self, n: usize, pixels: Vec<f32>) -> Result<Vec<f32>> {
+        let s = self.dir.image_size as i64;
+        let x = Tensor::from_slice(&pixels)
+            .reshape([n as i64, 3, s, s])
+            .to_device(self.device);
+        self.run(&self.vision, &[x], "image")
+    }
+}
+
+impl Encoder for ClipEncoder {
+    fn info(&self) -> EncoderInfo {
+        self.dir.info()
+    }
+
+    fn embed_text(&self, texts: &[String]) -> Result<TextEmbeddings> {
+        self.dir
+            .embed_text(texts, self.batch_size, &self.tokenizer, |b| self.text_forward(b))
+    }
+
+    fn embed_image(&self, images: &[Image]) -> Result<ragar_core::Tensor> {
+        self.dir
+            .embed_image(images, self.batch_size, |n, px| self.image_forward(n, px))
+    }
+}
