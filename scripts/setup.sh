@@ -153,10 +153,12 @@ if ! stamp_ok "$CACHE/data/clip-scores/.stamp" "$want"; then
 fi
 # 7. Stable Diffusion: a tiny random-weight pipeline in diffusers' layout
 #    (real CLIP tokenizer as vocab.json + merges.txt) with diffusers' outputs.
-want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" | sha256sum | cut -c1-16)"
+#    Then its ONNX / TorchScript graphs for the ort and tch generators.
+want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/export_sd.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/sd-tiny/.stamp" "$want"; then
-  say "building the tiny Stable Diffusion test pipeline"
+  say "building the tiny Stable Diffusion test pipeline (+ ONNX / TorchScript exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_sd.py" "$CACHE/models/clip-tokenizer" "$CACHE/models/sd-tiny"
+  "$V/bin/python" "$ROOT/scripts/export_sd.py" "$CACHE/models/sd-tiny"
   echo "$want" > "$CACHE/models/sd-tiny/.stamp"
 fi
 # 8. BLIP: a tiny random-weight captioner with the real BLIP tokenizer

@@ -25,6 +25,8 @@
 pub mod clip;
 pub mod component;
 pub mod data;
+#[cfg(feature = "text")]
+pub mod diffusion;
 pub mod error;
 pub mod files;
 pub mod keywords;

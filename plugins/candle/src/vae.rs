@@ -206,7 +206,13 @@ impl VaeDecoder {
     /// Decode latents as the sampler leaves them (this divides by
     /// `scaling_factor`): `[b, 4, h, w]` -> `[b, 3, 8h, 8w]` in about [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut x = (latents / self.config.scaling_factor)?;
+        self.decode_scaled(&(latents / self.config.scaling_factor)?)
+    }
+
+    /// Decode latents already divided by `scaling_factor` (diffusers'
+    /// `AutoencoderKL.decode` input).
+    pub fn decode_scaled(&self, latents: &Tensor) -> Result<Tensor> {
+        let mut x = latents.clone();
         if let Some(p) = &self.post_quant_conv {
             x = p.forward(&x)?;
         }

@@ -10,6 +10,7 @@
 pub mod clip;
 pub mod minilm;
 pub mod runtime;
+pub mod stable_diffusion;
 
 use ragar_core::{component, Component, ComponentSpec};
 
@@ -33,6 +34,16 @@ pub fn components() -> Vec<Component> {
             "CLIP text + image encoder from ONNX graphs (text_model.onnx, vision_model.onnx; scripts/export_clip.py)",
             clip::ClipEncoder::load,
             |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+        ),
+        component!(
+            Generator,
+            "stable-diffusion",
+            "ort",
+            ["cpu", "cuda"],
+            "Stable Diffusion 1.x/2.x from ONNX graphs ({text_encoder,unet,vae_decoder}/model.onnx; scripts/export_sd.py), \
+             the shared seeded sampler loop",
+            stable_diffusion::StableDiffusion::load,
+            stable_diffusion::StableDiffusion::probe
         ),
     ]
 }

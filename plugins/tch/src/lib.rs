@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod minilm;
+pub mod stable_diffusion;
 
 use ragar_core::{component, Component, ComponentSpec, Error, Result};
 
@@ -31,6 +32,16 @@ pub fn components() -> Vec<Component> {
             "CLIP text + image encoder from TorchScript modules (text_model.ts, vision_model.ts; scripts/export_clip.py)",
             clip::ClipEncoder::load,
             |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+        ),
+        component!(
+            Generator,
+            "stable-diffusion",
+            "tch",
+            ["cpu", "cuda"],
+            "Stable Diffusion 1.x/2.x from TorchScript modules ({text_encoder,unet,vae_decoder}/model.ts; scripts/export_sd.py), \
+             the shared seeded sampler loop",
+            stable_diffusion::StableDiffusion::load,
+            stable_diffusion::StableDiffusion::probe
         ),
     ]
 }
