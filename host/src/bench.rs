@@ -47,7 +47,54 @@ pub struct Matrix {
     /// Override key -> values; jobs take every combination.
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<serde_json::Value>>,
+    /// What a job runs: `demo` (the method end to end) or `stage` (one
+    /// stage timed by `ragar stage-bench`).
+    #[serde(default)]
+    pub job: JobKind,
+    /// Stage jobs: the defaults of `bench.stage`, `bench.batch`,
+    /// `bench.iters`, `bench.warmup`, `bench.steps`, `bench.size` and
+    /// `bench.runner` (`ragar`, or `pytorch` for the reference row by
+    /// `scripts/bench_reference.py`); variants and sweeps set them like
+    /// config keys (`bench.batch=1,16`).
+    #[serde(default)]
+    pub bench: BTreeMap<String, serde_json::Value>,
+    /// The PyTorch reference script for `bench.runner=pytorch` jobs,
+    /// relative to the matrix file.
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
+    /// Its interpreter (default `${RAGAR_CACHE}/venv/bin/python`).
+    #[serde(default)]
+    pub python: Option<String>,
 }
+
+/// See [`Matrix::job`].
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// `ragar demo` per job.
+    #[default]
+    Demo,
+    /// `ragar stage-bench` (or the PyTorch reference) per job.
+    Stage,
+}
+
+/// Split a job's overrides into its `bench.*` settings (on top of the
+/// matrix's) and the config overrides.
+fn bench_settings(matrix: &Matrix, overrides: &[String]) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut settings: BTreeMap<String, String> = matrix.bench.iter().map(|(k, v)| (k.clone(), value_text(v))).collect();
+    let mut rest = Vec::new();
+    for o in overrides {
+        match o.strip_prefix("bench.").and_then(|kv| kv.split_once('=')) {
+            Some((k, v)) => {
+                settings.insert(k.to_string(), v.to_string());
+            }
+            None => rest.push(o.clone()),
+        }
+    }
+    (settings, rest)
+}
+
+const BENCH_KEYS: [&str; 7] = ["stage", "batch", "iters", "warmup", "steps", "size", "runner"];
 
 fn six() -> usize {
     6
@@ -85,6 +132,7 @@ impl Matrix {
         let dir = path.parent().unwrap_or(Path::new("."));
         m.config = dir.join(&m.config);
         m.ranker = m.ranker.map(|r| dir.join(r));
+        m.reference = m.reference.map(|r| dir.join(r));
         Ok(m)
     }
 
@@ -144,11 +192,44 @@ impl Matrix {
     /// unknown key is an error that lists the valid ones.
     pub fn check(&self) -> Result<()> {
         for job in self.jobs() {
-            crate::commands::open(Some(&self.config), &job.overrides)
-                .map_err(|e| e.context(format!("job {} (overrides {})", job.id, job.overrides.join(" "))))?;
+            let (settings, overrides) = bench_settings(self, &job.overrides);
+            let ctx = |e: Error| e.context(format!("job {} (overrides {})", job.id, job.overrides.join(" ")));
+            if let Some(k) = settings.keys().find(|k| !BENCH_KEYS.contains(&k.as_str())) {
+                return Err(ctx(Error::config(format!(
+                    "unknown setting bench.{k} (valid: {})",
+                    BENCH_KEYS.map(|k| format!("bench.{k}")).join(", ")
+                ))));
+            }
+            if self.job == JobKind::Stage {
+                stage_args(&settings).map_err(ctx)?;
+            } else if !settings.is_empty() {
+                return Err(ctx(Error::config("bench.* settings need `job: stage` in the matrix")));
+            }
+            crate::commands::open(Some(&self.config), &overrides).map_err(ctx)?;
         }
         Ok(())
     }
+}
+
+/// The stage-bench arguments of a stage job's settings.
+fn stage_args(settings: &BTreeMap<String, String>) -> Result<crate::stage_bench::StageBenchArgs> {
+    let num = |k: &str, default: usize| -> Result<usize> {
+        settings.get(k).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| Error::config(format!("bench.{k}: '{v}' is not a whole number")))
+        })
+    };
+    let stage = settings
+        .get("stage")
+        .ok_or_else(|| Error::config("stage jobs need bench.stage (encoder-text, encoder-image, generator)"))?;
+    Ok(crate::stage_bench::StageBenchArgs {
+        stage: crate::stage_bench::BenchStage::parse(stage)?,
+        batch: num("batch", 1)?,
+        iters: num("iters", 10)?,
+        warmup: num("warmup", 2)?,
+        steps: num("steps", 4)? as u32,
+        size: num("size", 224)? as u32,
+    })
 }
 
 /// `i/N`.
@@ -191,6 +272,9 @@ pub struct JobResult {
     /// retrained with that run's images in place of the references.
     #[serde(default)]
     pub table4: BTreeMap<String, (f64, f64)>,
+    /// Stage jobs: the timed stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<crate::stage_bench::StageBenchResult>,
 }
 
 /// Options of `ragar bench`.
@@ -269,7 +353,8 @@ fn read_result(path: &Path) -> Result<JobResult> {
 /// Run one job in a child process.
 fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResult> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let (loaded, registry) = crate::commands::open(Some(&matrix.config), &job.overrides)?;
+    let (settings, overrides) = bench_settings(matrix, &job.overrides);
+    let (loaded, registry) = crate::commands::open(Some(&matrix.config), &overrides)?;
     let versions: BTreeMap<String, String> = registry
         .entries()
         .iter()
@@ -287,22 +372,53 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
     crate::io::write_json(&dir.join("job.json"), &job_info)?;
     let log = std::fs::File::create(dir.join("log.txt")).map_err(|e| Error::io(&dir.join("log.txt"), e))?;
     let run_dir = dir.join("run");
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("demo")
-        .arg("--config")
-        .arg(&matrix.config)
-        .arg("--out")
-        .arg(&run_dir)
-        .arg("--train-users")
-        .arg(matrix.train_users.to_string())
-        .arg("--test-users")
-        .arg(matrix.test_users.to_string());
-    if let Some(r) = &matrix.ranker {
-        cmd.arg("--ranker").arg(r);
-    }
-    cmd.args(&job.overrides)
-        .stdout(log.try_clone().map_err(|e| Error::io(dir, e))?)
-        .stderr(log);
+    let stage_out = dir.join("stage.json");
+    let mut cmd = match matrix.job {
+        JobKind::Demo => {
+            let mut cmd = std::process::Command::new(exe);
+            cmd.arg("demo")
+                .arg("--config")
+                .arg(&matrix.config)
+                .arg("--out")
+                .arg(&run_dir)
+                .arg("--train-users")
+                .arg(matrix.train_users.to_string())
+                .arg("--test-users")
+                .arg(matrix.test_users.to_string());
+            if let Some(r) = &matrix.ranker {
+                cmd.arg("--ranker").arg(r);
+            }
+            cmd.args(&overrides);
+            cmd
+        }
+        JobKind::Stage => {
+            let a = stage_args(&settings)?;
+            match settings.get("runner").map(String::as_str).unwrap_or("ragar") {
+                "ragar" => {
+                    let mut cmd = std::process::Command::new(exe);
+                    cmd.arg("stage-bench")
+                        .arg(&matrix.config)
+                        .arg("--out")
+                        .arg(&stage_out)
+                        .arg("--stage")
+                        .arg(serde_json::to_value(a.stage).unwrap_or_default().as_str().unwrap_or(""))
+                        .args(["--batch", &a.batch.to_string(), "--iters", &a.iters.to_string()])
+                        .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
+                        .args(["--size", &a.size.to_string()])
+                        .args(&overrides);
+                    cmd
+                }
+                "pytorch" => reference_command(matrix, &loaded, &a, dir, &stage_out)?,
+                other => {
+                    return Err(Error::config(format!(
+                        "job {}: bench.runner '{other}' (ragar or pytorch)",
+                        job.id
+                    )))
+                }
+            }
+        }
+    };
+    cmd.stdout(log.try_clone().map_err(|e| Error::io(dir, e))?).stderr(log);
     let start = std::time::Instant::now();
     let child = cmd.spawn().map_err(|e| Error::io(exe, e))?;
     let (success, peak_kib) = wait_with_peak(child)?;
@@ -317,6 +433,7 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
         timing: serde_json::Value::Null,
         latency: BTreeMap::new(),
         table4: BTreeMap::new(),
+        stage: None,
     };
     if !success {
         let text = std::fs::read_to_string(dir.join("log.txt")).unwrap_or_default();
@@ -327,6 +444,13 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
             .unwrap_or("the job's process failed");
         r.status = "failed".into();
         r.error = Some(format!("{last} (see {})", dir.join("log.txt").display()));
+        return Ok(r);
+    }
+    if matrix.job == JobKind::Stage {
+        let text = std::fs::read_to_string(&stage_out).map_err(|e| Error::io(&stage_out, e))?;
+        r.stage = Some(
+            serde_json::from_str(&text).map_err(|e| Error::invalid_input(format!("{}: {e}", stage_out.display())))?,
+        );
         return Ok(r);
     }
     for name in ["ragar", "untrained"] {
@@ -363,6 +487,47 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
         }
     }
     Ok(r)
+}
+
+/// The PyTorch reference of a stage job: `matrix.reference` (a script) run
+/// by `matrix.python` with `reference.json` (the stage, the component's
+/// resolved model folder, device, dtype and the bench arguments).
+fn reference_command(
+    matrix: &Matrix,
+    loaded: &crate::config::Loaded,
+    a: &crate::stage_bench::StageBenchArgs,
+    dir: &Path,
+    out: &Path,
+) -> Result<std::process::Command> {
+    use crate::stage_bench::BenchStage;
+    let script = matrix
+        .reference
+        .as_ref()
+        .ok_or_else(|| Error::config("bench.runner=pytorch needs `reference:` (the script) in the matrix"))?;
+    let stage = match a.stage {
+        BenchStage::Generator => ragar_core::Stage::Generator,
+        _ => ragar_core::Stage::Encoder,
+    };
+    let spec = loaded.spec(stage)?;
+    let block = loaded.config.component(stage).expect("spec found it");
+    let model_dir = block
+        .params
+        .get("model_dir")
+        .and_then(|v| v.as_str())
+        .map(|m| spec.resolve_path(m).display().to_string());
+    let request = serde_json::json!({
+        "component": block.name, "model_dir": model_dir, "device": block.device, "dtype": block.dtype,
+        "params": block.params, "args": a, "out": out,
+    });
+    let req_path = dir.join("reference.json");
+    crate::io::write_json(&req_path, &request)?;
+    let python = match &matrix.python {
+        Some(p) => PathBuf::from(p.replace("${RAGAR_CACHE}", &loaded.cache_dir().to_string_lossy())),
+        None => loaded.cache_dir().join("venv/bin/python"),
+    };
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).arg(&req_path);
+    Ok(cmd)
 }
 
 /// Wait for `child`; its exit success and peak resident set (KiB).
@@ -406,6 +571,12 @@ pub fn aggregate(out: &Path) -> Result<usize> {
     let all = collect(out)?;
     let list: Vec<&JobResult> = all.values().collect();
     crate::io::write_json(&out.join("results.json"), &list)?;
+    if list.iter().any(|r| r.stage.is_some()) {
+        let (csv, md) = stage_table(&list);
+        crate::io::write_atomic(&out.join("results.csv"), csv.as_bytes())?;
+        crate::io::write_atomic(&out.join("results.md"), md.as_bytes())?;
+        return Ok(list.len());
+    }
     let mut csv = String::from(
         "job,method,run,status,seconds,peak_rss_mib,p50_s,p90_s,p99_s,images_per_s,table4_recall10,table4_ndcg10",
     );
@@ -478,6 +649,87 @@ pub fn aggregate(out: &Path) -> Result<usize> {
     let ok: Vec<&JobResult> = list.iter().copied().filter(|r| r.status == "ok").collect();
     crate::plots::sweep_plots(&ok, &out.join("plots"))?;
     Ok(list.len())
+}
+
+/// The stage matrix's table: one row per job, grouped by what is compared
+/// (stage, component, device, dtype, batch); in each group every row's
+/// throughput against the fastest ragar backend and against the PyTorch
+/// reference (ratios > 1 = faster).
+fn stage_table(list: &[&JobResult]) -> (String, String) {
+    use crate::stage_bench::StageBenchResult;
+    let key = |s: &StageBenchResult| {
+        format!(
+            "{:?}|{}|{}|{}|{}",
+            s.stage, s.component, s.device, s.dtype, s.args.batch
+        )
+    };
+    let mut fastest: BTreeMap<String, f64> = BTreeMap::new();
+    let mut reference: BTreeMap<String, f64> = BTreeMap::new();
+    for s in list.iter().filter_map(|r| r.stage.as_ref()) {
+        let slot = if s.runner == "pytorch" {
+            &mut reference
+        } else {
+            &mut fastest
+        };
+        let e = slot.entry(key(s)).or_insert(0.0);
+        *e = e.max(s.items_per_s);
+    }
+    let mut csv = String::from(
+        "job,status,stage,component,runner,backend,device,dtype,batch,iters,items_per_s,p50_ms,p90_ms,p99_ms,peak_rss_mib,vs_fastest_ragar,vs_pytorch\n",
+    );
+    let mut md = String::from(
+        "| stage | component | backend | device | dtype | batch | items/s | p50 ms | p90 ms | p99 ms | peak MiB | / fastest ragar | / PyTorch |\n\
+         |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in list {
+        let Some(s) = &r.stage else {
+            csv += &format!("{},{},,,,,,,,,,,,,{:.1},,\n", r.job.id, r.status, r.peak_rss_mib);
+            md += &format!("| {} ({}) | | | | | | | | | | | | |\n", r.job.id, r.status);
+            continue;
+        };
+        let ratio = |m: &BTreeMap<String, f64>| m.get(&key(s)).filter(|v| **v > 0.0).map(|v| s.items_per_s / v);
+        let (vf, vp) = (ratio(&fastest), ratio(&reference));
+        let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+        let ms = |v: f64| v * 1000.0;
+        csv += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{:.3},{:.3},{:.3},{:.1},{},{}\n",
+            r.job.id,
+            r.status,
+            serde_json::to_value(s.stage).unwrap_or_default().as_str().unwrap_or(""),
+            s.component,
+            s.runner,
+            s.backend,
+            s.device,
+            s.dtype,
+            s.args.batch,
+            s.args.iters,
+            s.items_per_s,
+            ms(s.latency.p50),
+            ms(s.latency.p90),
+            ms(s.latency.p99),
+            r.peak_rss_mib,
+            f(vf),
+            f(vp)
+        );
+        let na = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}x"));
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} |\n",
+            serde_json::to_value(s.stage).unwrap_or_default().as_str().unwrap_or(""),
+            s.component,
+            s.backend,
+            s.device,
+            s.dtype,
+            s.args.batch,
+            s.items_per_s,
+            ms(s.latency.p50),
+            ms(s.latency.p90),
+            ms(s.latency.p99),
+            r.peak_rss_mib,
+            na(vf),
+            na(vp)
+        );
+    }
+    (csv, md)
 }
 
 /// Join shard folders into `out`: every job's folder is copied in; one job

@@ -21,6 +21,7 @@ pub mod plots;
 pub mod ranking;
 pub mod registry;
 pub mod report;
+pub mod stage_bench;
 
 // A plugin crate the binary never references is dropped by the linker, and
 // its inventory registrations with it: name each linked plugin once.

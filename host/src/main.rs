@@ -130,6 +130,35 @@ enum Command {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// Time one stage as configured (the unit of configs/bench/backends.yaml):
+    /// per-call latency percentiles and items/s after warm-up calls.
+    StageBench {
+        /// Config file.
+        config: PathBuf,
+        /// encoder-text, encoder-image or generator.
+        #[arg(long)]
+        stage: String,
+        /// Inputs per call.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed calls.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Untimed calls first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Generator: denoising steps.
+        #[arg(long, default_value_t = 4)]
+        steps: u32,
+        /// Image side (generator output, encoder-image input).
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        /// Write the result here (JSON) as well as printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
     /// The paper's Table 4: Recall@10 / NDCG@10 of the ranker trained with
     /// the original images (ORI) and with each run's generated images in
     /// place of the reference images; writes table4.{json,md} into --out.
@@ -408,6 +437,41 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::StageBench {
+            config,
+            stage,
+            batch,
+            iters,
+            warmup,
+            steps,
+            size,
+            out,
+            overrides,
+        } => {
+            let (loaded, registry) = commands::open(Some(&config), &overrides)?;
+            let args = ragar_host::stage_bench::StageBenchArgs {
+                stage: ragar_host::stage_bench::BenchStage::parse(&stage)?,
+                batch,
+                iters,
+                warmup,
+                steps,
+                size,
+            };
+            let r = ragar_host::stage_bench::run(&loaded, &registry, &args)?;
+            println!(
+                "{}: {:.2} items/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms ({} calls)",
+                r.label(),
+                r.items_per_s,
+                r.latency.p50 * 1e3,
+                r.latency.p90 * 1e3,
+                r.latency.p99 * 1e3,
+                r.latency.n
+            );
+            if let Some(o) = out {
+                ragar_host::io::write_json(&o, &r)?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Table4 {
             config,

@@ -124,3 +124,60 @@ fn copy(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A stage matrix (`job: stage`): CLIP image encoding on the three
+/// backends and the PyTorch reference row, each a child process timed
+/// after warm-up; tabled with ratios against the fastest backend and
+/// against PyTorch. Unknown `bench.*` settings name the valid ones.
+#[test]
+fn stage_matrix_times_every_backend_and_the_pytorch_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("stages.yaml");
+    let methods = ["candle", "ort", "tch"]
+        .iter()
+        .map(|b| format!("  clip-image__{b}: [bench.stage=encoder-image, encoder.backend={b}]\n"))
+        .collect::<String>();
+    std::fs::write(
+        &m,
+        format!(
+            "config: {}\njob: stage\nreference: {}\nbench: {{batch: 2, iters: 3, warmup: 1, size: 96}}\nmethods:\n{methods}  clip-image__pytorch: [bench.stage=encoder-image, bench.runner=pytorch]\n",
+            root().join("configs/bench/backends-base.yaml").display(),
+            root().join("scripts/bench_reference.py").display(),
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let (ok, t) = bench(&[m.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(ok && t.contains("4 jobs ok, 0 failed"), "{t}");
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let mut runners = Vec::new();
+    for r in &all {
+        let s = &r["stage"];
+        assert_eq!(s["latency"]["n"].as_u64(), Some(3), "{r}");
+        assert!(s["items_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0, "{r}");
+        runners.push(s["backend"].as_str().unwrap().to_string());
+    }
+    runners.sort();
+    assert_eq!(runners, ["candle", "ort", "pytorch", "tch"]);
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("/ fastest ragar") && md.contains("/ PyTorch"), "{md}");
+    let pytorch_row = md.lines().find(|l| l.contains("| pytorch |")).unwrap();
+    assert!(pytorch_row.ends_with("| 1.00x |"), "{pytorch_row}");
+    assert!(md.lines().filter(|l| l.contains("| 1.00x | ")).count() >= 1, "{md}");
+
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&m)
+            .unwrap()
+            .replace("iters: 3", "iterations: 3"),
+    )
+    .unwrap();
+    let (ok, t) = bench(&[bad.to_str().unwrap(), "--out", tmp.path().join("b").to_str().unwrap()]);
+    assert!(
+        !ok && t.contains("bench.iterations") && t.contains("bench.iters"),
+        "{t}"
+    );
+}

@@ -1,0 +1,234 @@
+//! `ragar stage-bench`: one stage's throughput and latency as configured
+//! (component, backend, device, dtype), the unit of the backends matrix
+//! (`configs/bench/backends.yaml`, run by `ragar bench`).
+//!
+//! A call is what the pipeline makes: `batch` texts or images to the
+//! Encoder, `batch` generation requests to the Generator. `warmup` calls
+//! are made first and not counted (first-call costs: graph optimisation,
+//! allocator growth, CUDA context); then `iters` calls are timed one by
+//! one. Reported: per-call latency percentiles (NumPy's linear method) and
+//! items per second over the timed calls; the parent `ragar bench` adds
+//! the process's peak memory. Inputs are fixed and made here: product
+//! titles by a fixed rule, images as seeded noise over a colour gradient
+//! (decoding is not the stage's cost), prompts of the same titles. `scripts/bench_reference.py`
+//! times the PyTorch reference on the same inputs and writes the same file.
+
+use crate::config::Loaded;
+use crate::registry::Registry;
+use ragar_core::metrics::latency::Latency;
+use ragar_core::{Error, Image, Result};
+use serde::{Deserialize, Serialize};
+
+/// Which stage call is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchStage {
+    /// `Encoder::embed_text`.
+    EncoderText,
+    /// `Encoder::embed_image`.
+    EncoderImage,
+    /// `Generator::generate`.
+    Generator,
+}
+
+impl BenchStage {
+    /// Parse `encoder-text`, `encoder-image` or `generator`.
+    pub fn parse(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| {
+            Error::config(format!(
+                "unknown bench stage '{s}' (encoder-text, encoder-image, generator)"
+            ))
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BenchStage::EncoderText => "encoder-text",
+            BenchStage::EncoderImage => "encoder-image",
+            BenchStage::Generator => "generator",
+        }
+    }
+}
+
+/// What to time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StageBenchArgs {
+    /// The call.
+    pub stage: BenchStage,
+    /// Inputs per call.
+    pub batch: usize,
+    /// Timed calls.
+    pub iters: usize,
+    /// Untimed calls first.
+    pub warmup: usize,
+    /// Generator: denoising steps.
+    pub steps: u32,
+    /// Generator: image side in pixels; encoder-image: input image side.
+    pub size: u32,
+}
+
+/// What `ragar stage-bench` writes (and `scripts/bench_reference.py`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StageBenchResult {
+    /// `ragar` or `pytorch`.
+    pub runner: String,
+    /// The timed call.
+    pub stage: BenchStage,
+    /// Component name (`clip`, `minilm`, `stable-diffusion`).
+    pub component: String,
+    /// Backend (`candle`, `ort`, `tch`; the reference: `pytorch`).
+    pub backend: String,
+    /// Device as configured.
+    pub device: String,
+    /// Dtype as configured.
+    pub dtype: String,
+    /// The arguments.
+    pub args: StageBenchArgs,
+    /// Per-call seconds over the timed calls.
+    pub latency: Latency,
+    /// Inputs per second over the timed calls.
+    pub items_per_s: f64,
+    /// Threads the process could use.
+    pub threads: usize,
+}
+
+/// `n` product titles, the same for every runner (seeded).
+pub fn texts(n: usize) -> Vec<String> {
+    const ADJ: [&str; 8] = [
+        "oversized",
+        "embroidered",
+        "relaxed",
+        "slim",
+        "vintage",
+        "pleated",
+        "cropped",
+        "quilted",
+    ];
+    const COLOUR: [&str; 8] = [
+        "navy", "burgundy", "beige", "olive", "ivory", "charcoal", "coral", "mustard",
+    ];
+    const STUFF: [&str; 6] = ["silk", "suede", "cashmere", "denim", "linen", "wool"];
+    const ITEM: [&str; 8] = [
+        "sandals", "shorts", "hoodie", "blazer", "dress", "sneakers", "scarf", "cardigan",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "{} {} {} {}, size {}",
+                ADJ[i % 8],
+                COLOUR[(i / 8) % 8],
+                STUFF[(i / 64) % 6],
+                ITEM[(i * 7 + 3) % 8],
+                ["XS", "S", "M", "L", "XL"][i % 5]
+            )
+        })
+        .collect()
+}
+
+/// `n` images of `size` x `size`: a colour gradient with seeded noise.
+pub fn images(n: usize, size: u32) -> Result<Vec<Image>> {
+    let mut g = ragar_core::rng::TorchGenerator::new(7);
+    (0..n)
+        .map(|k| {
+            let s = size as usize;
+            let noise = g.randn(s * s)?;
+            let rgb = (0..s * s)
+                .flat_map(|p| {
+                    let (x, y) = ((p % s) as f32 / s as f32, (p / s) as f32 / s as f32);
+                    let z = noise[p] * 20.0;
+                    [x * 255.0 + z, y * 255.0 - z, ((k * 37) % 256) as f32 + z]
+                })
+                .map(|v| v.clamp(0.0, 255.0) as u8)
+                .collect();
+            Image::new(size, size, rgb)
+        })
+        .collect()
+}
+
+fn time(args: &StageBenchArgs, mut call: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..args.warmup {
+        call()?;
+    }
+    (0..args.iters)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            call()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+/// Time the configured stage.
+pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Result<StageBenchResult> {
+    use ragar_core::stage::{Conditioning, GenerationRequest};
+    registry.ensure_loaded()?;
+    if args.batch == 0 || args.iters == 0 {
+        return Err(Error::config("stage-bench: batch and iters must be at least 1"));
+    }
+    let stage = match args.stage {
+        BenchStage::Generator => ragar_core::Stage::Generator,
+        _ => ragar_core::Stage::Encoder,
+    };
+    let block = loaded
+        .config
+        .component(stage)
+        .ok_or_else(|| Error::config(format!("the config has no `{}` block", crate::config::stage_key(stage))))?
+        .clone();
+    let seconds = match args.stage {
+        BenchStage::EncoderText => {
+            let enc = registry.encoder(loaded)?;
+            let t = texts(args.batch);
+            time(args, || enc.embed_text(&t).map(|_| ()))?
+        }
+        BenchStage::EncoderImage => {
+            let enc = registry.encoder(loaded)?;
+            let im = images(args.batch, args.size)?;
+            time(args, || enc.embed_image(&im).map(|_| ()))?
+        }
+        BenchStage::Generator => {
+            let gen = registry.generator(loaded)?;
+            let reqs: Vec<GenerationRequest> = texts(args.batch)
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| GenerationRequest {
+                    cond: Conditioning::Text(t.as_str().into()),
+                    negative: ragar_core::abi_stable::std_types::ROption::RNone,
+                    seed: i as u64,
+                    steps: args.steps,
+                    guidance: 7.5,
+                    width: args.size,
+                    height: args.size,
+                })
+                .collect();
+            time(args, || gen.generate(&reqs).map(|_| ()))?
+        }
+    };
+    let latency = Latency::of(&seconds).ok_or_else(|| Error::model("stage-bench: no valid timing"))?;
+    Ok(StageBenchResult {
+        runner: "ragar".into(),
+        stage: args.stage,
+        component: block.name.clone(),
+        backend: block.backend.clone(),
+        device: block.device.clone(),
+        dtype: block.dtype.clone(),
+        items_per_s: latency.per_second * args.batch as f64,
+        latency,
+        args: args.clone(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+impl StageBenchResult {
+    /// A row label: `stage component backend device dtype batch`.
+    pub fn label(&self) -> String {
+        format!(
+            "{} {} {} {} {} b{}",
+            self.stage.name(),
+            self.component,
+            self.backend,
+            self.device,
+            self.dtype,
+            self.args.batch
+        )
+    }
+}
