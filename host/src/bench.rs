@@ -62,7 +62,8 @@ pub struct Matrix {
     /// relative to the matrix file.
     #[serde(default)]
     pub reference: Option<PathBuf>,
-    /// Its interpreter (default `${RAGAR_CACHE}/venv/bin/python`).
+    /// Its interpreter (default `${RAGAR_CACHE}/venv/bin/python`; the
+    /// environment's `RAGAR_PYTHON` wins).
     #[serde(default)]
     pub python: Option<String>,
 }
@@ -521,9 +522,10 @@ fn reference_command(
     });
     let req_path = dir.join("reference.json");
     crate::io::write_json(&req_path, &request)?;
-    let python = match &matrix.python {
-        Some(p) => PathBuf::from(p.replace("${RAGAR_CACHE}", &loaded.cache_dir().to_string_lossy())),
-        None => loaded.cache_dir().join("venv/bin/python"),
+    let python = match (std::env::var_os("RAGAR_PYTHON"), &matrix.python) {
+        (Some(p), _) => PathBuf::from(p),
+        (None, Some(p)) => PathBuf::from(p.replace("${RAGAR_CACHE}", &loaded.cache_dir().to_string_lossy())),
+        (None, None) => loaded.cache_dir().join("venv/bin/python"),
     };
     let mut cmd = std::process::Command::new(python);
     cmd.arg(script).arg(&req_path);

@@ -103,6 +103,37 @@ impl Config {
             Stage::Ranker => self.ranker.as_ref(),
         }
     }
+
+    /// ONNX Runtime's CUDA provider and libtorch's CUDA build each bring
+    /// their own CUDA libraries (cuBLAS, cuDNN, ...), loaded into one
+    /// process when one config puts an `ort` and a `tch` component on CUDA;
+    /// two versions of one library in a process may clash (wrong symbols,
+    /// crashes at the first kernel). The warning, when that is so.
+    pub fn cuda_backends_clash(&self) -> Option<String> {
+        let blocks: Vec<(String, &ComponentConfig)> = Stage::ALL
+            .iter()
+            .filter_map(|s| self.component(*s).map(|c| (stage_key(*s), c)))
+            .chain(self.image_encoder.as_ref().map(|c| ("image_encoder".to_string(), c)))
+            .collect();
+        let on_cuda = |backend: &str| -> Vec<String> {
+            blocks
+                .iter()
+                .filter(|(_, c)| c.backend == backend && c.device.starts_with("cuda"))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let (ort, tch) = (on_cuda("ort"), on_cuda("tch"));
+        if ort.is_empty() || tch.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{} on ONNX Runtime CUDA and {} on libtorch CUDA share one process: their CUDA libraries \
+             (cuBLAS, cuDNN) may clash. If it fails, put those stages on one CUDA backend (or one on \
+             the CPU); running each backend in its own process is the planned fix",
+            ort.join(", "),
+            tch.join(", ")
+        ))
+    }
 }
 
 /// The config key of a stage's block (`keyword_llm` for `keyword-llm`).

@@ -609,6 +609,9 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
         Command::Validate { config, overrides } => {
             let (loaded, registry) = commands::open(Some(&config), &overrides)?;
             let problems = commands::validate(&loaded, &registry);
+            if let Some(w) = loaded.config.cuda_backends_clash() {
+                eprintln!("warning: {w}");
+            }
             if problems.is_empty() {
                 println!("{}: ok", config.display());
                 Ok(ExitCode::SUCCESS)

@@ -727,6 +727,9 @@ impl<'a> Pipeline<'a> {
 /// Build the stages a command needs from the registry.
 pub fn build_stages(loaded: &Loaded, registry: &Registry, need: &[Stage], method: &MethodConfig) -> Result<Stages> {
     registry.ensure_loaded()?;
+    if let Some(w) = loaded.config.cuda_backends_clash() {
+        eprintln!("warning: {w}");
+    }
     let has = |s: Stage| need.contains(&s);
     let ident = |s: Stage| identity(loaded, registry, s);
     Ok(Stages {

@@ -1,6 +1,7 @@
 // Shared build script (ragar-tch, ragar-tch-plugin, ragar-host with `tch`):
 // find libtorch at run time without LD_LIBRARY_PATH, by an rpath to
-// $LIBTORCH/lib (LIBTORCH is set by .cargo/config.toml to the cache's link).
+// $LIBTORCH/lib (LIBTORCH is set by .cargo/config.toml to the cache's link),
+// and with the `cuda` feature link libtorch's CUDA library for real.
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let host = std::env::var("CARGO_PKG_NAME").is_ok_and(|n| n == "ragar-host");
@@ -11,5 +12,11 @@ fn main() {
         let lib = std::path::Path::new(&dir).join("lib");
         let lib = lib.canonicalize().unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    }
+    // With `cuda`, keep libtorch_cuda.so: nothing references its symbols
+    // directly, so `--as-needed` would drop it and libtorch would then see
+    // no CUDA device (notes/native-backends.md).
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }

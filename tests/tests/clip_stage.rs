@@ -180,3 +180,37 @@ fn a_non_image_file_is_named_with_its_line() {
         "{out}"
     );
 }
+
+#[test]
+fn cuda_without_a_gpu_is_an_error_on_every_backend_and_auto_runs_on_the_cpu() {
+    // This machine has no GPU (and the default build no CUDA): `cuda:0`
+    // must fail with a reason, never fall back silently; `auto` may.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("t.txt");
+    std::fs::write(&input, "a cat\n").unwrap();
+    for b in BACKENDS {
+        let stage = |device: &str| {
+            run(Command::new(ragar()).current_dir(root()).args([
+                "stage",
+                "encoder",
+                "--config",
+                "configs/components/clip.yaml",
+                "--text-file",
+                input.to_str().unwrap(),
+                "--out",
+                dir.path().join(format!("{b}.json")).to_str().unwrap(),
+                &format!(
+                    "encoder.params.model_dir={}",
+                    cache().join("models/clip-tiny-e2e").display()
+                ),
+                &format!("encoder.backend={b}"),
+                &format!("encoder.device={device}"),
+            ]))
+        };
+        let o = stage("cuda:0");
+        let t = text(&o);
+        assert!(!o.status.success() && t.contains("CUDA was asked for"), "{b}: {t}");
+        let o = stage("auto");
+        assert!(o.status.success(), "{b} auto: {}", text(&o));
+    }
+}

@@ -162,3 +162,34 @@ fn validate_catches_miswiring_before_loading_weights() {
         assert!(o.status.success(), "{backend}: {}", text(&o));
     }
 }
+
+#[test]
+fn ort_and_tch_both_on_cuda_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "clash.yaml",
+        &format!(
+            "encoder:\n  name: minilm\n  backend: ort\n  device: cuda:0\n  params: {{model_dir: {m}}}\n\
+             generator:\n  name: stable-diffusion\n  backend: tch\n  device: cuda:0\n  params: {{model_dir: {s}}}\n",
+            m = cache().join("models/all-MiniLM-L6-v2").display(),
+            s = cache().join("models/sd-tiny").display()
+        ),
+    );
+    let o = run(Command::new(ragar()).arg("validate").arg(&cfg));
+    let out = text(&o);
+    assert!(
+        out.contains("warning: encoder on ONNX Runtime CUDA and generator on libtorch CUDA share one process"),
+        "{out}"
+    );
+    // One of them on the CPU: no warning.
+    let cfg = write(
+        dir.path(),
+        "fine.yaml",
+        &std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replacen("device: cuda:0", "device: cpu", 1),
+    );
+    let o = run(Command::new(ragar()).arg("validate").arg(&cfg));
+    assert!(!text(&o).contains("share one process"), "{}", text(&o));
+}
