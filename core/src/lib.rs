@@ -30,6 +30,7 @@ pub mod diffusion;
 pub mod error;
 pub mod files;
 pub mod keywords;
+pub mod mapper;
 pub mod metrics;
 #[cfg(feature = "hub")]
 pub mod model;

@@ -7,7 +7,9 @@
 //! DDIM, DPM-Solver++ and Euler ancestral. The sampler loop is one piece of
 //! code (`ragar_core::diffusion`) for all three. Then one pipeline that mixes
 //! backends across stages: `ragar demo` with the encoder on ort, the
-//! generator on tch and the Mapper and ranker on candle.
+//! generator on tch and the Mapper and ranker on candle; its trained Mapper,
+//! exported by scripts/export_mapper.py, then runs on ort and on tch and
+//! gives the same images as on candle.
 
 use ragar_tests::*;
 use std::path::Path;
@@ -108,4 +110,54 @@ fn a_pipeline_mixes_backends_across_stages() {
     assert!(line("generator.backend =").contains("\"tch\""), "{config}");
     assert!(line("mapper.backend =").contains("\"candle\""), "{config}");
     assert!(out.join("ragar/metrics.json").is_file() && out.join("report.html").is_file());
+
+    // The trained Mapper exported, then on ort and tch in the same pipeline.
+    let ckpt = out.join("train/mapper.safetensors");
+    let o = run(Command::new(cache().join("venv/bin/python"))
+        .current_dir(root())
+        .arg("scripts/export_mapper.py")
+        .arg(&ckpt));
+    assert!(o.status.success(), "{}", text(&o));
+    let candle_image = std::fs::read_dir(out.join("ragar/images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let want = image::open(&candle_image).unwrap().to_rgb8().into_raw();
+    for backend in ["ort", "tch"] {
+        let dir = tmp.path().join(format!("mapper-{backend}"));
+        let o = run(Command::new(ragar()).current_dir(root()).args([
+            "run",
+            "configs/demo.yaml",
+            "--split",
+            "test",
+            "--limit",
+            "1",
+            "--out",
+            dir.to_str().unwrap(),
+            "dataset.merged_users=30",
+            &format!("stage_cache={}", tmp.path().join("stage.redb").display()),
+            "encoder.backend=ort",
+            "generator.backend=tch",
+            &format!(
+                "ranker.params.checkpoint={}",
+                out.join("ranker/micro.safetensors").display()
+            ),
+            &format!("mapper.params.checkpoint={}", ckpt.display()),
+            &format!("mapper.backend={backend}"),
+        ]));
+        assert!(o.status.success(), "{backend}: {}", text(&o));
+        let got = image::open(dir.join("images").join(candle_image.file_name().unwrap()))
+            .unwrap()
+            .to_rgb8()
+            .into_raw();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as i32 - b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "mapper on {backend}: {worst} levels from candle's image");
+    }
 }

@@ -40,87 +40,7 @@ use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutpu
 use ragar_core::{ComponentSpec, Error, Result};
 use std::collections::BTreeMap;
 
-/// Shapes and hyper-parameters (`params` of the `mapper` component).
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MapperConfig {
-    /// LLM width of the [IMG] states and the text-related embedding.
-    pub input_dim: usize,
-    /// [IMG] tokens per sample.
-    #[serde(default = "eight")]
-    pub n_img_tokens: usize,
-    /// Width of the keyword feature.
-    pub keyword_dim: usize,
-    /// Width of the retrieval-augmented preference (Eq. 5).
-    pub retrieval_dim: usize,
-    /// Width of a vector semantic target (Eq. 14); 0 = `[n_queries, output_dim]` targets.
-    #[serde(default)]
-    pub semantic_dim: usize,
-    /// Transformer width (GILL: 512).
-    #[serde(default = "d512")]
-    pub hidden_dim: usize,
-    /// Encoder and decoder layers each (GILL: 4).
-    #[serde(default = "four")]
-    pub layers: usize,
-    /// Heads (GILL: 4).
-    #[serde(default = "four")]
-    pub heads: usize,
-    /// Feed-forward width (GILL: 2048).
-    #[serde(default = "d2048")]
-    pub ffn_dim: usize,
-    /// Learned queries = output tokens (77 for SD 1.5).
-    #[serde(default = "d77")]
-    pub n_queries: usize,
-    /// Output width (768 for SD 1.5).
-    #[serde(default = "d768")]
-    pub output_dim: usize,
-    /// Calibrator heads.
-    #[serde(default = "eight")]
-    pub calibrator_heads: usize,
-    /// Tokens the keyword feature is projected into for the calibrator's attention.
-    #[serde(default = "four")]
-    pub keyword_tokens: usize,
-    /// AdamW betas, epsilon and weight decay (torch's defaults but GILL's beta2 0.95).
-    #[serde(default = "betas")]
-    pub betas: (f64, f64),
-    /// AdamW epsilon.
-    #[serde(default = "adam_eps")]
-    pub adam_eps: f64,
-    /// AdamW decoupled weight decay.
-    #[serde(default = "wd")]
-    pub weight_decay: f64,
-    /// Seed of the initial weights.
-    #[serde(default)]
-    pub seed: u64,
-}
-
-fn eight() -> usize {
-    8
-}
-fn four() -> usize {
-    4
-}
-fn d512() -> usize {
-    512
-}
-fn d2048() -> usize {
-    2048
-}
-fn d77() -> usize {
-    77
-}
-fn d768() -> usize {
-    768
-}
-fn betas() -> (f64, f64) {
-    (0.9, 0.95)
-}
-fn adam_eps() -> f64 {
-    1e-8
-}
-fn wd() -> f64 {
-    0.01
-}
+pub use ragar_core::mapper::MapperConfig;
 
 /// The parameters, by checkpoint name.
 struct Params(BTreeMap<String, Var>);
@@ -291,7 +211,7 @@ impl RagarMapper {
     /// Build from `params:` (see [`MapperConfig`]), plus an optional
     /// `checkpoint` to resume from.
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
-        let (cfg, ckpt) = parse(spec)?;
+        let (cfg, ckpt) = ragar_core::mapper::parse_params(spec)?;
         let mut m = RagarMapper::new(cfg, device(spec)?)?;
         if let Some(path) = ckpt {
             m.load(&path)?;
@@ -301,20 +221,7 @@ impl RagarMapper {
 
     /// Facts for `ragar validate`'s wiring checks.
     pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
-        let (c, ckpt) = parse(spec)?;
-        let mut p = Probe::default()
-            .fact("input_dim", c.input_dim as u64)
-            .fact("keyword_dim", c.keyword_dim as u64)
-            .fact("output_tokens", c.n_queries as u64)
-            .fact("output_dim", c.output_dim as u64)
-            .fact("retrieval_dim", c.retrieval_dim as u64);
-        if c.semantic_dim != 0 {
-            p = p.fact("semantic_dim", c.semantic_dim as u64);
-        }
-        if let Some(path) = ckpt {
-            p = p.file(std::path::Path::new(&path))?;
-        }
-        Ok(p)
+        ragar_core::mapper::probe(spec, |p: &str| std::path::PathBuf::from(p))
     }
 
     /// Eq. 8: the Modal Mapper over a batch `[b, 1 + n_img, d_llm]`.
@@ -357,34 +264,7 @@ impl RagarMapper {
     /// Stack a batch of inputs into `[b, 1 + n_img, d]` and `[b, kw]` tensors, checking shapes.
     fn stack(&self, inputs: &[MapperInput]) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
-        let mut xs = Vec::with_capacity(inputs.len());
-        let mut kws = Vec::with_capacity(inputs.len());
-        for (i, inp) in inputs.iter().enumerate() {
-            let bad = |what: &str, got: Vec<usize>, want: String| {
-                Error::invalid_input(format!("mapper input {i}: {what} of shape {got:?}, expected {want}"))
-            };
-            if inp.img_states.dims() != [c.n_img_tokens, c.input_dim] {
-                return Err(bad(
-                    "img_states",
-                    inp.img_states.dims(),
-                    format!("[{}, {}]", c.n_img_tokens, c.input_dim),
-                ));
-            }
-            if inp.text_embedding.dims() != [c.input_dim] {
-                return Err(bad(
-                    "text_embedding",
-                    inp.text_embedding.dims(),
-                    format!("[{}]", c.input_dim),
-                ));
-            }
-            let kd = inp.keyword_feature.dims();
-            if kd != [c.keyword_dim] {
-                return Err(bad("keyword_feature", kd, format!("[{}]", c.keyword_dim)));
-            }
-            xs.extend(inp.text_embedding.to_f32_vec());
-            xs.extend(inp.img_states.to_f32_vec());
-            kws.extend(inp.keyword_feature.to_f32_vec());
-        }
+        let (xs, kws) = ragar_core::mapper::stack_inputs(c, inputs)?;
         let b = inputs.len();
         let x =
             Tensor::from_vec(xs, (b, 1 + c.n_img_tokens, c.input_dim), &self.device).map_err(model_err("mapper"))?;
@@ -569,32 +449,9 @@ fn one_minus_cos(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     (dot / ((na * nb)? + 1e-8)?)?.neg()? + 1.0
 }
 
-fn parse(spec: &ComponentSpec) -> Result<(MapperConfig, Option<String>)> {
-    let mut v: serde_json::Value = spec.params()?;
-    let ckpt = match v.as_object_mut().and_then(|o| o.remove("checkpoint")) {
-        Some(serde_json::Value::String(p)) => Some(spec.resolve_path(&p).to_string_lossy().into_owned()),
-        Some(other) => {
-            return Err(Error::config(format!(
-                "{}.params.checkpoint: expected a path, got {other}",
-                spec.key
-            )))
-        }
-        None => None,
-    };
-    let cfg: MapperConfig =
-        serde_json::from_value(v).map_err(|e| Error::config(format!("{}.params: {e}", spec.key)))?;
-    Ok((cfg, ckpt))
-}
-
 impl Mapper for RagarMapper {
     fn info(&self) -> MapperInfo {
-        MapperInfo {
-            input_dim: self.cfg.input_dim as u32,
-            n_img_tokens: self.cfg.n_img_tokens as u32,
-            keyword_dim: self.cfg.keyword_dim as u32,
-            n_queries: self.cfg.n_queries as u32,
-            output_dim: self.cfg.output_dim as u32,
-        }
+        self.cfg.info()
     }
 
     fn forward(&self, inputs: &[MapperInput]) -> Result<Vec<MapperOutput>> {

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+pub mod mapper;
 pub mod minilm;
 pub mod runtime;
 pub mod stable_diffusion;
@@ -34,6 +35,16 @@ pub fn components() -> Vec<Component> {
             "CLIP text + image encoder from ONNX graphs (text_model.onnx, vision_model.onnx; scripts/export_clip.py)",
             clip::ClipEncoder::load,
             |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+        ),
+        component!(
+            Mapper,
+            "ragar",
+            "ort",
+            ["cpu", "cuda"],
+            "RAGAR's Mapper for inference from the ONNX graph of a trained checkpoint (<checkpoint>.onnx; \
+             scripts/export_mapper.py)",
+            mapper::OrtMapper::load_component,
+            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, mapper::graph_of)
         ),
         component!(
             Generator,

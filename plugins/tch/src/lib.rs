@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+pub mod mapper;
 pub mod minilm;
 pub mod stable_diffusion;
 
@@ -32,6 +33,16 @@ pub fn components() -> Vec<Component> {
             "CLIP text + image encoder from TorchScript modules (text_model.ts, vision_model.ts; scripts/export_clip.py)",
             clip::ClipEncoder::load,
             |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+        ),
+        component!(
+            Mapper,
+            "ragar",
+            "tch",
+            ["cpu", "cuda"],
+            "RAGAR's Mapper for inference from the TorchScript module of a trained checkpoint (<checkpoint>.ts; \
+             scripts/export_mapper.py)",
+            mapper::TchMapper::load_component,
+            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, mapper::module_of)
         ),
         component!(
             Generator,

@@ -1,0 +1,76 @@
+"""Export a trained Mapper checkpoint (what `ragar train` writes:
+mapper.safetensors with its `mapper_config` metadata) to the graphs ragar's
+ort and tch Mappers read for inference, next to the checkpoint:
+
+  <stem>.onnx / <stem>.ts   x [b, 1 + n_img_tokens, input_dim] f32 (the
+                            text-related embedding, then the [IMG] states),
+                            kw [b, keyword_dim] f32
+                            -> mapped, preference [b, n_queries, output_dim]
+
+The model is scripts/ragar_mapper.py, the PyTorch transcription that
+candle's Mapper is parity-tested against; training stays on candle
+(autograd and the optimiser state live there). Checked against the eager
+model at another batch size.
+
+Usage: python scripts/export_mapper.py CHECKPOINT.safetensors
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ragar_mapper import Mapper  # noqa: E402
+
+
+def save(path, write):
+    write(path + ".part")
+    os.replace(path + ".part", path)
+
+
+def main(ckpt):
+    with safe_open(ckpt, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("ragar.mapper", "{}"))
+        if "mapper_config" not in meta:
+            sys.exit(f"{ckpt}: no ragar.mapper metadata with mapper_config (not a `ragar train` checkpoint)")
+        weights = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("optimizer.")}
+    c = meta["mapper_config"]
+    m = Mapper(c).eval()
+    missing, unexpected = m.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        sys.exit(f"{ckpt}: missing {missing}, unexpected {unexpected}")
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(2, 1 + c["n_img_tokens"], c["input_dim"], generator=g),
+               torch.randn(2, c["keyword_dim"], generator=g))
+    stem = os.path.splitext(ckpt)[0]
+    axes = {n: {0: "batch"} for n in ["x", "kw", "mapped", "preference"]}
+    # The fast path of nn.MultiheadAttention (eval, no grad) is not what the
+    # exporters should see: export the plain math.
+    torch.backends.mha.set_fastpath_enabled(False)
+    save(stem + ".onnx", lambda p: torch.onnx.export(
+        m, example, p, dynamo=False, opset_version=17, input_names=["x", "kw"],
+        output_names=["mapped", "preference"], dynamic_axes=axes))
+    with torch.no_grad():
+        traced = torch.jit.trace(m, example, check_trace=False)
+    save(stem + ".ts", traced.save)
+
+    import onnxruntime as ort
+    x = (torch.randn(3, 1 + c["n_img_tokens"], c["input_dim"], generator=g),
+         torch.randn(3, c["keyword_dim"], generator=g))
+    with torch.no_grad():
+        want = m(*x)
+        got_ts = torch.jit.load(stem + ".ts")(*x)
+    got_onnx = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"]).run(
+        None, {"x": x[0].numpy(), "kw": x[1].numpy()})
+    for i, name in enumerate(["mapped", "preference"]):
+        d_ts = (want[i] - got_ts[i]).abs().max().item()
+        d_onnx = abs(want[i].numpy() - got_onnx[i]).max()
+        print(f"{name} (batch 3): max |torch - torchscript| = {d_ts:.2e}, max |torch - onnx| = {d_onnx:.2e}")
+        assert d_ts < 1e-4 and d_onnx < 1e-4, "export does not reproduce the model"
+    print("wrote", stem + ".onnx", stem + ".ts")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
