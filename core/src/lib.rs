@@ -24,6 +24,7 @@
 #[cfg(feature = "text")]
 pub mod clip;
 pub mod component;
+pub mod content;
 pub mod data;
 #[cfg(feature = "text")]
 pub mod diffusion;

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+pub mod content_ranker;
 pub mod mapper;
 pub mod minilm;
 pub mod runtime;
@@ -45,6 +46,16 @@ pub fn components() -> Vec<Component> {
              scripts/export_mapper.py)",
             mapper::OrtMapper::load_component,
             |spec: &ComponentSpec| ragar_core::mapper::probe(spec, mapper::graph_of)
+        ),
+        component!(
+            Ranker,
+            "content",
+            "ort",
+            ["cpu", "cuda"],
+            "The content-based sequential ranker trained on candle, scoring from its ONNX graph \
+             (<state>.onnx; scripts/export_content_ranker.py)",
+            content_ranker::OrtContentRanker::load_component,
+            |spec: &ComponentSpec| ragar_core::content::probe(spec, "ort", "onnx")
         ),
         component!(
             Generator,

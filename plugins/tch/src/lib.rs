@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+pub mod content_ranker;
 pub mod mapper;
 pub mod minilm;
 pub mod stable_diffusion;
@@ -43,6 +44,16 @@ pub fn components() -> Vec<Component> {
              scripts/export_mapper.py)",
             mapper::TchMapper::load_component,
             |spec: &ComponentSpec| ragar_core::mapper::probe(spec, mapper::module_of)
+        ),
+        component!(
+            Ranker,
+            "content",
+            "tch",
+            ["cpu", "cuda"],
+            "The content-based sequential ranker trained on candle, scoring from its TorchScript module \
+             (<state>.ts; scripts/export_content_ranker.py)",
+            content_ranker::TchContentRanker::load_component,
+            |spec: &ComponentSpec| ragar_core::content::probe(spec, "tch", "ts")
         ),
         component!(
             Generator,

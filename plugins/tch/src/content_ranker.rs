@@ -1,0 +1,83 @@
+//! The content ranker (trained on candle) scoring from the TorchScript
+//! module that `scripts/export_content_ranker.py` writes next to its state
+//! (`content.safetensors` -> `content.ts`). The state's item features and
+//! the query layout are `ragar_core::content`, the same as candle's.
+
+use crate::{device, first_line, load_module};
+use ragar_core::content::{checkpoint, ContentState};
+use ragar_core::stage::{RankQuery, Ranker};
+use ragar_core::{ComponentSpec, Error, Result};
+use std::path::Path;
+use std::sync::Mutex;
+use tch::{CModule, Kind, Tensor};
+
+/// The content ranker on libtorch.
+pub struct TchContentRanker {
+    // CModule is not Sync; the contract is `&self`.
+    module: Mutex<CModule>,
+    device: tch::Device,
+    state: ContentState,
+}
+
+impl TchContentRanker {
+    /// Build from the params' `checkpoint` (the trained state).
+    pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        let state = checkpoint(spec, "tch")?;
+        let device = device(spec)?;
+        Ok(TchContentRanker {
+            module: Mutex::new(load_module(&state.with_extension("ts"), device)?),
+            device,
+            state: ContentState::open(&state)?,
+        })
+    }
+
+    fn tensor(&self, v: &[f32], shape: [usize; 3]) -> Tensor {
+        Tensor::from_slice(v)
+            .reshape(shape.map(|d| d as i64))
+            .to_device(self.device)
+    }
+}
+
+impl Ranker for TchContentRanker {
+    fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
+        let (dv, dt) = self.state.dims;
+        let l = self.state.max_len;
+        let m = self
+            .module
+            .lock()
+            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+        queries
+            .iter()
+            .enumerate()
+            .map(|(qi, q)| {
+                let x = self.state.inputs(qi, q)?;
+                let mask = Tensor::from_slice(&x.mask)
+                    .reshape([1, l as i64])
+                    .to_device(self.device);
+                let inputs = [
+                    self.tensor(&x.hist_visual, [1, l, dv]),
+                    self.tensor(&x.hist_text, [1, l, dt]),
+                    mask,
+                    self.tensor(&x.cand_visual, [1, x.n, dv]),
+                    self.tensor(&x.cand_text, [1, x.n, dt]),
+                ];
+                let out = tch::no_grad(|| m.forward_ts(&inputs)).map_err(|e| {
+                    Error::model(format!("content ranker (TorchScript): {}", first_line(&e.to_string())))
+                })?;
+                let out = out
+                    .to_kind(Kind::Float)
+                    .to_device(tch::Device::Cpu)
+                    .contiguous()
+                    .view(-1);
+                Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+            })
+            .collect()
+    }
+
+    fn load(&mut self, path: &str) -> Result<()> {
+        let p = Path::new(path);
+        self.module = Mutex::new(load_module(&p.with_extension("ts"), self.device)?);
+        self.state = ContentState::open(p)?;
+        Ok(())
+    }
+}

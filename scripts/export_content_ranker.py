@@ -1,0 +1,120 @@
+"""Export a trained content ranker (`ragar train-ranker` with
+`ranker.name=content`: a safetensors state with `ragar.content` metadata) to
+the scoring graph ragar's ort and tch rankers read, next to the state:
+
+  <stem>.onnx / <stem>.ts
+      hist_visual [b, L, dv], hist_text [b, L, dt], mask [b, L] (1 = item,
+      0 = left padding; most recent item last), cand_visual [b, C, dv],
+      cand_text [b, C, dt] -> scores [b, C]
+  (ONNX leaves out the inputs of a modality the model does not have.)
+
+The model is the one plugins/candle/src/content_ranker.rs defines: items
+x = W_v v + W_t t; the user the attention-pooled history with a recency
+embedding (row 0 = most recent); score = p . x. Training stays on candle.
+Checked against the eager module at another batch and candidate count.
+
+Usage: python scripts/export_content_ranker.py STATE.safetensors
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class Content(nn.Module):
+    def __init__(self, w, dv, dt):
+        super().__init__()
+        self.dv, self.dt = dv, dt
+        self.visual = nn.Parameter(w["visual.weight"]) if dv else None
+        self.text = nn.Parameter(w["text.weight"]) if dt else None
+        self.recency = nn.Parameter(w["recency"])
+        self.att_w = nn.Parameter(w["attention.weight"])
+        self.att_q = nn.Parameter(w["attention.query"])
+
+    def embed(self, v, t):
+        x = 0
+        if self.dv:
+            x = v @ self.visual.T
+        if self.dt:
+            x = x + t @ self.text.T
+        return x
+
+    def forward(self, hist_visual, hist_text, mask, cand_visual, cand_text):
+        x = self.embed(hist_visual, hist_text)
+        length = x.shape[1]
+        h = x + self.recency[:length].flip(0)[None]
+        a = torch.tanh(h @ self.att_w.T)
+        logits = (a @ self.att_q.T).squeeze(2) + (mask - 1.0) * 1e9
+        w = torch.softmax(logits, dim=-1)
+        p = (w.unsqueeze(1) @ x).squeeze(1)
+        c = self.embed(cand_visual, cand_text)
+        return (c * p.unsqueeze(1)).sum(-1)
+
+
+def save(path, write):
+    write(path + ".part")
+    os.replace(path + ".part", path)
+
+
+def main(state):
+    with safe_open(state, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("ragar.content", "{}"))
+        if "params" not in meta:
+            sys.exit(f"{state}: no ragar.content metadata (not a content-ranker state)")
+        w = {k: f.get_tensor(k) for k in f.keys()}
+    dv, dt = w["features.visual"].shape[1], w["features.text"].shape[1]
+    length = meta["params"]["max_len"]
+    m = Content(w, dv, dt).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def example(b, c):
+        mask = torch.ones(b, length)
+        mask[0, : length // 2] = 0
+        return (torch.randn(b, length, dv, generator=g), torch.randn(b, length, dt, generator=g), mask,
+                torch.randn(b, c, dv, generator=g), torch.randn(b, c, dt, generator=g))
+
+    names = ["hist_visual", "hist_text", "mask", "cand_visual", "cand_text"]
+    keep = [n for n in names if not ((dv == 0 and "visual" in n) or (dt == 0 and "text" in n))]
+    stem = os.path.splitext(state)[0]
+    axes = {n: ({0: "batch", 1: "candidates"} if n.startswith("cand") else {0: "batch"}) for n in keep}
+    axes["scores"] = {0: "batch", 1: "candidates"}
+
+    class Onnx(nn.Module):  # only the present modalities' inputs
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *xs):
+            given = dict(zip(keep, xs))
+            full = [given.get(n, torch.zeros(xs[0].shape[0], xs[0].shape[1], 0)) for n in names]
+            return self.inner(*full)
+
+    ex = example(2, 7)
+    ex_keep = tuple(x for n, x in zip(names, ex) if n in keep)
+    save(stem + ".onnx", lambda p: torch.onnx.export(
+        Onnx(m), ex_keep, p, dynamo=False, opset_version=17, input_names=keep, output_names=["scores"],
+        dynamic_axes=axes))
+    with torch.no_grad():
+        traced = torch.jit.trace(m, ex, check_trace=False)
+    save(stem + ".ts", traced.save)
+
+    import onnxruntime as ort
+    x = example(3, 50)
+    with torch.no_grad():
+        want = m(*x)
+        got_ts = torch.jit.load(stem + ".ts")(*x)
+    sess = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"])
+    got_onnx = sess.run(None, {n: v.numpy() for n, v in zip(names, x) if n in keep})[0]
+    scale = want.abs().max().item() + 1e-12
+    d_ts = (want - got_ts).abs().max().item() / scale
+    d_onnx = abs(want.numpy() - got_onnx).max() / scale
+    print(f"scores (3 x 50): max relative |torch - torchscript| = {d_ts:.2e}, |torch - onnx| = {d_onnx:.2e}")
+    assert d_ts < 1e-5 and d_onnx < 1e-5, "export does not reproduce the model"
+    print("wrote", stem + ".onnx", stem + ".ts")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,82 @@
+//! The content ranker trained on candle, exported by
+//! scripts/export_content_ranker.py, scores on ort and tch as on candle:
+//! `ragar evaluate`'s ranks of the reference and of the generated image
+//! (among every catalogue item outside the history: over 1,300 candidates)
+//! are the same on the three backends.
+
+use ragar_tests::*;
+use std::process::Command;
+
+fn ragar_ok(args: &[String]) -> String {
+    let o = run(Command::new(ragar()).current_dir(root()).args(args));
+    assert!(o.status.success(), "{args:?}: {}", text(&o));
+    text(&o)
+}
+
+#[test]
+fn content_ranker_ranks_alike_on_every_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |f: &str| tmp.path().join(f).display().to_string();
+    let common = [
+        "dataset.merged_users=30".to_string(),
+        format!("stage_cache={}", p("stage.redb")),
+        "ranker.name=content".to_string(),
+        format!("ranker.params.checkpoint={}", p("content.safetensors")),
+    ];
+    let with = |head: &[&str]| -> Vec<String> { head.iter().map(|s| s.to_string()).chain(common.clone()).collect() };
+    // train-ranker takes the state path from --out, not from the checkpoint param.
+    let train: Vec<String> = ["train-ranker", "configs/demo.yaml", "--out", &p("content.safetensors")]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(common[..3].iter().cloned())
+        .collect();
+    ragar_ok(&train);
+    let o = run(Command::new(cache().join("venv/bin/python"))
+        .current_dir(root())
+        .arg("scripts/export_content_ranker.py")
+        .arg(p("content.safetensors")));
+    assert!(o.status.success(), "{}", text(&o));
+    ragar_ok(&with(&[
+        "run",
+        "configs/demo.yaml",
+        "--split",
+        "test",
+        "--limit",
+        "2",
+        "--out",
+        &p("run"),
+    ]));
+    let mut ranks = Vec::new();
+    for b in ["candle", "ort", "tch"] {
+        let dir = p(&format!("run-{b}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["samples.jsonl", "config.yaml"] {
+            std::fs::copy(tmp.path().join("run").join(f), format!("{dir}/{f}")).unwrap();
+        }
+        let images = tmp.path().join("run/images");
+        std::fs::create_dir_all(format!("{dir}/images")).unwrap();
+        for e in std::fs::read_dir(&images).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), format!("{dir}/images/{}", e.file_name().to_string_lossy())).unwrap();
+        }
+        let mut args = with(&["evaluate", "configs/demo.yaml", "--run", &dir]);
+        args.push(format!("ranker.backend={b}"));
+        ragar_ok(&args);
+        let lines: Vec<(f64, f64)> = std::fs::read_to_string(format!("{dir}/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let m = &v["metrics"];
+                (
+                    m["rank_original"].as_f64().unwrap(),
+                    m["rank_generated"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(lines.len(), 2, "{b}");
+        ranks.push(lines);
+    }
+    assert_eq!(ranks[0], ranks[1], "ort ranks differ from candle's");
+    assert_eq!(ranks[0], ranks[2], "tch ranks differ from candle's");
+}
