@@ -161,3 +161,40 @@ fn a_pipeline_mixes_backends_across_stages() {
         assert!(worst <= 1, "mapper on {backend}: {worst} levels from candle's image");
     }
 }
+
+#[test]
+fn a_pipeline_without_exported_graphs_names_the_export_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = cache().join("models/sd-tiny");
+    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(sd.join(sub)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with("model.") || name == "model.safetensors" {
+                std::fs::copy(e.path(), tmp.path().join(sub).join(&name)).unwrap();
+            }
+        }
+    }
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a cat\n").unwrap();
+    for backend in ["ort", "tch"] {
+        let o = run(Command::new(ragar()).current_dir(root()).args([
+            "stage",
+            "generator",
+            "--config",
+            "configs/components/sd15.yaml",
+            "--text-file",
+            prompts.to_str().unwrap(),
+            "--out",
+            tmp.path().join("out").to_str().unwrap(),
+            &format!("generator.params.model_dir={}", tmp.path().display()),
+            &format!("generator.backend={backend}"),
+        ]));
+        let t = text(&o);
+        assert!(
+            !o.status.success() && t.contains("unet/model.") && t.contains("scripts/export_sd.py"),
+            "{backend}: {t}"
+        );
+    }
+}
