@@ -22,10 +22,13 @@
 #![deny(missing_docs)]
 
 #[cfg(feature = "text")]
+pub mod blip;
+#[cfg(feature = "text")]
 pub mod clip;
 pub mod component;
 pub mod content;
 pub mod data;
+pub mod decoding;
 #[cfg(feature = "text")]
 pub mod diffusion;
 pub mod error;

@@ -2,10 +2,10 @@
 //! becomes a caption before encoding; the paper uses BLIP-2). Models in
 //! `blip.rs` and `blip2.rs`; `config.json`'s `model_type` picks one.
 //!
-//! Preprocessing is transformers' `BlipImageProcessor` (PIL backend):
-//! bicubic resize of the whole image to the square input (no crop), scale to
-//! [0, 1], normalise with the checkpoint's mean/std. Decoding follows
-//! transformers' `generate` (`decoding.rs`). BLIP: the prefix is `[DEC]`
+//! The folder, preprocessing (transformers' `BlipImageProcessor`) and
+//! tokenizer are `ragar_core::blip`, the decode loops
+//! `ragar_core::decoding` (transformers' `generate`), shared with the ort
+//! and tch captioners. BLIP: the prefix is `[DEC]`
 //! plus the optional text prompt (tokenised without its `[CLS]`/`[SEP]`),
 //! ending at `[SEP]`. BLIP-2: the projected Q-Former queries in place of the
 //! `<image>` tokens, then BOS or the tokenised prompt, ending at the
@@ -18,61 +18,13 @@ use crate::decoding::{beam_search, greedy, last_position, row_index, Limits, Ste
 use crate::device::{device, dtype, model_err};
 use candle_core::{Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use ragar_core::blip::{caption, prompt_pieces, BlipDir, BlipParams};
 use ragar_core::component::Probe;
-use ragar_core::files::read_json;
-use ragar_core::model::{Fetch, ModelSource};
+use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
-use ragar_core::vision::{normalize_chw, resize_bicubic, CLIP_MEAN, CLIP_STD};
 use ragar_core::{ComponentSpec, Error, Image, Result};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    /// HF layout: config.json, model.safetensors (or sharded with
-    /// model.safetensors.index.json), tokenizer.json,
-    /// preprocessor_config.json (or processor_config.json).
-    model_dir: String,
-    /// Images encoded and decoded together.
-    #[serde(default = "eight")]
-    batch_size: usize,
-}
-
-fn eight() -> usize {
-    8
-}
-
-/// The image-processor keys ragar reads.
-#[derive(serde::Deserialize, Default)]
-struct Preprocessor {
-    size: Option<Size>,
-    image_mean: Option<[f32; 3]>,
-    image_std: Option<[f32; 3]>,
-    resample: Option<u32>,
-}
-
-#[derive(serde::Deserialize)]
-struct Size {
-    height: u32,
-    width: u32,
-}
-
-/// `preprocessor_config.json` (hub checkpoints) or the `image_processor`
-/// block of `processor_config.json` (written by transformers 5).
-fn preprocessor(dir: &Path) -> Result<Preprocessor> {
-    let flat = dir.join("preprocessor_config.json");
-    if flat.is_file() {
-        return read_json(&flat);
-    }
-    let nested = dir.join("processor_config.json");
-    if nested.is_file() {
-        let v: serde_json::Value = read_json(&nested)?;
-        return serde_json::from_value(v["image_processor"].clone())
-            .map_err(|e| Error::model(format!("{}: image_processor: {e}", nested.display())));
-    }
-    Ok(Preprocessor::default())
-}
 
 /// Which architecture a checkpoint is.
 enum Arch {
@@ -80,51 +32,22 @@ enum Arch {
     Blip2(crate::blip2::Config),
 }
 
-impl Arch {
-    fn image_size(&self) -> usize {
-        match self {
-            Arch::Blip(c) => c.vision_config.image_size,
-            Arch::Blip2(c) => c.vision_config.image_size,
-        }
-    }
-}
-
 struct Files {
     arch: Arch,
     weights: Vec<PathBuf>,
-    tokenizer: PathBuf,
-    size: (u32, u32),
-    mean: [f32; 3],
-    std: [f32; 3],
+    dir: BlipDir,
 }
 
-fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
-    let params: Params = spec.params()?;
-    if params.batch_size == 0 {
-        return Err(Error::config(format!(
-            "{}.params.batch_size must be at least 1",
-            spec.key
-        )));
-    }
-    let source = ModelSource::parse(&params.model_dir, |p| spec.resolve_path(p))?;
-    let dir = source.resolve(
-        &["config.json", "tokenizer.json"],
-        &[
-            "preprocessor_config.json",
-            "processor_config.json",
-            "tokenizer_config.json",
-        ],
-        fetch,
-    )?;
-    let weights = source.safetensors_files("", "model", fetch)?;
-    let cfg_path = dir.join("config.json");
-    let raw: serde_json::Value = read_json(&cfg_path)?;
+fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(BlipParams, Files)> {
+    let (params, dir) = BlipDir::open(spec, fetch)?;
+    let weights = dir.source.safetensors_files("", "model", fetch)?;
+    let cfg_path = dir.root.join("config.json");
     fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &Path) -> Result<T> {
         serde_json::from_value(v).map_err(|e| Error::model(format!("{}: {e}", path.display())))
     }
-    let arch = match raw["model_type"].as_str().unwrap_or("blip") {
-        "blip" => Arch::Blip(parse(raw, &cfg_path)?),
-        "blip-2" => Arch::Blip2(parse(raw, &cfg_path)?),
+    let arch = match dir.model_type.as_str() {
+        "blip" => Arch::Blip(parse(dir.config.clone(), &cfg_path)?),
+        "blip-2" => Arch::Blip2(parse(dir.config.clone(), &cfg_path)?),
         other => {
             return Err(Error::unsupported(format!(
                 "{}: model_type '{other}' is not a captioner ragar knows (blip, blip-2)",
@@ -132,34 +55,7 @@ fn files(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, Files)> {
             )))
         }
     };
-    let pre = preprocessor(&dir)?;
-    if let Some(r) = pre.resample.filter(|&r| r != 3) {
-        return Err(Error::unsupported(format!(
-            "{}: resample {r} (only 3 = bicubic, BLIP's, is implemented)",
-            dir.display()
-        )));
-    }
-    let side = arch.image_size() as u32;
-    let size = pre.size.map_or((side, side), |s| (s.width, s.height));
-    if size != (side, side) {
-        return Err(Error::model(format!(
-            "{}: the image processor resizes to {}x{} but the vision model takes {side}x{side}",
-            dir.display(),
-            size.0,
-            size.1
-        )));
-    }
-    Ok((
-        params,
-        Files {
-            arch,
-            weights,
-            tokenizer: dir.join("tokenizer.json"),
-            size,
-            mean: pre.image_mean.unwrap_or(CLIP_MEAN),
-            std: pre.image_std.unwrap_or(CLIP_STD),
-        },
-    ))
+    Ok((params, Files { arch, weights, dir }))
 }
 
 enum Model {
@@ -189,13 +85,7 @@ impl BlipCaptioner {
             Arch::Blip(c) => Model::Blip(Blip::load(vb, c).map_err(model_err(&what))?),
             Arch::Blip2(c) => Model::Blip2(Blip2::load(vb, c).map_err(model_err(&what))?),
         };
-        let mut tokenizer = Tokenizer::from_file(&files.tokenizer)
-            .map_err(|e| Error::model(format!("{}: {e}", files.tokenizer.display())))?;
-        // A prompt is tokenised alone: no padding, and a too-long one is an error, not cut.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::model(format!("{}: {e}", files.tokenizer.display())))?;
+        let tokenizer = files.dir.tokenizer()?;
         Ok(BlipCaptioner {
             model,
             tokenizer,
@@ -211,33 +101,25 @@ impl BlipCaptioner {
         f.weights
             .iter()
             .try_fold(Probe::default(), |p, w| p.file(w))?
-            .file(&f.tokenizer)
+            .file(&f.dir.root.join("tokenizer.json"))
     }
 
     /// The processor's pixel values `[n, 3, h, w]`.
     pub fn pixel_values(&self, images: &[Image]) -> Result<Tensor> {
-        let (w, h) = self.files.size;
-        let mut flat = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
-        for (i, img) in images.iter().enumerate() {
-            let resized = resize_bicubic(img, w, h).map_err(|e| e.context(format!("image {i}")))?;
-            flat.extend(normalize_chw(&resized, self.files.mean, self.files.std));
-        }
-        Tensor::from_vec(flat, (images.len(), 3, h as usize, w as usize), &self.device)
-            .map_err(model_err("BLIP pixels"))
+        let (w, h) = self.files.dir.size;
+        Tensor::from_vec(
+            self.files.dir.pixel_values(images)?,
+            (images.len(), 3, h as usize, w as usize),
+            &self.device,
+        )
+        .map_err(model_err("BLIP pixels"))
     }
 
     /// The decoder's prefix ids: BLIP `[DEC]` + the prompt's word pieces;
     /// BLIP-2 the `<image>` placeholders + BOS, or + the tokenised prompt
     /// (its tokenizer adds BOS), as `Blip2Processor` builds them.
     pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        let tokenize = |special: bool| -> Result<Vec<u32>> {
-            Ok(self
-                .tokenizer
-                .encode(prompt, special)
-                .map_err(|e| Error::invalid_input(format!("tokenising the prompt {prompt:?}: {e}")))?
-                .get_ids()
-                .to_vec())
-        };
+        let tokenize = |special: bool| prompt_pieces(&self.tokenizer, prompt, special);
         Ok(match &self.model {
             Model::Blip(m) => [vec![m.decoder.config().bos_token_id], tokenize(false)?].concat(),
             Model::Blip2(m) => {
@@ -321,11 +203,11 @@ impl BlipCaptioner {
         };
         match opts.beams {
             0 => Err(Error::invalid_input("beams must be at least 1")),
-            1 => greedy(stepper(None)?.as_mut(), &prompt, images.len(), lim).map_err(model_err("greedy decoding")),
+            1 => greedy(stepper(None)?.as_mut(), &prompt, images.len(), lim).map_err(|e| e.context("greedy decoding")),
             k => (0..images.len())
                 .map(|i| {
                     beam_search(stepper(Some(i))?.as_mut(), &prompt, k as usize, lim)
-                        .map_err(model_err(format!("beam search, image {i}")))
+                        .map_err(|e| e.context(format!("beam search, image {i}")))
                 })
                 .collect(),
         }
@@ -405,11 +287,7 @@ impl Captioner for BlipCaptioner {
                 ))
             })?;
             for seq in ids {
-                out.push(
-                    self.tokenizer
-                        .decode(&seq, true)
-                        .map_err(|e| Error::model(format!("decoding a caption: {e}")))?,
-                );
+                out.push(caption(&self.tokenizer, &seq)?);
             }
         }
         Ok(out)

@@ -1,16 +1,8 @@
-//! transformers' `generate` for captioners: greedy decoding and beam
-//! search over any decoder that can be stepped with a key/value cache.
-//!
-//! Reference implementation: `transformers.generation.utils`
-//! (`_sample` with `do_sample=False`; `_beam_search`): greedy takes the
-//! arg-max and pads rows that already emitted the end token; beam search
-//! keeps the top 2k continuations per step, sends those of the top k that end
-//! (the end token, or the length limit) to the finished set scored by
-//! log-probability / generated length, continues the best k that do not
-//! end, and stops once the best running beam cannot beat the worst of k
-//! finished ones (the default `early_stopping=False`, `length_penalty=1`).
+//! candle decoders with their key/value caches, driven by the host-side
+//! greedy and beam-search loops every backend shares
+//! ([`ragar_core::decoding`], transformers' `generate`).
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 /// A decoder with its cache, as the loops drive it.
 pub trait Stepper {
@@ -23,103 +15,48 @@ pub trait Stepper {
     fn reorder(&mut self, rows: &[u32]) -> Result<()>;
 }
 
-/// What to stop at.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Stop token (BLIP's `[SEP]`, OPT's `</s>`).
-    pub eos: u32,
-    /// Filler after a row has ended.
-    pub pad: u32,
-    /// Most tokens in a sequence, prompt included.
-    pub max_len: usize,
+pub use ragar_core::decoding::Limits;
+
+/// A candle [`Stepper`] as the host-side loops drive it.
+struct Host<'a>(&'a mut dyn Stepper);
+
+fn host(t: Tensor) -> ragar_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(|e| ragar_core::Error::model(format!("decoder logits: {e}")))
 }
 
-/// Greedy decoding of `rows` rows that share the prefix `prompt`.
-pub fn greedy(s: &mut dyn Stepper, prompt: &[u32], rows: usize, lim: Limits) -> Result<Vec<Vec<u32>>> {
-    let mut seqs = vec![prompt.to_vec(); rows];
-    let mut done = vec![false; rows];
-    let mut logits = s.prefill(rows)?;
-    while seqs[0].len() < lim.max_len {
-        let next: Vec<u32> = logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_vec1()?;
-        let mut last = Vec::with_capacity(rows);
-        for (i, &t) in next.iter().enumerate() {
-            let t = if done[i] { lim.pad } else { t };
-            done[i] |= t == lim.eos;
-            seqs[i].push(t);
-            last.push(t);
-        }
-        if done.iter().all(|&d| d) || seqs[0].len() >= lim.max_len {
-            break;
-        }
-        logits = s.step(&last)?;
+impl ragar_core::decoding::Stepper for Host<'_> {
+    fn prefill(&mut self, rows: usize) -> ragar_core::Result<Vec<f32>> {
+        host(
+            self.0
+                .prefill(rows)
+                .map_err(|e| ragar_core::Error::model(format!("decoder: {e}")))?,
+        )
     }
-    Ok(seqs)
+    fn step(&mut self, tokens: &[u32]) -> ragar_core::Result<Vec<f32>> {
+        host(
+            self.0
+                .step(tokens)
+                .map_err(|e| ragar_core::Error::model(format!("decoder: {e}")))?,
+        )
+    }
+    fn reorder(&mut self, rows: &[u32]) -> ragar_core::Result<()> {
+        self.0
+            .reorder(rows)
+            .map_err(|e| ragar_core::Error::model(format!("decoder cache: {e}")))
+    }
 }
 
-/// Beam search with `k` beams from the prefix `prompt`; the best finished sequence.
-pub fn beam_search(s: &mut dyn Stepper, prompt: &[u32], k: usize, lim: Limits) -> Result<Vec<u32>> {
-    const NEG: f32 = -1.0e9;
-    // Only the first beam is live at the start, so the k beams differ.
-    let mut running: Vec<(Vec<u32>, f32)> = (0..k)
-        .map(|b| (prompt.to_vec(), if b == 0 { 0.0 } else { NEG }))
-        .collect();
-    let mut finished: Vec<(Vec<u32>, f32)> = Vec::new();
-    let mut improvable = true;
-    let prompt_len = prompt.len();
-    let mut logits = s.prefill(k)?;
-    loop {
-        let cur_len = running[0].0.len();
-        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2::<f32>()?;
-        let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(k * logp[0].len());
-        for (b, row) in logp.iter().enumerate() {
-            cands.extend(row.iter().enumerate().map(|(t, &lp)| (lp + running[b].1, b, t as u32)));
-        }
-        let keep = (2 * k).min(cands.len());
-        cands.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
-        cands.truncate(keep);
-        cands.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let at_limit = cur_len + 1 >= lim.max_len;
-        let ends: Vec<bool> = cands.iter().map(|c| c.2 == lim.eos || at_limit).collect();
+/// Greedy decoding of `rows` rows that share the prefix `prompt`
+/// ([`ragar_core::decoding::greedy`]).
+pub fn greedy(s: &mut dyn Stepper, prompt: &[u32], rows: usize, lim: Limits) -> ragar_core::Result<Vec<Vec<u32>>> {
+    ragar_core::decoding::greedy(&mut Host(s), prompt, rows, lim)
+}
 
-        if improvable {
-            let norm = (cur_len + 1 - prompt_len) as f32;
-            for (c, _) in cands.iter().zip(&ends).take(k).filter(|(_, &e)| e) {
-                let mut seq = running[c.1].0.clone();
-                seq.push(c.2);
-                finished.push((seq, c.0 / norm));
-            }
-            finished.sort_by(|a, b| b.1.total_cmp(&a.1));
-            finished.truncate(k);
-        }
-
-        let penalised = |i: usize| cands[i].0 + if ends[i] { NEG } else { 0.0 };
-        let mut order: Vec<usize> = (0..keep).collect();
-        order.sort_by(|&a, &b| penalised(b).total_cmp(&penalised(a)));
-        let chosen = &order[..k];
-        let rows: Vec<u32> = chosen.iter().map(|&i| cands[i].1 as u32).collect();
-        running = chosen
-            .iter()
-            .map(|&i| {
-                let mut seq = running[cands[i].1].0.clone();
-                seq.push(cands[i].2);
-                (seq, penalised(i))
-            })
-            .collect();
-
-        let best_running = running[0].1 / (cur_len + 1 - prompt_len) as f32;
-        let worst_finished = if finished.len() == k { finished[k - 1].1 } else { NEG };
-        improvable &= best_running > worst_finished;
-        if !improvable || ends.iter().all(|&e| e) {
-            break;
-        }
-        s.reorder(&rows)?;
-        let last: Vec<u32> = running.iter().map(|r| *r.0.last().expect("non-empty")).collect();
-        logits = s.step(&last)?;
-    }
-    Ok(finished
-        .into_iter()
-        .next()
-        .map_or_else(|| running.swap_remove(0).0, |f| f.0))
+/// Beam search with `k` beams ([`ragar_core::decoding::beam_search`]).
+pub fn beam_search(s: &mut dyn Stepper, prompt: &[u32], k: usize, lim: Limits) -> ragar_core::Result<Vec<u32>> {
+    ragar_core::decoding::beam_search(&mut Host(s), prompt, k, lim)
 }
 
 /// The last position's logits of `[rows, s, vocab]`.
