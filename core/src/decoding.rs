@@ -153,6 +153,115 @@ pub fn beam_search(s: &mut dyn Stepper, prompt: &[u32], k: usize, lim: Limits) -
         .map_or_else(|| running.swap_remove(0).0, |f| f.0))
 }
 
+/// Decode `n` images' captions from one prefix: greedy over all of them at
+/// once when `beams` is 1 (`stepper(None)`: rows = images), else beam
+/// search per image (`stepper(Some(i))`: rows = beams of image i).
+pub fn generate<'a>(
+    mut stepper: impl FnMut(Option<usize>) -> Result<Box<dyn Stepper + 'a>>,
+    prompt: &[u32],
+    n: usize,
+    beams: u32,
+    lim: Limits,
+) -> Result<Vec<Vec<u32>>> {
+    match beams {
+        0 => Err(crate::Error::invalid_input("beams must be at least 1")),
+        1 => greedy(stepper(None)?.as_mut(), prompt, n, lim).map_err(|e| e.context("greedy decoding")),
+        k => (0..n)
+            .map(|i| {
+                beam_search(stepper(Some(i))?.as_mut(), prompt, k as usize, lim)
+                    .map_err(|e| e.context(format!("beam search, image {i}")))
+            })
+            .collect(),
+    }
+}
+
+/// A decoder without a key/value cache: every step re-runs the whole
+/// sequence (`run(ids, rows, len, context)` -> logits `[rows, len, vocab]`)
+/// and keeps the last position. `context` is each row's conditioning
+/// (image embeddings), `width` values per row; rows are reordered with
+/// their sequences. Exported graphs without cache inputs use this; for
+/// captions of tens of tokens the recomputation is cheap.
+pub struct Recompute<'a> {
+    run: Box<dyn FnMut(&[i64], usize, usize, &[f32]) -> Result<Vec<f32>> + 'a>,
+    seqs: Vec<Vec<u32>>,
+    prompt: Vec<u32>,
+    context: Vec<f32>,
+    width: usize,
+}
+
+impl<'a> Recompute<'a> {
+    /// `context` holds one row per image (`width` values each): a single
+    /// row is repeated to however many rows decoding asks for.
+    pub fn new(
+        run: impl FnMut(&[i64], usize, usize, &[f32]) -> Result<Vec<f32>> + 'a,
+        prompt: &[u32],
+        context: Vec<f32>,
+        width: usize,
+    ) -> Self {
+        Recompute {
+            run: Box::new(run),
+            seqs: Vec::new(),
+            prompt: prompt.to_vec(),
+            context,
+            width,
+        }
+    }
+
+    fn last(&mut self) -> Result<Vec<f32>> {
+        let rows = self.seqs.len();
+        let len = self.seqs[0].len();
+        let ids: Vec<i64> = self.seqs.iter().flatten().map(|&t| t as i64).collect();
+        let logits = (self.run)(&ids, rows, len, &self.context)?;
+        let per_row = logits.len() / rows.max(1);
+        if per_row == 0 || logits.len() != rows * per_row || per_row % len != 0 {
+            return Err(crate::Error::model(format!(
+                "decoder returned {} logits for {rows} rows of {len} tokens",
+                logits.len()
+            )));
+        }
+        let vocab = per_row / len;
+        Ok((0..rows)
+            .flat_map(|r| {
+                logits[r * per_row + (len - 1) * vocab..(r + 1) * per_row]
+                    .iter()
+                    .copied()
+            })
+            .collect())
+    }
+}
+
+impl Stepper for Recompute<'_> {
+    fn prefill(&mut self, rows: usize) -> Result<Vec<f32>> {
+        let have = self.context.len() / self.width.max(1);
+        if have == 1 && rows > 1 {
+            self.context = self.context.repeat(rows);
+        } else if have != rows {
+            return Err(crate::Error::model(format!(
+                "{have} conditioning rows for {rows} decoding rows"
+            )));
+        }
+        self.seqs = vec![self.prompt.clone(); rows];
+        self.last()
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        for (s, &t) in self.seqs.iter_mut().zip(tokens) {
+            s.push(t);
+        }
+        self.last()
+    }
+
+    fn reorder(&mut self, rows: &[u32]) -> Result<()> {
+        let w = self.width;
+        self.seqs = rows.iter().map(|&r| self.seqs[r as usize].clone()).collect();
+        self.context = rows
+            .iter()
+            .flat_map(|&r| self.context[r as usize * w..(r as usize + 1) * w].to_vec())
+            .collect();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@
 
 use crate::blip::{Blip, DecoderCache};
 use crate::blip2::{Blip2, OptCache};
-use crate::decoding::{beam_search, greedy, last_position, row_index, Limits, Stepper};
+use crate::decoding::{last_position, row_index, Host, Limits, Stepper};
 use crate::device::{device, dtype, model_err};
 use candle_core::{Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
@@ -201,16 +201,13 @@ impl BlipCaptioner {
                 }),
             })
         };
-        match opts.beams {
-            0 => Err(Error::invalid_input("beams must be at least 1")),
-            1 => greedy(stepper(None)?.as_mut(), &prompt, images.len(), lim).map_err(|e| e.context("greedy decoding")),
-            k => (0..images.len())
-                .map(|i| {
-                    beam_search(stepper(Some(i))?.as_mut(), &prompt, k as usize, lim)
-                        .map_err(|e| e.context(format!("beam search, image {i}")))
-                })
-                .collect(),
-        }
+        ragar_core::decoding::generate(
+            |i| stepper(i).map(|s| Box::new(Host(s)) as Box<dyn ragar_core::decoding::Stepper>),
+            &prompt,
+            images.len(),
+            opts.beams,
+            lim,
+        )
     }
 }
 

@@ -18,7 +18,7 @@ pub trait Stepper {
 pub use ragar_core::decoding::Limits;
 
 /// A candle [`Stepper`] as the host-side loops drive it.
-struct Host<'a>(&'a mut dyn Stepper);
+pub struct Host<'a>(pub Box<dyn Stepper + 'a>);
 
 fn host(t: Tensor) -> ragar_core::Result<Vec<f32>> {
     t.to_dtype(DType::F32)
@@ -46,17 +46,6 @@ impl ragar_core::decoding::Stepper for Host<'_> {
             .reorder(rows)
             .map_err(|e| ragar_core::Error::model(format!("decoder cache: {e}")))
     }
-}
-
-/// Greedy decoding of `rows` rows that share the prefix `prompt`
-/// ([`ragar_core::decoding::greedy`]).
-pub fn greedy(s: &mut dyn Stepper, prompt: &[u32], rows: usize, lim: Limits) -> ragar_core::Result<Vec<Vec<u32>>> {
-    ragar_core::decoding::greedy(&mut Host(s), prompt, rows, lim)
-}
-
-/// Beam search with `k` beams ([`ragar_core::decoding::beam_search`]).
-pub fn beam_search(s: &mut dyn Stepper, prompt: &[u32], k: usize, lim: Limits) -> ragar_core::Result<Vec<u32>> {
-    ragar_core::decoding::beam_search(&mut Host(s), prompt, k, lim)
 }
 
 /// The last position's logits of `[rows, s, vocab]`.

@@ -7,6 +7,7 @@
 //! other backends read (see `scripts/export_minilm.py`).
 #![deny(missing_docs)]
 
+pub mod blip;
 pub mod clip;
 pub mod content_ranker;
 pub mod mapper;
@@ -56,6 +57,16 @@ pub fn components() -> Vec<Component> {
              (<state>.onnx; scripts/export_content_ranker.py)",
             content_ranker::OrtContentRanker::load_component,
             |spec: &ComponentSpec| ragar_core::content::probe(spec, "ort", "onnx")
+        ),
+        component!(
+            Captioner,
+            "blip",
+            "ort",
+            ["cpu", "cuda"],
+            "BLIP captioning from ONNX graphs (vision_model.onnx, text_decoder.onnx; scripts/export_blip.py): \
+             greedy or beam search, shared with candle",
+            blip::BlipCaptioner::load,
+            blip::BlipCaptioner::probe
         ),
         component!(
             Generator,

@@ -6,6 +6,7 @@
 //! points `LIBTORCH` at it and the binaries carry an rpath to its `lib/`.
 #![deny(missing_docs)]
 
+pub mod blip;
 pub mod clip;
 pub mod content_ranker;
 pub mod mapper;
@@ -54,6 +55,16 @@ pub fn components() -> Vec<Component> {
              (<state>.ts; scripts/export_content_ranker.py)",
             content_ranker::TchContentRanker::load_component,
             |spec: &ComponentSpec| ragar_core::content::probe(spec, "tch", "ts")
+        ),
+        component!(
+            Captioner,
+            "blip",
+            "tch",
+            ["cpu", "cuda"],
+            "BLIP captioning from TorchScript modules (vision_model.ts, text_decoder.ts; scripts/export_blip.py): \
+             greedy or beam search, shared with candle",
+            blip::BlipCaptioner::load,
+            blip::BlipCaptioner::probe
         ),
         component!(
             Generator,

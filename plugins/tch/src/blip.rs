@@ -1,0 +1,150 @@
+//! The BLIP captioner from the two TorchScript modules
+//! `scripts/export_blip.py` writes into an HF BLIP folder
+//! (`vision_model.ts`: pixel_values -> image_embeds; `text_decoder.ts`:
+//! (input_ids, image_embeds) -> logits). Preprocessing, tokenizer and decode
+//! loops are shared with candle (`ragar_core::blip`,
+//! `ragar_core::decoding`); the module has no key/value cache, so each step
+//! re-runs the prefix (`Recompute`).
+
+use crate::{device, first_line, load_module};
+use ragar_core::blip::{caption, BlipDir};
+use ragar_core::decoding::{generate, Recompute, Stepper};
+use ragar_core::model::Fetch;
+use ragar_core::stage::{CaptionOptions, Captioner};
+use ragar_core::{ComponentSpec, Error, Image, Result};
+use std::sync::Mutex;
+use tch::{CModule, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+/// The modules, in the model folder.
+pub const GRAPHS: [&str; 2] = ["vision_model.ts", "text_decoder.ts"];
+
+/// The BLIP captioner on libtorch.
+pub struct BlipCaptioner {
+    // CModule is not Sync; the contract is `&self`.
+    vision: Mutex<CModule>,
+    decoder: Mutex<CModule>,
+    device: tch::Device,
+    tokenizer: Tokenizer,
+    dir: BlipDir,
+    batch_size: usize,
+}
+
+fn run(m: &Mutex<CModule>, inputs: &[Tensor], what: &str) -> Result<Tensor> {
+    let m = m
+        .lock()
+        .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+    tch::no_grad(|| m.forward_ts(inputs))
+        .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))
+}
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view(-1);
+    Vec::<f32>::try_from(&t).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+}
+
+impl BlipCaptioner {
+    /// Build from `params: { model_dir, batch_size }`.
+    pub fn load(spec: &ComponentSpec) -> Result<Self> {
+        let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
+        if dir.model_type != "blip" {
+            return Err(Error::unsupported(format!(
+                "{}: model_type '{}': the {} captioner runs BLIP only; BLIP-2 runs on candle (captioner.backend=candle)",
+                dir.root.display(),
+                dir.model_type,
+                "tch"
+            )));
+        }
+        let device = device(spec)?;
+        let load = |g: &str| -> Result<Mutex<CModule>> {
+            let path = dir.root.join(g);
+            if !path.is_file() {
+                return Err(Error::not_found(format!(
+                    "missing {} (export it with: python scripts/export_blip.py {})",
+                    path.display(),
+                    dir.root.display()
+                )));
+            }
+            load_module(&path, device).map(Mutex::new)
+        };
+        Ok(BlipCaptioner {
+            vision: load(GRAPHS[0])?,
+            decoder: load(GRAPHS[1])?,
+            device,
+            tokenizer: dir.tokenizer()?,
+            dir,
+            batch_size: params.batch_size,
+        })
+    }
+
+    /// Params and modules without loading them.
+    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+        let (_, dir) = BlipDir::open(spec, Fetch::Never)?;
+        GRAPHS
+            .iter()
+            .try_fold(ragar_core::component::Probe::default(), |p, g| {
+                p.file(&dir.root.join(g))
+            })?
+            .file(&dir.root.join("tokenizer.json"))
+    }
+
+    fn decode(&self, ids: &[i64], rows: usize, len: usize, context: &[f32], n: usize, d: usize) -> Result<Vec<f32>> {
+        let ids = Tensor::from_slice(ids)
+            .reshape([rows as i64, len as i64])
+            .to_device(self.device);
+        let emb = Tensor::from_slice(context)
+            .reshape([rows as i64, n as i64, d as i64])
+            .to_device(self.device);
+        host(&run(&self.decoder, &[ids, emb], "BLIP text decoder")?)
+    }
+}
+
+impl Captioner for BlipCaptioner {
+    fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
+        let (prompt, lim) = self
+            .dir
+            .blip_prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
+        let (w, h) = self.dir.size;
+        let mut out = Vec::with_capacity(images.len());
+        for (c, chunk) in images.chunks(self.batch_size).enumerate() {
+            let at = |e: Error| {
+                e.context(format!(
+                    "images {}..{}",
+                    c * self.batch_size,
+                    c * self.batch_size + chunk.len()
+                ))
+            };
+            let px = Tensor::from_slice(&self.dir.pixel_values(chunk)?)
+                .reshape([chunk.len() as i64, 3, h as i64, w as i64])
+                .to_device(self.device);
+            let emb = run(&self.vision, &[px], "BLIP vision model").map_err(at)?;
+            let (n, d) = match emb.size().as_slice() {
+                [_, n, d] => (*n as usize, *d as usize),
+                s => {
+                    return Err(Error::model(format!(
+                        "image_embeds of shape {s:?}, expected [n, tokens, width]"
+                    )))
+                }
+            };
+            let emb = host(&emb)?;
+            let width = n * d;
+            let stepper = |i: Option<usize>| -> Result<Box<dyn Stepper + '_>> {
+                let context = match i {
+                    Some(i) => emb[i * width..(i + 1) * width].to_vec(),
+                    None => emb.clone(),
+                };
+                Ok(Box::new(Recompute::new(
+                    move |ids: &[i64], rows, len, ctx: &[f32]| self.decode(ids, rows, len, ctx, n, d),
+                    &prompt,
+                    context,
+                    width,
+                )))
+            };
+            let ids = generate(stepper, &prompt, chunk.len(), opts.beams, lim).map_err(at)?;
+            for seq in ids {
+                out.push(caption(&self.tokenizer, &seq)?);
+            }
+        }
+        Ok(out)
+    }
+}
