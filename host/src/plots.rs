@@ -216,6 +216,7 @@ mod tests {
             timing: serde_json::Value::Null,
             latency: BTreeMap::new(),
             table4: BTreeMap::new(),
+            stage: None,
         }
     }
 
