@@ -9,6 +9,8 @@ the same weights and inputs, and writes the same result file.
                  L2-normalised
   generator      diffusers' StableDiffusionPipeline (the configured
                  scheduler), guidance 7.5, one seeded generator per image
+  captioner      blip: BlipProcessor + BlipForConditionalGeneration.generate
+                 (greedy, `tokens` new tokens at most)
 
 Inputs are the ones `ragar stage-bench` makes (host/src/stage_bench.rs):
 the same product titles, the same seeded gradient-and-noise images. A call
@@ -117,6 +119,16 @@ def main(request_path):
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]
             return pipe(prompts, num_inference_steps=args["steps"], guidance_scale=7.5, height=args["size"],
                         width=args["size"], generator=gens, output_type="np").images
+    elif comp == "blip":
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+        model = BlipForConditionalGeneration.from_pretrained(req["model_dir"], torch_dtype=dtype).to(device).eval()
+        proc = BlipProcessor.from_pretrained(req["model_dir"])
+        inputs = images(batch, args["size"])
+
+        def call():
+            px = proc(images=inputs, return_tensors="pt")["pixel_values"].to(device, dtype)
+            with torch.no_grad():
+                return model.generate(pixel_values=px, max_new_tokens=args["tokens"], num_beams=1)
     else:
         sys.exit(f"bench_reference.py: no PyTorch reference for component '{comp}'")
 

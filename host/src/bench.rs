@@ -52,7 +52,7 @@ pub struct Matrix {
     #[serde(default)]
     pub job: JobKind,
     /// Stage jobs: the defaults of `bench.stage`, `bench.batch`,
-    /// `bench.iters`, `bench.warmup`, `bench.steps`, `bench.size` and
+    /// `bench.iters`, `bench.warmup`, `bench.steps`, `bench.size`, `bench.tokens` and
     /// `bench.runner` (`ragar`, or `pytorch` for the reference row by
     /// `scripts/bench_reference.py`); variants and sweeps set them like
     /// config keys (`bench.batch=1,16`).
@@ -95,7 +95,7 @@ fn bench_settings(matrix: &Matrix, overrides: &[String]) -> (BTreeMap<String, St
     (settings, rest)
 }
 
-const BENCH_KEYS: [&str; 7] = ["stage", "batch", "iters", "warmup", "steps", "size", "runner"];
+const BENCH_KEYS: [&str; 8] = ["stage", "batch", "iters", "warmup", "steps", "size", "tokens", "runner"];
 
 fn six() -> usize {
     6
@@ -230,6 +230,7 @@ fn stage_args(settings: &BTreeMap<String, String>) -> Result<crate::stage_bench:
         warmup: num("warmup", 2)?,
         steps: num("steps", 4)? as u32,
         size: num("size", 224)? as u32,
+        tokens: num("tokens", 20)? as u32,
     })
 }
 
@@ -405,7 +406,7 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
                         .arg(serde_json::to_value(a.stage).unwrap_or_default().as_str().unwrap_or(""))
                         .args(["--batch", &a.batch.to_string(), "--iters", &a.iters.to_string()])
                         .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
-                        .args(["--size", &a.size.to_string()])
+                        .args(["--size", &a.size.to_string(), "--tokens", &a.tokens.to_string()])
                         .args(&overrides);
                     cmd
                 }
@@ -500,15 +501,11 @@ fn reference_command(
     dir: &Path,
     out: &Path,
 ) -> Result<std::process::Command> {
-    use crate::stage_bench::BenchStage;
     let script = matrix
         .reference
         .as_ref()
         .ok_or_else(|| Error::config("bench.runner=pytorch needs `reference:` (the script) in the matrix"))?;
-    let stage = match a.stage {
-        BenchStage::Generator => ragar_core::Stage::Generator,
-        _ => ragar_core::Stage::Encoder,
-    };
+    let stage = a.stage.contract();
     let spec = loaded.spec(stage)?;
     let block = loaded.config.component(stage).expect("spec found it");
     let model_dir = block

@@ -135,7 +135,7 @@ enum Command {
     StageBench {
         /// Config file.
         config: PathBuf,
-        /// encoder-text, encoder-image or generator.
+        /// encoder-text, encoder-image, generator or captioner.
         #[arg(long)]
         stage: String,
         /// Inputs per call.
@@ -150,9 +150,12 @@ enum Command {
         /// Generator: denoising steps.
         #[arg(long, default_value_t = 4)]
         steps: u32,
-        /// Image side (generator output, encoder-image input).
+        /// Image side (generator output, encoder-image and captioner input).
         #[arg(long, default_value_t = 224)]
         size: u32,
+        /// Captioner: most new tokens per caption.
+        #[arg(long, default_value_t = 20)]
+        tokens: u32,
         /// Write the result here (JSON) as well as printing it.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -446,6 +449,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             warmup,
             steps,
             size,
+            tokens,
             out,
             overrides,
         } => {
@@ -457,6 +461,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 warmup,
                 steps,
                 size,
+                tokens,
             };
             let r = ragar_host::stage_bench::run(&loaded, &registry, &args)?;
             println!(

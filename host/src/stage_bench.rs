@@ -3,7 +3,8 @@
 //! (`configs/bench/backends.yaml`, run by `ragar bench`).
 //!
 //! A call is what the pipeline makes: `batch` texts or images to the
-//! Encoder, `batch` generation requests to the Generator. `warmup` calls
+//! Encoder, `batch` generation requests to the Generator, `batch` images to
+//! the Captioner (greedy, at most `tokens` new tokens). `warmup` calls
 //! are made first and not counted (first-call costs: graph optimisation,
 //! allocator growth, CUDA context); then `iters` calls are timed one by
 //! one. Reported: per-call latency percentiles (NumPy's linear method) and
@@ -29,6 +30,8 @@ pub enum BenchStage {
     EncoderImage,
     /// `Generator::generate`.
     Generator,
+    /// `Captioner::caption` (greedy, `tokens` new tokens at most).
+    Captioner,
 }
 
 impl BenchStage {
@@ -41,11 +44,21 @@ impl BenchStage {
         })
     }
 
+    /// The stage contract the call belongs to.
+    pub fn contract(self) -> ragar_core::Stage {
+        match self {
+            BenchStage::Generator => ragar_core::Stage::Generator,
+            BenchStage::Captioner => ragar_core::Stage::Captioner,
+            _ => ragar_core::Stage::Encoder,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             BenchStage::EncoderText => "encoder-text",
             BenchStage::EncoderImage => "encoder-image",
             BenchStage::Generator => "generator",
+            BenchStage::Captioner => "captioner",
         }
     }
 }
@@ -63,8 +76,15 @@ pub struct StageBenchArgs {
     pub warmup: usize,
     /// Generator: denoising steps.
     pub steps: u32,
-    /// Generator: image side in pixels; encoder-image: input image side.
+    /// Generator: image side in pixels; encoder-image, captioner: input image side.
     pub size: u32,
+    /// Captioner: most new tokens per caption.
+    #[serde(default = "twenty")]
+    pub tokens: u32,
+}
+
+fn twenty() -> u32 {
+    20
 }
 
 /// What `ragar stage-bench` writes (and `scripts/bench_reference.py`).
@@ -165,10 +185,7 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
     if args.batch == 0 || args.iters == 0 {
         return Err(Error::config("stage-bench: batch and iters must be at least 1"));
     }
-    let stage = match args.stage {
-        BenchStage::Generator => ragar_core::Stage::Generator,
-        _ => ragar_core::Stage::Encoder,
-    };
+    let stage = args.stage.contract();
     let block = loaded
         .config
         .component(stage)
@@ -184,6 +201,16 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
             let enc = registry.encoder(loaded)?;
             let im = images(args.batch, args.size)?;
             time(args, || enc.embed_image(&im).map(|_| ()))?
+        }
+        BenchStage::Captioner => {
+            let cap = registry.captioner(loaded)?;
+            let im = images(args.batch, args.size)?;
+            let opts = ragar_core::stage::CaptionOptions {
+                max_tokens: args.tokens,
+                beams: 1,
+                prompt: Default::default(),
+            };
+            time(args, || cap.caption(&im, &opts).map(|_| ()))?
         }
         BenchStage::Generator => {
             let gen = registry.generator(loaded)?;

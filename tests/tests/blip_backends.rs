@@ -74,3 +74,29 @@ fn blip2_on_ort_is_refused_with_the_reason() {
     let (ok, log, _) = captions("ort", &cache().join("models/blip2-tiny"), 1, "");
     assert!(!ok && log.contains("BLIP-2 runs on candle"), "{log}");
 }
+
+#[test]
+fn the_captioner_stage_is_timed_like_the_others() {
+    let o = run(Command::new(ragar()).current_dir(root()).args([
+        "stage-bench",
+        "configs/bench/backends-base.yaml",
+        "--stage",
+        "captioner",
+        "--batch",
+        "2",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--size",
+        "48",
+        "--tokens",
+        "6",
+        "captioner.backend=ort",
+    ]));
+    let t = text(&o);
+    assert!(
+        o.status.success() && t.contains("captioner blip ort cpu f32 b2:"),
+        "{t}"
+    );
+}
