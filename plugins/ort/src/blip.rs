@@ -5,7 +5,7 @@
 //! (`ragar_core::blip`, `ragar_core::decoding`); the decoder graph has no
 //! key/value cache, so each step re-runs the prefix (`Recompute`).
 
-use crate::runtime::{check_io, session};
+use crate::runtime::{check_io, lock, ort_err as err, run_f32, session};
 use ort::session::Session;
 use ort::value::Tensor;
 use ragar_core::blip::{caption, BlipDir};
@@ -27,15 +27,6 @@ pub struct BlipCaptioner {
     tokenizer: Tokenizer,
     dir: BlipDir,
     batch_size: usize,
-}
-
-fn err(e: ort::Error) -> Error {
-    Error::model(format!("ONNX Runtime: {e}"))
-}
-
-fn lock(s: &Mutex<Session>) -> Result<std::sync::MutexGuard<'_, Session>> {
-    s.lock()
-        .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))
 }
 
 impl BlipCaptioner {
@@ -106,12 +97,11 @@ impl BlipCaptioner {
     fn decode(&self, ids: &[i64], rows: usize, len: usize, context: &[f32], n: usize, d: usize) -> Result<Vec<f32>> {
         let ids = Tensor::from_array((vec![rows as i64, len as i64], ids.to_vec())).map_err(err)?;
         let emb = Tensor::from_array((vec![rows as i64, n as i64, d as i64], context.to_vec())).map_err(err)?;
-        let mut s = lock(&self.decoder)?;
-        let out = s
-            .run(ort::inputs!["input_ids" => ids, "image_embeds" => emb])
-            .map_err(err)?;
-        let (_, data) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
-        Ok(data.to_vec())
+        run_f32(
+            &self.decoder,
+            vec![("input_ids", ids.into_dyn()), ("image_embeds", emb.into_dyn())],
+            "logits",
+        )
     }
 }
 

@@ -6,14 +6,14 @@
 //! normalised. Tokenisation, preprocessing and normalisation are shared with
 //! the other backends (`ragar_core::clip`).
 
-use crate::runtime::{check_io, session};
+use crate::runtime::{check_io, ort_err as err, run_f32, session};
 use ort::session::Session;
 use ort::value::Tensor;
 use ragar_core::clip::ClipDir;
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{SentenceTokenizer, TokenBatch};
-use ragar_core::{ComponentSpec, Error, Image, Result};
+use ragar_core::{ComponentSpec, Image, Result};
 use std::sync::Mutex;
 
 /// The graphs this encoder reads.
@@ -27,15 +27,6 @@ pub struct ClipEncoder {
     tokenizer: SentenceTokenizer,
     dir: ClipDir,
     batch_size: usize,
-}
-
-fn err(e: ort::Error) -> Error {
-    Error::model(format!("ONNX Runtime: {e}"))
-}
-
-fn lock(s: &Mutex<Session>) -> Result<std::sync::MutexGuard<'_, Session>> {
-    s.lock()
-        .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))
 }
 
 impl ClipEncoder {
@@ -67,21 +58,17 @@ impl ClipEncoder {
         let shape = vec![b.batch as i64, b.seq_len as i64];
         let ids = Tensor::from_array((shape.clone(), b.ids.clone())).map_err(err)?;
         let mask = Tensor::from_array((shape, b.mask.clone())).map_err(err)?;
-        let mut s = lock(&self.text)?;
-        let out = s
-            .run(ort::inputs!["input_ids" => ids, "attention_mask" => mask])
-            .map_err(err)?;
-        let (_, data) = out["text_embeds"].try_extract_tensor::<f32>().map_err(err)?;
-        Ok(data.to_vec())
+        run_f32(
+            &self.text,
+            vec![("input_ids", ids.into_dyn()), ("attention_mask", mask.into_dyn())],
+            "text_embeds",
+        )
     }
 
     fn image_forward(&self, n: usize, pixels: Vec<f32>) -> Result<Vec<f32>> {
         let size = self.dir.image_size as i64;
         let x = Tensor::from_array((vec![n as i64, 3, size, size], pixels)).map_err(err)?;
-        let mut s = lock(&self.vision)?;
-        let out = s.run(ort::inputs!["pixel_values" => x]).map_err(err)?;
-        let (_, data) = out["image_embeds"].try_extract_tensor::<f32>().map_err(err)?;
-        Ok(data.to_vec())
+        run_f32(&self.vision, vec![("pixel_values", x.into_dyn())], "image_embeds")
     }
 }
 

@@ -3,12 +3,12 @@
 //! (`content.safetensors` -> `content.onnx`). The state's item features and
 //! the query layout are `ragar_core::content`, the same as candle's.
 
-use crate::runtime::{check_io, session};
+use crate::runtime::{check_io, ort_err as err, run_f32, session};
 use ort::session::Session;
 use ort::value::Tensor;
 use ragar_core::content::{checkpoint, ContentState};
 use ragar_core::stage::{RankQuery, Ranker};
-use ragar_core::{ComponentSpec, Error, Result};
+use ragar_core::{ComponentSpec, Result};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -18,10 +18,6 @@ pub struct OrtContentRanker {
     session: Mutex<Session>,
     state: ContentState,
     spec: ComponentSpec,
-}
-
-fn err(e: ort::Error) -> Error {
-    Error::model(format!("ONNX Runtime: {e}"))
 }
 
 fn open(spec: &ComponentSpec, state: &Path) -> Result<(Session, ContentState)> {
@@ -57,10 +53,6 @@ impl Ranker for OrtContentRanker {
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
         let (dv, dt) = self.state.dims;
         let l = self.state.max_len as i64;
-        let mut s = self
-            .session
-            .lock()
-            .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))?;
         queries
             .iter()
             .enumerate()
@@ -99,9 +91,7 @@ impl Ranker for OrtContentRanker {
                             .into_dyn(),
                     ));
                 }
-                let out = s.run(inputs).map_err(err)?;
-                let (_, scores) = out["scores"].try_extract_tensor::<f32>().map_err(err)?;
-                Ok(scores.to_vec())
+                run_f32(&self.session, inputs, "scores")
             })
             .collect()
     }

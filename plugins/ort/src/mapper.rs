@@ -4,7 +4,7 @@
 //! `preference`). The params are candle's (`mapper.backend=ort` switches
 //! nothing else); training stays on candle, where autograd is.
 
-use crate::runtime::{check_io, session};
+use crate::runtime::{check_io, lock, ort_err as err, session};
 use ort::session::Session;
 use ort::value::Tensor;
 use ragar_core::mapper::{parse_params, split_outputs, stack_inputs, MapperConfig};
@@ -19,10 +19,6 @@ pub struct OrtMapper {
     session: Mutex<Session>,
     cfg: MapperConfig,
     spec: ComponentSpec,
-}
-
-fn err(e: ort::Error) -> Error {
-    Error::model(format!("ONNX Runtime: {e}"))
 }
 
 /// The exported graph of a checkpoint: same folder and stem, `.onnx`.
@@ -72,10 +68,7 @@ impl Mapper for OrtMapper {
         let b = inputs.len() as i64;
         let x = Tensor::from_array((vec![b, 1 + c.n_img_tokens as i64, c.input_dim as i64], xs)).map_err(err)?;
         let kw = Tensor::from_array((vec![b, c.keyword_dim as i64], kws)).map_err(err)?;
-        let mut s = self
-            .session
-            .lock()
-            .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))?;
+        let mut s = lock(&self.session)?;
         let out = s.run(ort::inputs!["x" => x, "kw" => kw]).map_err(err)?;
         let (_, mapped) = out["mapped"].try_extract_tensor::<f32>().map_err(err)?;
         let (_, pref) = out["preference"].try_extract_tensor::<f32>().map_err(err)?;

@@ -4,7 +4,7 @@
 //! `scripts/export_minilm.py` and of Optimum / the int8 graph users commonly
 //! have. Tokenisation and pooling are shared (`ragar_core::text`).
 
-use crate::runtime::{check_io, session};
+use crate::runtime::{check_io, ort_err as err, run_f32, session};
 use ort::session::Session;
 use ort::value::Tensor;
 use ragar_core::model::Fetch;
@@ -12,7 +12,7 @@ use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
     embed_in_batches, encoder_info, SentenceEncoderParams, SentenceModelDir, SentenceTokenizer, TokenBatch,
 };
-use ragar_core::{ComponentSpec, Error, Result};
+use ragar_core::{ComponentSpec, Result};
 use std::sync::Mutex;
 
 const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
@@ -49,22 +49,14 @@ impl SentenceEncoder {
 
     fn forward(&self, b: &TokenBatch) -> Result<Vec<f32>> {
         let shape = vec![b.batch as i64, b.seq_len as i64];
-        let err = |e: ort::Error| Error::model(format!("ONNX Runtime: {e}"));
         let ids = Tensor::from_array((shape.clone(), b.ids.clone())).map_err(err)?;
         let mask = Tensor::from_array((shape.clone(), b.mask.clone())).map_err(err)?;
-        let mut session = self
-            .session
-            .lock()
-            .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))?;
-        let outputs = if self.uses_type_ids {
+        let mut inputs = vec![("input_ids", ids.into_dyn()), ("attention_mask", mask.into_dyn())];
+        if self.uses_type_ids {
             let types = Tensor::from_array((shape, b.type_ids.clone())).map_err(err)?;
-            session.run(ort::inputs!["input_ids" => ids, "attention_mask" => mask, "token_type_ids" => types])
-        } else {
-            session.run(ort::inputs!["input_ids" => ids, "attention_mask" => mask])
+            inputs.push(("token_type_ids", types.into_dyn()));
         }
-        .map_err(err)?;
-        let (_, data) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(err)?;
-        Ok(data.to_vec())
+        run_f32(&self.session, inputs, OUTPUT)
     }
 }
 

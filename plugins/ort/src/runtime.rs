@@ -112,3 +112,26 @@ pub fn check_io(session: &Session, model: &Path, required: &[&str], allowed: &[&
     }
     Ok(())
 }
+
+/// An ONNX Runtime error as ragar's.
+pub fn ort_err(e: ort::Error) -> Error {
+    Error::model(format!("ONNX Runtime: {e}"))
+}
+
+/// The session behind a stage's `&self` (ort's `run` needs `&mut`).
+pub fn lock(s: &std::sync::Mutex<Session>) -> Result<std::sync::MutexGuard<'_, Session>> {
+    s.lock()
+        .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))
+}
+
+/// Run `s` on named inputs and return output `name` as f32 values.
+pub fn run_f32(
+    s: &std::sync::Mutex<Session>,
+    inputs: Vec<(&'static str, ort::value::DynValue)>,
+    name: &str,
+) -> Result<Vec<f32>> {
+    let mut s = lock(s)?;
+    let out = s.run(inputs).map_err(ort_err)?;
+    let (_, data) = out[name].try_extract_tensor::<f32>().map_err(ort_err)?;
+    Ok(data.to_vec())
+}

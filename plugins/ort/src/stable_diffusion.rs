@@ -4,14 +4,14 @@
 //! tokenisation, seeded noise, sampler loop, guidance, post-processing — is
 //! [`ragar_core::diffusion`], the same code candle and tch run.
 
-use crate::runtime::{check_io, session};
+use crate::runtime::{check_io, ort_err as err, run_f32 as run, session};
 use ort::session::Session;
 use ort::value::Tensor;
 use ragar_core::diffusion::{Denoiser, Pipeline, SdPipelineDir};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{GenerationRequest, Generator, GeneratorInfo};
 use ragar_core::text::SentenceTokenizer;
-use ragar_core::{ComponentSpec, Error, Image, Result};
+use ragar_core::{ComponentSpec, Image, Result};
 use std::sync::Mutex;
 
 /// The graphs, relative to the pipeline folder.
@@ -28,22 +28,8 @@ pub struct StableDiffusion {
     batch_size: usize,
 }
 
-fn err(e: ort::Error) -> Error {
-    Error::model(format!("ONNX Runtime: {e}"))
-}
-
 fn graphs() -> Vec<String> {
     GRAPHS.iter().map(|g| g.to_string()).collect()
-}
-
-/// Run `s` and return output `name` as f32 values.
-fn run(s: &Mutex<Session>, inputs: Vec<(&'static str, ort::value::DynValue)>, name: &str) -> Result<Vec<f32>> {
-    let mut s = s
-        .lock()
-        .map_err(|_| Error::model("ONNX session poisoned by an earlier panic"))?;
-    let out = s.run(inputs).map_err(err)?;
-    let (_, data) = out[name].try_extract_tensor::<f32>().map_err(err)?;
-    Ok(data.to_vec())
 }
 
 impl StableDiffusion {

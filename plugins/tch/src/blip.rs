@@ -6,14 +6,14 @@
 //! `ragar_core::decoding`); the module has no key/value cache, so each step
 //! re-runs the prefix (`Recompute`).
 
-use crate::{device, first_line, load_module};
+use crate::{device, forward, load_module, to_host};
 use ragar_core::blip::{caption, BlipDir};
 use ragar_core::decoding::{generate, Recompute, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
 use ragar_core::{ComponentSpec, Error, Image, Result};
 use std::sync::Mutex;
-use tch::{CModule, Kind, Tensor};
+use tch::{CModule, Tensor};
 use tokenizers::Tokenizer;
 
 /// The modules, in the model folder.
@@ -28,19 +28,6 @@ pub struct BlipCaptioner {
     tokenizer: Tokenizer,
     dir: BlipDir,
     batch_size: usize,
-}
-
-fn run(m: &Mutex<CModule>, inputs: &[Tensor], what: &str) -> Result<Tensor> {
-    let m = m
-        .lock()
-        .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-    tch::no_grad(|| m.forward_ts(inputs))
-        .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))
-}
-
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view(-1);
-    Vec::<f32>::try_from(&t).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
 }
 
 impl BlipCaptioner {
@@ -95,7 +82,7 @@ impl BlipCaptioner {
         let emb = Tensor::from_slice(context)
             .reshape([rows as i64, n as i64, d as i64])
             .to_device(self.device);
-        host(&run(&self.decoder, &[ids, emb], "BLIP text decoder")?)
+        to_host(&forward(&self.decoder, &[ids, emb], "BLIP text decoder")?)
     }
 }
 
@@ -117,7 +104,7 @@ impl Captioner for BlipCaptioner {
             let px = Tensor::from_slice(&self.dir.pixel_values(chunk)?)
                 .reshape([chunk.len() as i64, 3, h as i64, w as i64])
                 .to_device(self.device);
-            let emb = run(&self.vision, &[px], "BLIP vision model").map_err(at)?;
+            let emb = forward(&self.vision, &[px], "BLIP vision model").map_err(at)?;
             let (n, d) = match emb.size().as_slice() {
                 [_, n, d] => (*n as usize, *d as usize),
                 s => {
@@ -126,7 +113,7 @@ impl Captioner for BlipCaptioner {
                     )))
                 }
             };
-            let emb = host(&emb)?;
+            let emb = to_host(&emb)?;
             let width = n * d;
             let stepper = |i: Option<usize>| -> Result<Box<dyn Stepper + '_>> {
                 let context = match i {

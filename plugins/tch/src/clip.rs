@@ -5,14 +5,14 @@
 //! size]` -> projected image features). Tokenisation, preprocessing and
 //! normalisation are shared with the other backends (`ragar_core::clip`).
 
-use crate::{device, first_line, load_module};
+use crate::{device, forward, load_module, to_host};
 use ragar_core::clip::ClipDir;
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{SentenceTokenizer, TokenBatch};
-use ragar_core::{ComponentSpec, Error, Image, Result};
+use ragar_core::{ComponentSpec, Image, Result};
 use std::sync::Mutex;
-use tch::{CModule, Kind, Tensor};
+use tch::{CModule, Tensor};
 
 /// The modules this encoder reads.
 pub const GRAPHS: [&str; 2] = ["text_model.ts", "vision_model.ts"];
@@ -44,17 +44,7 @@ impl ClipEncoder {
     }
 
     fn run(&self, module: &Mutex<CModule>, inputs: &[Tensor], what: &str) -> Result<Vec<f32>> {
-        let m = module
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-        let out = tch::no_grad(|| m.forward_ts(inputs))
-            .map_err(|e| Error::model(format!("CLIP {what} (TorchScript): {}", first_line(&e.to_string()))))?;
-        let out = out
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .contiguous()
-            .view(-1);
-        Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+        to_host(&forward(module, inputs, &format!("CLIP {what}"))?)
     }
 
     fn text_forward(&self, b: &TokenBatch) -> Result<Vec<f32>> {

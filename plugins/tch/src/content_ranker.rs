@@ -3,13 +3,13 @@
 //! (`content.safetensors` -> `content.ts`). The state's item features and
 //! the query layout are `ragar_core::content`, the same as candle's.
 
-use crate::{device, first_line, load_module};
+use crate::{device, forward, load_module, to_host};
 use ragar_core::content::{checkpoint, ContentState};
 use ragar_core::stage::{RankQuery, Ranker};
-use ragar_core::{ComponentSpec, Error, Result};
+use ragar_core::{ComponentSpec, Result};
 use std::path::Path;
 use std::sync::Mutex;
-use tch::{CModule, Kind, Tensor};
+use tch::{CModule, Tensor};
 
 /// The content ranker on libtorch.
 pub struct TchContentRanker {
@@ -42,10 +42,6 @@ impl Ranker for TchContentRanker {
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
         let (dv, dt) = self.state.dims;
         let l = self.state.max_len;
-        let m = self
-            .module
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
         queries
             .iter()
             .enumerate()
@@ -61,15 +57,7 @@ impl Ranker for TchContentRanker {
                     self.tensor(&x.cand_visual, [1, x.n, dv]),
                     self.tensor(&x.cand_text, [1, x.n, dt]),
                 ];
-                let out = tch::no_grad(|| m.forward_ts(&inputs)).map_err(|e| {
-                    Error::model(format!("content ranker (TorchScript): {}", first_line(&e.to_string())))
-                })?;
-                let out = out
-                    .to_kind(Kind::Float)
-                    .to_device(tch::Device::Cpu)
-                    .contiguous()
-                    .view(-1);
-                Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+                to_host(&forward(&self.module, &inputs, "content ranker")?)
             })
             .collect()
     }

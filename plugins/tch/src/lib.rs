@@ -124,3 +124,23 @@ pub fn load_module(path: &std::path::Path, device: tch::Device) -> Result<tch::C
 pub fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
+
+/// A tensor as f32 values on the host (any kind, any device).
+pub fn to_host(t: &tch::Tensor) -> Result<Vec<f32>> {
+    let t = t
+        .to_kind(tch::Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .contiguous()
+        .view(-1);
+    Vec::<f32>::try_from(&t).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+}
+
+/// Run a stage's module (behind `&self`: CModule is not Sync) without
+/// autograd; errors name `what`.
+pub fn forward(module: &std::sync::Mutex<tch::CModule>, inputs: &[tch::Tensor], what: &str) -> Result<tch::Tensor> {
+    let m = module
+        .lock()
+        .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+    tch::no_grad(|| m.forward_ts(inputs))
+        .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))
+}

@@ -4,13 +4,13 @@
 //! preference)`). The params are candle's (`mapper.backend=tch` switches
 //! nothing else); training stays on candle, where autograd is.
 
-use crate::{device, first_line, load_module};
+use crate::{device, first_line, load_module, to_host};
 use ragar_core::mapper::{parse_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use tch::{CModule, IValue, Kind, Tensor};
+use tch::{CModule, IValue, Tensor};
 
 /// The Mapper on libtorch.
 pub struct TchMapper {
@@ -23,11 +23,6 @@ pub struct TchMapper {
 /// The exported module of a checkpoint: same folder and stem, `.ts`.
 pub fn module_of(checkpoint: &str) -> PathBuf {
     Path::new(checkpoint).with_extension("ts")
-}
-
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view(-1);
-    Vec::<f32>::try_from(&t).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
 }
 
 impl TchMapper {
@@ -76,7 +71,7 @@ impl Mapper for TchMapper {
             .map_err(|e| Error::model(format!("Mapper (TorchScript): {}", first_line(&e.to_string()))))?;
         let (mapped, pref) = match out {
             IValue::Tuple(v) if v.len() == 2 => match (&v[0], &v[1]) {
-                (IValue::Tensor(a), IValue::Tensor(p)) => (host(a)?, host(p)?),
+                (IValue::Tensor(a), IValue::Tensor(p)) => (to_host(a)?, to_host(p)?),
                 _ => return Err(Error::model("Mapper module: expected a tuple of two tensors")),
             },
             _ => return Err(Error::model("Mapper module: expected (mapped, preference)")),

@@ -4,15 +4,15 @@
 //! (`scripts/export_minilm.py`). Tokenisation and pooling are shared
 //! (`ragar_core::text`).
 
-use crate::{device, first_line, load_module};
+use crate::{device, forward, load_module, to_host};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
     embed_in_batches, encoder_info, SentenceEncoderParams, SentenceModelDir, SentenceTokenizer, TokenBatch,
 };
-use ragar_core::{ComponentSpec, Error, Result};
+use ragar_core::{ComponentSpec, Result};
 use std::sync::Mutex;
-use tch::{CModule, Kind, Tensor};
+use tch::{CModule, Tensor};
 
 /// A BERT sentence encoder on libtorch.
 pub struct SentenceEncoder {
@@ -43,18 +43,11 @@ impl SentenceEncoder {
     fn forward(&self, b: &TokenBatch) -> Result<Vec<f32>> {
         let shape = [b.batch as i64, b.seq_len as i64];
         let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(self.device);
-        let module = self
-            .module
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-        let out = tch::no_grad(|| module.forward_ts(&[t(&b.ids), t(&b.mask), t(&b.type_ids)]))
-            .map_err(|e| Error::model(format!("TorchScript forward: {}", first_line(&e.to_string()))))?;
-        let out = out
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .contiguous()
-            .view(-1);
-        Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+        to_host(&forward(
+            &self.module,
+            &[t(&b.ids), t(&b.mask), t(&b.type_ids)],
+            "MiniLM",
+        )?)
     }
 }
 

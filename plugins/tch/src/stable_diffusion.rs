@@ -4,14 +4,14 @@
 //! tokenisation, seeded noise, sampler loop, guidance, post-processing — is
 //! [`ragar_core::diffusion`], the same code candle and ort run.
 
-use crate::{device, first_line, load_module};
+use crate::{device, forward, load_module, to_host};
 use ragar_core::diffusion::{Denoiser, Pipeline, SdPipelineDir};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{GenerationRequest, Generator, GeneratorInfo};
 use ragar_core::text::SentenceTokenizer;
-use ragar_core::{ComponentSpec, Error, Image, Result};
+use ragar_core::{ComponentSpec, Image, Result};
 use std::sync::Mutex;
-use tch::{CModule, Kind, Tensor};
+use tch::{CModule, Tensor};
 
 /// The modules, relative to the pipeline folder.
 pub const GRAPHS: [&str; 3] = ["text_encoder/model.ts", "unet/model.ts", "vae_decoder/model.ts"];
@@ -55,17 +55,7 @@ impl StableDiffusion {
     }
 
     fn run(&self, module: &Mutex<CModule>, inputs: &[Tensor], what: &str) -> Result<Vec<f32>> {
-        let m = module
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-        let out = tch::no_grad(|| m.forward_ts(inputs))
-            .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))?;
-        let out = out
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .contiguous()
-            .view(-1);
-        Vec::<f32>::try_from(&out).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
+        to_host(&forward(module, inputs, what)?)
     }
 
     fn tensor(&self, v: &[f32], shape: &[usize]) -> Tensor {
