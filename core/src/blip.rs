@@ -162,6 +162,35 @@ impl BlipDir {
 }
 
 impl BlipDir {
+    /// An error unless the checkpoint is BLIP (model_type `blip`): the
+    /// `backend` runs BLIP only, BLIP-2 runs on candle.
+    pub fn require_blip(&self, backend: &str) -> Result<()> {
+        if self.model_type == "blip" {
+            return Ok(());
+        }
+        Err(Error::unsupported(format!(
+            "{}: model_type '{}': the {backend} captioner runs BLIP only; BLIP-2 runs on candle \
+             (captioner.backend=candle)",
+            self.root.display(),
+            self.model_type
+        )))
+    }
+
+    /// The path of an exported graph (`scripts/export_blip.py`) for
+    /// `backend`, after checking the checkpoint is BLIP and the file exists.
+    pub fn exported(&self, backend: &str, graph: &str) -> Result<PathBuf> {
+        self.require_blip(backend)?;
+        let path = self.root.join(graph);
+        if !path.is_file() {
+            return Err(Error::not_found(format!(
+                "missing {} (export it with: python scripts/export_blip.py {})",
+                path.display(),
+                self.root.display()
+            )));
+        }
+        Ok(path)
+    }
+
     /// BLIP (not BLIP-2): the decoder prefix (`[DEC]` + the prompt's word
     /// pieces) and the limits (`[SEP]` ends, `[PAD]` fills, prompt +
     /// `max_tokens` within the decoder's positions).
@@ -171,13 +200,7 @@ impl BlipDir {
         prompt: &str,
         max_tokens: u32,
     ) -> Result<(Vec<u32>, crate::decoding::Limits)> {
-        if self.model_type != "blip" {
-            return Err(Error::unsupported(format!(
-                "{}: model_type '{}': this backend runs BLIP (model_type blip) only; BLIP-2 runs on candle",
-                self.root.display(),
-                self.model_type
-            )));
-        }
+        self.require_blip("this")?;
         let t = &self.config["text_config"];
         let id = |k: &str| -> Result<u32> {
             t[k].as_u64().map(|v| v as u32).ok_or_else(|| {

@@ -106,6 +106,20 @@ pub fn parse_params(spec: &ComponentSpec) -> Result<(MapperConfig, Option<String
     Ok((cfg, ckpt))
 }
 
+/// The params of a Mapper that runs a trained checkpoint's export (ort,
+/// tch): the config and the required `checkpoint`.
+pub fn exported_params(spec: &ComponentSpec, backend: &str) -> Result<(MapperConfig, String)> {
+    let (cfg, ckpt) = parse_params(spec)?;
+    let ckpt = ckpt.ok_or_else(|| {
+        Error::config(format!(
+            "{}.params.checkpoint: the {backend} Mapper runs a trained checkpoint (train on candle, then \
+             python scripts/export_mapper.py CHECKPOINT)",
+            spec.key
+        ))
+    })?;
+    Ok((cfg, ckpt))
+}
+
 impl MapperConfig {
     /// The contract's shapes.
     pub fn info(&self) -> MapperInfo {

@@ -7,7 +7,7 @@
 use crate::runtime::{check_io, lock, ort_err as err, session};
 use ort::session::Session;
 use ort::value::Tensor;
-use ragar_core::mapper::{parse_params, split_outputs, stack_inputs, MapperConfig};
+use ragar_core::mapper::{exported_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::path::{Path, PathBuf};
@@ -38,14 +38,7 @@ fn open(spec: &ComponentSpec, graph: &Path) -> Result<Session> {
 impl OrtMapper {
     /// Build from candle's params; `checkpoint` is required (its `.onnx`).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
-        let (cfg, ckpt) = parse_params(spec)?;
-        let ckpt = ckpt.ok_or_else(|| {
-            Error::config(format!(
-                "{}.params.checkpoint: the ort Mapper runs a trained checkpoint (train on candle, then \
-                 python scripts/export_mapper.py CHECKPOINT)",
-                spec.key
-            ))
-        })?;
+        let (cfg, ckpt) = exported_params(spec, "ort")?;
         Ok(OrtMapper {
             session: Mutex::new(open(spec, &graph_of(&ckpt))?),
             cfg,

@@ -34,24 +34,9 @@ impl BlipCaptioner {
     /// Build from `params: { model_dir, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        if dir.model_type != "blip" {
-            return Err(Error::unsupported(format!(
-                "{}: model_type '{}': the {} captioner runs BLIP only; BLIP-2 runs on candle (captioner.backend=candle)",
-                dir.root.display(),
-                dir.model_type,
-                "tch"
-            )));
-        }
         let device = device(spec)?;
         let load = |g: &str| -> Result<Mutex<CModule>> {
-            let path = dir.root.join(g);
-            if !path.is_file() {
-                return Err(Error::not_found(format!(
-                    "missing {} (export it with: python scripts/export_blip.py {})",
-                    path.display(),
-                    dir.root.display()
-                )));
-            }
+            let path = dir.exported("tch", g)?;
             load_module(&path, device).map(Mutex::new)
         };
         Ok(BlipCaptioner {

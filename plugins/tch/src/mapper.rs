@@ -5,7 +5,7 @@
 //! nothing else); training stays on candle, where autograd is.
 
 use crate::{device, first_line, load_module, to_host};
-use ragar_core::mapper::{parse_params, split_outputs, stack_inputs, MapperConfig};
+use ragar_core::mapper::{exported_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::path::{Path, PathBuf};
@@ -28,14 +28,7 @@ pub fn module_of(checkpoint: &str) -> PathBuf {
 impl TchMapper {
     /// Build from candle's params; `checkpoint` is required (its `.ts`).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
-        let (cfg, ckpt) = parse_params(spec)?;
-        let ckpt = ckpt.ok_or_else(|| {
-            Error::config(format!(
-                "{}.params.checkpoint: the tch Mapper runs a trained checkpoint (train on candle, then \
-                 python scripts/export_mapper.py CHECKPOINT)",
-                spec.key
-            ))
-        })?;
+        let (cfg, ckpt) = exported_params(spec, "tch")?;
         let device = device(spec)?;
         Ok(TchMapper {
             module: Mutex::new(load_module(&module_of(&ckpt), device)?),
