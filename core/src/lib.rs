@@ -34,6 +34,8 @@ pub mod diffusion;
 pub mod error;
 pub mod files;
 pub mod keywords;
+#[cfg(feature = "text")]
+pub mod llm;
 pub mod mapper;
 pub mod metrics;
 #[cfg(feature = "hub")]

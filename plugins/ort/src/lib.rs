@@ -10,6 +10,7 @@
 pub mod blip;
 pub mod clip;
 pub mod content_ranker;
+pub mod keyword_llm;
 pub mod mapper;
 pub mod minilm;
 pub mod runtime;
@@ -57,6 +58,26 @@ pub fn components() -> Vec<Component> {
              (<state>.onnx; scripts/export_content_ranker.py)",
             content_ranker::OrtContentRanker::load_component,
             |spec: &ComponentSpec| ragar_core::content::probe(spec, "ort", "onnx")
+        ),
+        component!(
+            KeywordLlm,
+            "llama",
+            "ort",
+            ["cpu", "cuda"],
+            "Llama-architecture LLM from ONNX graphs with a key/value cache (model.onnx, hidden_states.onnx; \
+             scripts/export_llm.py): keywords and [IMG] hidden states, sampling shared with candle",
+            keyword_llm::OrtKeywordLlm::load,
+            keyword_llm::OrtKeywordLlm::probe
+        ),
+        component!(
+            KeywordLlm,
+            "qwen2",
+            "ort",
+            ["cpu", "cuda"],
+            "Qwen2/Qwen2.5 LLM from ONNX graphs with a key/value cache (model.onnx, hidden_states.onnx; \
+             scripts/export_llm.py): keywords and [IMG] hidden states",
+            keyword_llm::OrtKeywordLlm::load,
+            keyword_llm::OrtKeywordLlm::probe
         ),
         component!(
             Captioner,

@@ -9,6 +9,7 @@
 pub mod blip;
 pub mod clip;
 pub mod content_ranker;
+pub mod keyword_llm;
 pub mod mapper;
 pub mod minilm;
 pub mod stable_diffusion;
@@ -55,6 +56,26 @@ pub fn components() -> Vec<Component> {
              (<state>.ts; scripts/export_content_ranker.py)",
             content_ranker::TchContentRanker::load_component,
             |spec: &ComponentSpec| ragar_core::content::probe(spec, "tch", "ts")
+        ),
+        component!(
+            KeywordLlm,
+            "llama",
+            "tch",
+            ["cpu", "cuda"],
+            "Llama-architecture LLM from TorchScript modules with a key/value cache (model.ts, hidden_states.ts; \
+             scripts/export_llm.py): keywords and [IMG] hidden states, sampling shared with candle",
+            keyword_llm::TchKeywordLlm::load,
+            keyword_llm::TchKeywordLlm::probe
+        ),
+        component!(
+            KeywordLlm,
+            "qwen2",
+            "tch",
+            ["cpu", "cuda"],
+            "Qwen2/Qwen2.5 LLM from TorchScript modules with a key/value cache (model.ts, hidden_states.ts; \
+             scripts/export_llm.py): keywords and [IMG] hidden states",
+            keyword_llm::TchKeywordLlm::load,
+            keyword_llm::TchKeywordLlm::probe
         ),
         component!(
             Captioner,
