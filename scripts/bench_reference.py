@@ -11,6 +11,10 @@ the same weights and inputs, and writes the same result file.
                  scheduler), guidance 7.5, one seeded generator per image
   captioner      blip: BlipProcessor + BlipForConditionalGeneration.generate
                  (greedy, `tokens` new tokens at most)
+  keyword-llm    llama / qwen2: AutoTokenizer's chat template +
+                 AutoModelForCausalLM.generate (greedy, `tokens` new
+                 tokens at most), one prompt at a time as ragar's stage
+                 does (a batch of prompts is a loop, no padding)
 
 Inputs are the ones `ragar stage-bench` makes (host/src/stage_bench.rs):
 the same product titles, the same seeded gradient-and-noise images. A call
@@ -36,6 +40,10 @@ ITEM = ["sandals", "shorts", "hoodie", "blazer", "dress", "sneakers", "scarf", "
 def texts(n):
     return [f"{ADJ[i % 8]} {COLOUR[(i // 8) % 8]} {STUFF[(i // 64) % 6]} {ITEM[(i * 7 + 3) % 8]}, "
             f"size {['XS', 'S', 'M', 'L', 'XL'][i % 5]}" for i in range(n)]
+
+
+def keyword_prompts(n):
+    return [f"Give three comma-separated keywords for this item: {t}" for t in texts(n)]
 
 
 def images(n, size):
@@ -129,6 +137,26 @@ def main(request_path):
             px = proc(images=inputs, return_tensors="pt")["pixel_values"].to(device, dtype)
             with torch.no_grad():
                 return model.generate(pixel_values=px, max_new_tokens=args["tokens"], num_beams=1)
+    elif comp in ("llama", "qwen2"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(req["model_dir"], dtype=dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(req["model_dir"])
+        prompts = keyword_prompts(batch)
+        eos = [i for i in (tok.convert_tokens_to_ids(t) for t in
+                           (tok.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>") if t)
+               if isinstance(i, int) and i != tok.unk_token_id]
+
+        def call():
+            out = []
+            for p in prompts:
+                text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+                with torch.no_grad():
+                    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["tokens"],
+                                         do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+                out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+            return out
     else:
         sys.exit(f"bench_reference.py: no PyTorch reference for component '{comp}'")
 

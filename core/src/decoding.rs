@@ -1,7 +1,7 @@
 //! transformers' `generate` for captioners, on the host: greedy decoding and
 //! beam search over any decoder that yields next-token logits, whatever
-//! runs it (candle with a key/value cache, ONNX Runtime or libtorch without
-//! one). One implementation, so every backend decodes alike.
+//! runs it (candle, ONNX Runtime, libtorch; each keeps its own key/value
+//! cache). One implementation, so every backend decodes alike.
 //!
 //! Reference implementation: `transformers.generation.utils`
 //! (`_sample` with `do_sample=False`; `_beam_search`): greedy takes the
@@ -175,91 +175,78 @@ pub fn generate<'a>(
     }
 }
 
-/// A decoder without a key/value cache: every step re-runs the whole
-/// sequence (`run(ids, rows, len, context)` -> logits `[rows, len, vocab]`)
-/// and keeps the last position. `context` is each row's conditioning
-/// (image embeddings), `width` values per row; rows are reordered with
-/// their sequences. Exported graphs without cache inputs use this; for
-/// captions of tens of tokens the recomputation is cheap.
-pub struct Recompute<'a> {
-    run: Box<dyn FnMut(&[i64], usize, usize, &[f32]) -> Result<Vec<f32>> + 'a>,
-    seqs: Vec<Vec<u32>>,
-    prompt: Vec<u32>,
-    context: Vec<f32>,
-    width: usize,
+/// A decoder with a key/value cache that the backend keeps (its tensors
+/// stay where the backend computes), driven through [`Cached`].
+pub trait KvDecoder {
+    /// Empty caches for `rows` rows.
+    fn start(&mut self, rows: usize) -> Result<()>;
+    /// Feed `t` tokens per row (`ids` `[rows, t]`, row-major) on top of
+    /// the cache and grow it; logits `[rows, t, vocab]`.
+    fn feed(&mut self, ids: &[i64], rows: usize, t: usize) -> Result<Vec<f32>>;
+    /// Keep cache rows `rows`, in that order (beam reordering).
+    fn reorder(&mut self, rows: &[u32]) -> Result<()>;
 }
 
-impl<'a> Recompute<'a> {
-    /// `context` holds one row per image (`width` values each): a single
-    /// row is repeated to however many rows decoding asks for.
-    pub fn new(
-        run: impl FnMut(&[i64], usize, usize, &[f32]) -> Result<Vec<f32>> + 'a,
-        prompt: &[u32],
-        context: Vec<f32>,
-        width: usize,
-    ) -> Self {
-        Recompute {
-            run: Box::new(run),
-            seqs: Vec::new(),
+/// The [`Stepper`] of a [`KvDecoder`]: the prefix is fed once for all rows,
+/// then one token per row per step.
+pub struct Cached<D> {
+    decoder: D,
+    prompt: Vec<u32>,
+    rows: usize,
+}
+
+impl<D: KvDecoder> Cached<D> {
+    /// Decode from `prompt` with `decoder`.
+    pub fn new(decoder: D, prompt: &[u32]) -> Self {
+        Cached {
+            decoder,
             prompt: prompt.to_vec(),
-            context,
-            width,
+            rows: 0,
         }
     }
 
-    fn last(&mut self) -> Result<Vec<f32>> {
-        let rows = self.seqs.len();
-        let len = self.seqs[0].len();
-        let ids: Vec<i64> = self.seqs.iter().flatten().map(|&t| t as i64).collect();
-        let logits = (self.run)(&ids, rows, len, &self.context)?;
+    fn last(&mut self, ids: &[i64], t: usize) -> Result<Vec<f32>> {
+        let rows = self.rows;
+        let logits = self.decoder.feed(ids, rows, t)?;
         let per_row = logits.len() / rows.max(1);
-        if per_row == 0 || logits.len() != rows * per_row || per_row % len != 0 {
+        if per_row == 0 || logits.len() != rows * per_row || per_row % t != 0 {
             return Err(crate::Error::model(format!(
-                "decoder returned {} logits for {rows} rows of {len} tokens",
+                "decoder returned {} logits for {rows} rows of {t} tokens",
                 logits.len()
             )));
         }
-        let vocab = per_row / len;
+        let vocab = per_row / t;
         Ok((0..rows)
-            .flat_map(|r| {
-                logits[r * per_row + (len - 1) * vocab..(r + 1) * per_row]
-                    .iter()
-                    .copied()
-            })
+            .flat_map(|r| logits[(r + 1) * per_row - vocab..(r + 1) * per_row].iter().copied())
             .collect())
     }
 }
 
-impl Stepper for Recompute<'_> {
+impl<D: KvDecoder> Stepper for Cached<D> {
     fn prefill(&mut self, rows: usize) -> Result<Vec<f32>> {
-        let have = self.context.len() / self.width.max(1);
-        if have == 1 && rows > 1 {
-            self.context = self.context.repeat(rows);
-        } else if have != rows {
-            return Err(crate::Error::model(format!(
-                "{have} conditioning rows for {rows} decoding rows"
-            )));
-        }
-        self.seqs = vec![self.prompt.clone(); rows];
-        self.last()
+        self.rows = rows;
+        self.decoder.start(rows)?;
+        let ids: Vec<i64> = self.prompt.iter().map(|&t| t as i64).collect::<Vec<_>>().repeat(rows);
+        let t = self.prompt.len();
+        self.last(&ids, t)
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        for (s, &t) in self.seqs.iter_mut().zip(tokens) {
-            s.push(t);
-        }
-        self.last()
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        self.last(&ids, 1)
     }
 
     fn reorder(&mut self, rows: &[u32]) -> Result<()> {
-        let w = self.width;
-        self.seqs = rows.iter().map(|&r| self.seqs[r as usize].clone()).collect();
-        self.context = rows
-            .iter()
-            .flat_map(|&r| self.context[r as usize * w..(r as usize + 1) * w].to_vec())
-            .collect();
-        Ok(())
+        self.decoder.reorder(rows)
     }
+}
+
+/// Rows `rows` of a row-major `[n, width]` buffer, in that order (a cache
+/// tensor's beam reordering on the host).
+pub fn gather_rows(data: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|&r| data[r as usize * width..(r as usize + 1) * width].iter().copied())
+        .collect()
 }
 
 #[cfg(test)]
@@ -325,5 +312,63 @@ mod tests {
             last: vec![],
         };
         assert_eq!(beam_search(&mut s, &[0], 2, lim).unwrap(), vec![0, 2, 3]);
+    }
+
+    /// The bigram table as a cached decoder: the "cache" is each row's
+    /// tokens so far, which `Cached` must keep in step through reordering.
+    struct BigramKv {
+        table: Vec<Vec<f32>>,
+        seen: Vec<Vec<i64>>,
+    }
+
+    impl KvDecoder for BigramKv {
+        fn start(&mut self, rows: usize) -> Result<()> {
+            self.seen = vec![Vec::new(); rows];
+            Ok(())
+        }
+        fn feed(&mut self, ids: &[i64], rows: usize, t: usize) -> Result<Vec<f32>> {
+            assert_eq!(ids.len(), rows * t);
+            let mut out = Vec::new();
+            for (r, chunk) in ids.chunks(t).enumerate() {
+                self.seen[r].extend(chunk);
+                out.extend(chunk.iter().flat_map(|&id| self.table[id as usize].clone()));
+            }
+            Ok(out)
+        }
+        fn reorder(&mut self, rows: &[u32]) -> Result<()> {
+            self.seen = rows.iter().map(|&r| self.seen[r as usize].clone()).collect();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_cached_decoder_decodes_like_the_direct_stepper() {
+        let lim = Limits {
+            eos: 3,
+            pad: 0,
+            max_len: 5,
+        };
+        let kv = || BigramKv {
+            table: table(),
+            seen: vec![],
+        };
+        let mut c = Cached::new(kv(), &[0]);
+        assert_eq!(
+            greedy(&mut c, &[0], 2, lim).unwrap(),
+            vec![vec![0, 1, 3], vec![0, 1, 3]]
+        );
+        let mut c = Cached::new(kv(), &[0]);
+        assert_eq!(beam_search(&mut c, &[0], 2, lim).unwrap(), vec![0, 2, 3]);
+        // The prefix went in once, then one token per row per step, and
+        // the rows followed the beams (0 1 ranked above 0 2 when 0 2 3 ended).
+        assert_eq!(c.decoder.seen, vec![vec![0, 1], vec![0, 2]]);
+    }
+
+    #[test]
+    fn gather_rows_picks_rows_in_order() {
+        assert_eq!(
+            gather_rows(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, &[2, 0, 0]),
+            vec![5.0, 6.0, 1.0, 2.0, 1.0, 2.0]
+        );
     }
 }

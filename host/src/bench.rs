@@ -222,7 +222,7 @@ fn stage_args(settings: &BTreeMap<String, String>) -> Result<crate::stage_bench:
     };
     let stage = settings
         .get("stage")
-        .ok_or_else(|| Error::config("stage jobs need bench.stage (encoder-text, encoder-image, generator)"))?;
+        .ok_or_else(|| Error::config(format!("stage jobs need bench.stage ({})", crate::stage_bench::STAGES)))?;
     Ok(crate::stage_bench::StageBenchArgs {
         stage: crate::stage_bench::BenchStage::parse(stage)?,
         batch: num("batch", 1)?,

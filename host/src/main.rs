@@ -135,7 +135,7 @@ enum Command {
     StageBench {
         /// Config file.
         config: PathBuf,
-        /// encoder-text, encoder-image, generator or captioner.
+        /// encoder-text, encoder-image, generator, captioner or keyword-llm.
         #[arg(long)]
         stage: String,
         /// Inputs per call.
@@ -153,7 +153,7 @@ enum Command {
         /// Image side (generator output, encoder-image and captioner input).
         #[arg(long, default_value_t = 224)]
         size: u32,
-        /// Captioner: most new tokens per caption.
+        /// Captioner, keyword-llm: most new tokens per caption / answer.
         #[arg(long, default_value_t = 20)]
         tokens: u32,
         /// Write the result here (JSON) as well as printing it.

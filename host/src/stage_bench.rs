@@ -4,7 +4,9 @@
 //!
 //! A call is what the pipeline makes: `batch` texts or images to the
 //! Encoder, `batch` generation requests to the Generator, `batch` images to
-//! the Captioner (greedy, at most `tokens` new tokens). `warmup` calls
+//! the Captioner (greedy, at most `tokens` new tokens), `batch` keyword
+//! prompts to the KeywordLLM (greedy, chat template, at most `tokens` new
+//! tokens each). `warmup` calls
 //! are made first and not counted (first-call costs: graph optimisation,
 //! allocator growth, CUDA context); then `iters` calls are timed one by
 //! one. Reported: per-call latency percentiles (NumPy's linear method) and
@@ -32,16 +34,18 @@ pub enum BenchStage {
     Generator,
     /// `Captioner::caption` (greedy, `tokens` new tokens at most).
     Captioner,
+    /// `KeywordLlm::generate` (greedy, `tokens` new tokens at most).
+    KeywordLlm,
 }
 
+/// The stage names `bench.stage` takes.
+pub const STAGES: &str = "encoder-text, encoder-image, generator, captioner, keyword-llm";
+
 impl BenchStage {
-    /// Parse `encoder-text`, `encoder-image` or `generator`.
+    /// Parse one of [`STAGES`].
     pub fn parse(s: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| {
-            Error::config(format!(
-                "unknown bench stage '{s}' (encoder-text, encoder-image, generator)"
-            ))
-        })
+        serde_json::from_value(serde_json::Value::String(s.into()))
+            .map_err(|_| Error::config(format!("unknown bench stage '{s}' ({STAGES})")))
     }
 
     /// The stage contract the call belongs to.
@@ -49,6 +53,7 @@ impl BenchStage {
         match self {
             BenchStage::Generator => ragar_core::Stage::Generator,
             BenchStage::Captioner => ragar_core::Stage::Captioner,
+            BenchStage::KeywordLlm => ragar_core::Stage::KeywordLlm,
             _ => ragar_core::Stage::Encoder,
         }
     }
@@ -59,6 +64,7 @@ impl BenchStage {
             BenchStage::EncoderImage => "encoder-image",
             BenchStage::Generator => "generator",
             BenchStage::Captioner => "captioner",
+            BenchStage::KeywordLlm => "keyword-llm",
         }
     }
 }
@@ -78,7 +84,7 @@ pub struct StageBenchArgs {
     pub steps: u32,
     /// Generator: image side in pixels; encoder-image, captioner: input image side.
     pub size: u32,
-    /// Captioner: most new tokens per caption.
+    /// Captioner, keyword LLM: most new tokens per caption / answer.
     #[serde(default = "twenty")]
     pub tokens: u32,
 }
@@ -142,6 +148,14 @@ pub fn texts(n: usize) -> Vec<String> {
                 ["XS", "S", "M", "L", "XL"][i % 5]
             )
         })
+        .collect()
+}
+
+/// `n` keyword prompts (Eq. 6's kind) over the same titles.
+pub fn keyword_prompts(n: usize) -> Vec<String> {
+    texts(n)
+        .into_iter()
+        .map(|t| format!("Give three comma-separated keywords for this item: {t}"))
         .collect()
 }
 
@@ -211,6 +225,15 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
                 prompt: Default::default(),
             };
             time(args, || cap.caption(&im, &opts).map(|_| ()))?
+        }
+        BenchStage::KeywordLlm => {
+            let llm = registry.keyword_llm(loaded)?;
+            let prompts = keyword_prompts(args.batch);
+            let opts = ragar_core::stage::GenerateOptions {
+                max_tokens: args.tokens,
+                ..Default::default()
+            };
+            time(args, || llm.generate(&prompts, &opts).map(|_| ()))?
         }
         BenchStage::Generator => {
             let gen = registry.generator(loaded)?;

@@ -1,15 +1,17 @@
-//! The BLIP captioner from the two ONNX graphs `scripts/export_blip.py`
-//! writes into an HF BLIP folder (`vision_model.onnx`: pixel_values ->
-//! image_embeds; `text_decoder.onnx`: input_ids, image_embeds -> logits).
-//! Preprocessing, tokenizer and decode loops are shared with candle
-//! (`ragar_core::blip`, `ragar_core::decoding`); the decoder graph has no
-//! key/value cache, so each step re-runs the prefix (`Recompute`).
+//! The BLIP captioner from the ONNX graphs `scripts/export_blip.py` writes
+//! into an HF BLIP folder: `vision_model.onnx` (pixel_values ->
+//! image_embeds), `text_decoder_cross.onnx` (image_embeds -> each layer's
+//! cross-attention keys / values, once per image) and
+//! `text_decoder_with_past.onnx` (new tokens on top of the self-attention
+//! cache). Preprocessing, tokenizer and decode loops are shared with candle
+//! (`ragar_core::blip`, `ragar_core::decoding`). The caches stay ONNX
+//! Runtime values between steps; only beam reordering reads them back.
 
-use crate::runtime::{check_io, lock, ort_err as err, run_f32, session};
-use ort::session::Session;
-use ort::value::Tensor;
+use crate::runtime::{check_io, lock, ort_err as err, session};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
 use ragar_core::blip::{caption, BlipDir};
-use ragar_core::decoding::{generate, Recompute, Stepper};
+use ragar_core::decoding::{gather_rows, generate, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
 use ragar_core::{ComponentSpec, Error, Image, Result};
@@ -17,13 +19,20 @@ use std::sync::Mutex;
 use tokenizers::Tokenizer;
 
 /// The graphs, in the model folder.
-pub const GRAPHS: [&str; 2] = ["vision_model.onnx", "text_decoder.onnx"];
+pub const GRAPHS: [&str; 3] = [
+    "vision_model.onnx",
+    "text_decoder_cross.onnx",
+    "text_decoder_with_past.onnx",
+];
 
 /// The BLIP captioner on ONNX Runtime.
 pub struct BlipCaptioner {
     // ort's `run` needs `&mut Session`; the contract is `&self`.
     vision: Mutex<Session>,
+    cross: Mutex<Session>,
     decoder: Mutex<Session>,
+    /// Cache input and output names, layer by layer: (past, cross, present).
+    names: Vec<(String, String, String)>,
     tokenizer: Tokenizer,
     dir: BlipDir,
     batch_size: usize,
@@ -34,15 +43,34 @@ impl BlipCaptioner {
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let layers = dir.config["text_config"]["num_hidden_layers"]
+            .as_u64()
+            .ok_or_else(|| Error::model(format!("{}: no text_config.num_hidden_layers", dir.root.display())))?;
+        let names: Vec<(String, String, String)> = (0..layers)
+            .flat_map(|i| {
+                ["key", "value"].map(|k| {
+                    (
+                        format!("past_key_values.{i}.{k}"),
+                        format!("cross.{i}.{k}"),
+                        format!("present.{i}.{k}"),
+                    )
+                })
+            })
+            .collect();
         let open = |g: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
             let path = dir.exported("ort", g)?;
             let s = session(spec, &path, threads)?;
             check_io(&s, &path, inputs, inputs, output)?;
             Ok(Mutex::new(s))
         };
+        let mut dec_inputs = vec!["input_ids"];
+        dec_inputs.extend(names.iter().map(|n| n.0.as_str()));
+        dec_inputs.extend(names.iter().map(|n| n.1.as_str()));
         Ok(BlipCaptioner {
             vision: open(GRAPHS[0], &["pixel_values"], "image_embeds")?,
-            decoder: open(GRAPHS[1], &["input_ids", "image_embeds"], "logits")?,
+            cross: open(GRAPHS[1], &["image_embeds"], &names[0].1)?,
+            decoder: open(GRAPHS[2], &dec_inputs, "logits")?,
+            names,
             tokenizer: dir.tokenizer()?,
             dir,
             batch_size: params.batch_size,
@@ -79,14 +107,118 @@ impl BlipCaptioner {
         Ok((data.to_vec(), shape[1] as usize, shape[2] as usize))
     }
 
-    fn decode(&self, ids: &[i64], rows: usize, len: usize, context: &[f32], n: usize, d: usize) -> Result<Vec<f32>> {
-        let ids = Tensor::from_array((vec![rows as i64, len as i64], ids.to_vec())).map_err(err)?;
-        let emb = Tensor::from_array((vec![rows as i64, n as i64, d as i64], context.to_vec())).map_err(err)?;
-        run_f32(
-            &self.decoder,
-            vec![("input_ids", ids.into_dyn()), ("image_embeds", emb.into_dyn())],
-            "logits",
-        )
+    /// Each layer's cross-attention keys and values of `[n, tokens, width]` image embeddings.
+    fn cross(&self, emb: Vec<f32>, n: usize, tokens: usize, width: usize) -> Result<Vec<DynValue>> {
+        let emb = Tensor::from_array((vec![n as i64, tokens as i64, width as i64], emb)).map_err(err)?;
+        let mut s = lock(&self.cross)?;
+        let mut out = s.run(ort::inputs!["image_embeds" => emb]).map_err(err)?;
+        self.names
+            .iter()
+            .map(|(_, c, _)| {
+                out.remove(c)
+                    .ok_or_else(|| Error::model(format!("{}: no output {c}", GRAPHS[1])))
+            })
+            .collect()
+    }
+}
+
+/// The rows of a cache tensor `[n, ...]` given by `rows`, as a new value.
+fn take_rows(v: &DynValue, rows: &[u32]) -> Result<DynValue> {
+    let (shape, data) = v.try_extract_tensor::<f32>().map_err(err)?;
+    let n = shape.first().copied().unwrap_or(0).max(1) as usize;
+    let mut shape = shape.to_vec();
+    shape[0] = rows.len() as i64;
+    let picked = gather_rows(data, data.len() / n, rows);
+    Ok(Tensor::from_array((shape, picked)).map_err(err)?.into_dyn())
+}
+
+/// Cross-attention keys / values: the chunk's (rows = images), or owned
+/// (one image's repeated for its beams, or reordered).
+enum Cross<'a> {
+    Chunk(&'a [DynValue]),
+    Owned(Vec<DynValue>),
+}
+
+impl Cross<'_> {
+    fn values(&self) -> &[DynValue] {
+        match self {
+            Cross::Chunk(v) => v,
+            Cross::Owned(v) => v,
+        }
+    }
+}
+
+/// One decode: the self-attention cache, and the rows' cross-attention
+/// keys / values (the chunk's, or one image's repeated for its beams).
+struct Decode<'a> {
+    cap: &'a BlipCaptioner,
+    cross: Cross<'a>,
+    past: Vec<DynValue>,
+    /// Every row decodes the same image (beam search): reordering leaves
+    /// the cross keys / values as they are.
+    one_image: bool,
+}
+
+impl KvDecoder for Decode<'_> {
+    fn start(&mut self, rows: usize) -> Result<()> {
+        let first = self
+            .cross
+            .values()
+            .first()
+            .ok_or_else(|| Error::model("BLIP decoder without layers"))?;
+        let (shape, _) = first.try_extract_tensor::<f32>().map_err(err)?;
+        if shape[0] as usize != rows {
+            return Err(Error::model(format!(
+                "{} image rows for {rows} decoding rows",
+                shape[0]
+            )));
+        }
+        let empty = vec![rows as i64, shape[1], 0, shape[3]];
+        self.past = (0..self.cap.names.len())
+            .map(|_| {
+                Ok(Tensor::from_array((empty.clone(), Vec::<f32>::new()))
+                    .map_err(err)?
+                    .into_dyn())
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    fn feed(&mut self, ids: &[i64], rows: usize, t: usize) -> Result<Vec<f32>> {
+        let names = &self.cap.names;
+        let mut inputs: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(1 + 2 * names.len());
+        let ids = Tensor::from_array((vec![rows as i64, t as i64], ids.to_vec())).map_err(err)?;
+        inputs.push(("input_ids".into(), ids.into_dyn().into()));
+        for ((p, _, _), v) in names.iter().zip(self.past.drain(..)) {
+            inputs.push((p.clone(), v.into()));
+        }
+        for ((_, c, _), v) in names.iter().zip(self.cross.values().iter()) {
+            inputs.push((c.clone(), v.into()));
+        }
+        let mut s = lock(&self.cap.decoder)?;
+        let mut out = s.run(inputs).map_err(err)?;
+        for (_, _, present) in names {
+            self.past.push(
+                out.remove(present)
+                    .ok_or_else(|| Error::model(format!("{}: no output {present}", GRAPHS[2])))?,
+            );
+        }
+        let (_, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
+        Ok(logits.to_vec())
+    }
+
+    fn reorder(&mut self, rows: &[u32]) -> Result<()> {
+        self.past = self.past.iter().map(|v| take_rows(v, rows)).collect::<Result<_>>()?;
+        if !self.one_image {
+            let cross: Vec<DynValue> = self
+                .cross
+                .values()
+                .iter()
+                .map(|v| take_rows(v, rows))
+                .collect::<Result<_>>()?;
+            self.cross = Cross::Owned(cross);
+        }
+        Ok(())
     }
 }
 
@@ -105,18 +237,23 @@ impl Captioner for BlipCaptioner {
                 ))
             };
             let (emb, n, d) = self.embed(chunk).map_err(at)?;
-            let w = n * d;
+            let cross = self.cross(emb, chunk.len(), n, d).map_err(at)?;
             let stepper = |i: Option<usize>| -> Result<Box<dyn Stepper + '_>> {
-                let context = match i {
-                    Some(i) => emb[i * w..(i + 1) * w].to_vec(),
-                    None => emb.clone(),
+                let (cross, one_image) = match i {
+                    None => (Cross::Chunk(&cross), false),
+                    Some(i) => {
+                        let beams = vec![i as u32; opts.beams as usize];
+                        let c = cross.iter().map(|v| take_rows(v, &beams)).collect::<Result<Vec<_>>>()?;
+                        (Cross::Owned(c), true)
+                    }
                 };
-                Ok(Box::new(Recompute::new(
-                    move |ids: &[i64], rows, len, ctx: &[f32]| self.decode(ids, rows, len, ctx, n, d),
-                    &prompt,
-                    context,
-                    w,
-                )))
+                let decode = Decode {
+                    cap: self,
+                    cross,
+                    past: Vec::new(),
+                    one_image,
+                };
+                Ok(Box::new(Cached::new(decode, &prompt)))
             };
             let ids = generate(stepper, &prompt, chunk.len(), opts.beams, lim).map_err(at)?;
             for seq in ids {

@@ -84,7 +84,7 @@ pub fn components() -> Vec<Component> {
             "blip",
             "ort",
             ["cpu", "cuda"],
-            "BLIP captioning from ONNX graphs (vision_model.onnx, text_decoder.onnx; scripts/export_blip.py): \
+            "BLIP captioning from ONNX graphs (vision_model.onnx, text_decoder_cross.onnx, text_decoder_with_past.onnx; scripts/export_blip.py): \
              greedy or beam search, shared with candle",
             blip::BlipCaptioner::load,
             blip::BlipCaptioner::probe

@@ -82,7 +82,7 @@ pub fn components() -> Vec<Component> {
             "blip",
             "tch",
             ["cpu", "cuda"],
-            "BLIP captioning from TorchScript modules (vision_model.ts, text_decoder.ts; scripts/export_blip.py): \
+            "BLIP captioning from TorchScript modules (vision_model.ts, text_decoder_cross.ts, text_decoder_with_past.ts; scripts/export_blip.py): \
              greedy or beam search, shared with candle",
             blip::BlipCaptioner::load,
             blip::BlipCaptioner::probe
