@@ -9,8 +9,9 @@ the same weights and inputs, and writes the same result file.
                  L2-normalised
   generator      diffusers' StableDiffusionPipeline (the configured
                  scheduler), guidance 7.5, one seeded generator per image
-  captioner      blip: BlipProcessor + BlipForConditionalGeneration.generate
-                 (greedy, `tokens` new tokens at most)
+  captioner      blip / blip2: BlipProcessor + BlipForConditionalGeneration
+                 (or the BLIP-2 pair, as config.json's model_type says)
+                 .generate (greedy, `tokens` new tokens at most)
   keyword-llm    llama / qwen2: AutoTokenizer's chat template +
                  AutoModelForCausalLM.generate (greedy, `tokens` new
                  tokens at most), one prompt at a time as ragar's stage
@@ -127,10 +128,16 @@ def main(request_path):
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]
             return pipe(prompts, num_inference_steps=args["steps"], guidance_scale=7.5, height=args["size"],
                         width=args["size"], generator=gens, output_type="np").images
-    elif comp == "blip":
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-        model = BlipForConditionalGeneration.from_pretrained(req["model_dir"], torch_dtype=dtype).to(device).eval()
-        proc = BlipProcessor.from_pretrained(req["model_dir"])
+    elif comp in ("blip", "blip2"):
+        import json as js
+        from transformers import (Blip2ForConditionalGeneration, Blip2Processor, BlipForConditionalGeneration,
+                                  BlipProcessor)
+        with open(os.path.join(req["model_dir"], "config.json")) as f:
+            blip2 = js.load(f).get("model_type") == "blip-2"
+        cls, pcls = ((Blip2ForConditionalGeneration, Blip2Processor) if blip2
+                     else (BlipForConditionalGeneration, BlipProcessor))
+        model = cls.from_pretrained(req["model_dir"], torch_dtype=dtype).to(device).eval()
+        proc = pcls.from_pretrained(req["model_dir"])
         inputs = images(batch, args["size"])
 
         def call():

@@ -16,11 +16,22 @@ the graphs ragar's ort and tch captioners read, next to its weights:
                            -> logits [b, t, vocab], present.{i}.{key,value}
                            [b, heads, p + t, head_dim]
 
+A BLIP-2 folder (Blip2ForConditionalGeneration with an OPT language
+model) gets instead:
+
+  image_queries.{onnx,ts}  pixel_values [b, 3, s, s] -> the projected
+                           Q-Former queries [b, q, d] (the language model's
+                           input embeddings for the image)
+  embed_tokens.{onnx,ts}   input_ids [b, t] int64 -> inputs_embeds [b, t, d]
+  language_model_with_past.{onnx,ts}
+                           inputs_embeds [b, t, d], attention_mask [b, p + t]
+                           int64, past_key_values.{i}.{key,value}
+                           -> logits [b, t, vocab], present.{i}.{key,value}
+
 The decode loops (greedy, beam search), the preprocessing and the tokenizer
 stay in ragar (ragar_core::decoding, ragar_core::blip), shared with candle.
-BLIP-2 is not exported here. Checked against transformers at other shapes
-(the cached decoder: the prefix fed in three pieces against one uncached
-pass).
+Checked against transformers at other shapes (the cached decoders: the
+prefix fed in three pieces against one uncached pass).
 
 Usage: python scripts/export_blip.py MODEL_DIR
 """
@@ -85,12 +96,147 @@ class Decoder(torch.nn.Module):
         return (out.logits, *present)
 
 
+class Queries(torch.nn.Module):
+    """BLIP-2: pixels -> vision model -> Q-Former -> language projection."""
+
+    def __init__(self, blip2):
+        super().__init__()
+        self.blip2 = blip2
+
+    def forward(self, pixel_values):
+        m = self.blip2
+        image = m.vision_model(pixel_values=pixel_values).last_hidden_state
+        queries = m.query_tokens.expand(image.shape[0], -1, -1)
+        mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        out = m.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=mask,
+                        return_dict=True).last_hidden_state
+        return m.language_projection(out)
+
+
+class Embed(torch.nn.Module):
+    def __init__(self, blip2):
+        super().__init__()
+        self.embed = blip2.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class LanguageModel(torch.nn.Module):
+    """BLIP-2's OPT on its key/value cache, from input embeddings."""
+
+    def __init__(self, blip2):
+        super().__init__()
+        self.lm = blip2.language_model
+        self.n = blip2.config.text_config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, *past):
+        cache = DynamicCache(config=self.lm.config)
+        for i in range(self.n):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+                      use_cache=True, return_dict=True)
+        present = []
+        for layer in out.past_key_values.layers[:self.n]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def export(root, name, module, inputs, names, outs, axes):
+    path = os.path.join(root, name)
+    save(path + ".onnx", lambda p: torch.onnx.export(
+        module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
+        dynamic_axes=axes))
+    with torch.no_grad():
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+    save(path + ".ts", traced.save)
+
+
+def runners(root, graphs):
+    """Run an exported graph by name: (torchscript, onnx) callables."""
+    import onnxruntime as ort
+    sessions = {m: ort.InferenceSession(os.path.join(root, m + ".onnx"), providers=["CPUExecutionProvider"])
+                for m in graphs}
+    modules = {m: torch.jit.load(os.path.join(root, m + ".ts")) for m in graphs}
+
+    def onnx(m, *x):
+        names = [i.name for i in sessions[m].get_inputs()]
+        return [torch.from_numpy(o) for o in sessions[m].run(None, {k: v.numpy() for k, v in zip(names, x)})]
+
+    def ts(m, *x):
+        with torch.no_grad():
+            o = modules[m](*x)
+        return list(o) if isinstance(o, tuple) else [o]
+
+    return [("torchscript", ts), ("onnx", onnx)]
+
+
+def relative(want, got):
+    return (want - got).abs().max().item() / (want.abs().max().item() + 1e-12)
+
+
+def main_blip2(root):
+    from transformers import Blip2ForConditionalGeneration
+    torch.manual_seed(0)
+    blip2 = Blip2ForConditionalGeneration.from_pretrained(root, attn_implementation="eager").eval()
+    tc = blip2.config.text_config
+    size = blip2.config.vision_config.image_size
+    heads = tc.num_attention_heads
+    hd = tc.hidden_size // heads
+    n = tc.num_hidden_layers
+    kv = [f"{i}.{k}" for i in range(n) for k in ("key", "value")]
+    queries, embed, lm = Queries(blip2).eval(), Embed(blip2).eval(), LanguageModel(blip2).eval()
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(2, 3, size, size, generator=g)
+    ids = torch.randint(0, tc.vocab_size, (2, 3), generator=g)
+    emb = torch.randn(2, 3, tc.word_embed_proj_dim, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    past = [torch.randn(2, heads, 4, hd, generator=g) for _ in range(2 * n)]
+    lm_axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+               "logits": {0: "batch", 1: "sequence"}}
+    lm_axes.update({f"past_key_values.{k}": {0: "batch", 2: "past_sequence"} for k in kv})
+    lm_axes.update({f"present.{k}": {0: "batch", 2: "total_sequence"} for k in kv})
+    export(root, "image_queries", queries, (px,), ["pixel_values"], ["image_queries"],
+           {"pixel_values": {0: "batch"}, "image_queries": {0: "batch"}})
+    export(root, "embed_tokens", embed, (ids,), ["input_ids"], ["inputs_embeds"],
+           {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}})
+    export(root, "language_model_with_past", lm, (emb, mask, *past),
+           ["inputs_embeds", "attention_mask"] + [f"past_key_values.{k}" for k in kv],
+           ["logits"] + [f"present.{k}" for k in kv], lm_axes)
+
+    # Check: 3 images' queries + 6 text tokens, fed as 8 + 4 + 2 positions
+    # through each export's cache, against one uncached transformers pass.
+    px3 = torch.randn(3, 3, size, size, generator=g)
+    ids3 = torch.randint(0, tc.vocab_size, (3, 6), generator=g)
+    with torch.no_grad():
+        want_q = queries(px3)
+        x = torch.cat([want_q, blip2.get_input_embeddings()(ids3)], dim=1)
+        want = blip2.language_model(inputs_embeds=x, return_dict=True).logits
+    total = x.shape[1]
+    for label, run in runners(root, ["image_queries", "embed_tokens", "language_model_with_past"]):
+        got_q = run("image_queries", px3)[0]
+        x = torch.cat([got_q, run("embed_tokens", ids3)[0]], dim=1)
+        past = [torch.zeros(3, heads, 0, hd) for _ in range(2 * n)]
+        pieces = []
+        for a, b in [(0, total - 6), (total - 6, total - 2), (total - 2, total)]:
+            out = run("language_model_with_past", x[:, a:b], torch.ones(3, b, dtype=torch.long), *past)
+            pieces.append(out[0])
+            past = out[1:]
+        d_q, d = relative(want_q, got_q), relative(want, torch.cat(pieces, dim=1))
+        print(f"{label}: max relative |transformers - export| image queries {d_q:.2e}, cached logits {d:.2e}")
+        assert d_q < 1e-5 and d < 1e-5, "export does not reproduce the model"
+
+
 def save(path, write):
     write(path + ".part")
     os.replace(path + ".part", path)
 
 
 def main(root):
+    import json
+    with open(os.path.join(root, "config.json")) as f:
+        if json.load(f).get("model_type") == "blip-2":
+            return main_blip2(root)
     torch.manual_seed(0)
     blip = BlipForConditionalGeneration.from_pretrained(root, attn_implementation="eager").eval()
     size = blip.config.vision_config.image_size
@@ -111,46 +257,22 @@ def main(root):
     dec_axes.update({f"past_key_values.{k}": {0: "batch", 2: "past_sequence"} for k in kv})
     dec_axes.update({f"cross.{k}": {0: "batch", 2: "image_tokens"} for k in kv})
     dec_axes.update({f"present.{k}": {0: "batch", 2: "total_sequence"} for k in kv})
-    for name, module, inputs, names, outs, axes in [
-        ("vision_model", vision, (px,), ["pixel_values"], ["image_embeds"],
-         {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
-        ("text_decoder_cross", cross, (emb,), ["image_embeds"], [f"cross.{k}" for k in kv],
-         {"image_embeds": {0: "batch", 1: "image_tokens"},
-          **{f"cross.{k}": {0: "batch", 2: "image_tokens"} for k in kv}}),
-        ("text_decoder_with_past", decoder, (ids, *past, *ck), dec_names, ["logits"] + [f"present.{k}" for k in kv],
-         dec_axes),
-    ]:
-        path = os.path.join(root, name)
-        save(path + ".onnx", lambda p: torch.onnx.export(
-            module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
-            dynamic_axes=axes))
-        with torch.no_grad():
-            traced = torch.jit.trace(module, inputs, check_trace=False)
-        save(path + ".ts", traced.save)
+    export(root, "vision_model", vision, (px,), ["pixel_values"], ["image_embeds"],
+           {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+    export(root, "text_decoder_cross", cross, (emb,), ["image_embeds"], [f"cross.{k}" for k in kv],
+           {"image_embeds": {0: "batch", 1: "image_tokens"},
+            **{f"cross.{k}": {0: "batch", 2: "image_tokens"} for k in kv}})
+    export(root, "text_decoder_with_past", decoder, (ids, *past, *ck), dec_names,
+           ["logits"] + [f"present.{k}" for k in kv], dec_axes)
 
     # Check: 3 images, a 9-token prefix fed as 4 + 3 + 2 tokens through each
     # export's cache, against transformers' uncached decoder.
-    import onnxruntime as ort
     px3 = torch.randn(3, 3, size, size, generator=g)
     ids3 = torch.randint(0, vocab, (3, 9), generator=g)
     with torch.no_grad():
         want_emb = vision(px3)
         want = blip.text_decoder(input_ids=ids3, encoder_hidden_states=want_emb, return_dict=True).logits
-    sessions = {m: ort.InferenceSession(os.path.join(root, m + ".onnx"), providers=["CPUExecutionProvider"])
-                for m in ("vision_model", "text_decoder_cross", "text_decoder_with_past")}
-    modules = {m: torch.jit.load(os.path.join(root, m + ".ts"))
-               for m in ("vision_model", "text_decoder_cross", "text_decoder_with_past")}
-
-    def onnx(m, *x):
-        names = [i.name for i in sessions[m].get_inputs()]
-        return [torch.from_numpy(o) for o in sessions[m].run(None, {k: v.numpy() for k, v in zip(names, x)})]
-
-    def ts(m, *x):
-        with torch.no_grad():
-            o = modules[m](*x)
-        return list(o) if isinstance(o, tuple) else [o]
-
-    for label, run in [("torchscript", ts), ("onnx", onnx)]:
+    for label, run in runners(root, ["vision_model", "text_decoder_cross", "text_decoder_with_past"]):
         got_emb = run("vision_model", px3)[0]
         c = run("text_decoder_cross", got_emb)
         past = [torch.zeros(3, heads, 0, hd) for _ in range(2 * n)]
@@ -159,9 +281,7 @@ def main(root):
             out = run("text_decoder_with_past", ids3[:, a:b], *past, *c)
             pieces.append(out[0])
             past = out[1:]
-        got = torch.cat(pieces, dim=1)
-        d_emb = (want_emb - got_emb).abs().max().item() / (want_emb.abs().max().item() + 1e-12)
-        d = (want - got).abs().max().item() / (want.abs().max().item() + 1e-12)
+        d_emb, d = relative(want_emb, got_emb), relative(want, torch.cat(pieces, dim=1))
         print(f"{label}: max relative |transformers - export| image_embeds {d_emb:.2e}, cached logits {d:.2e}")
         assert d_emb < 1e-5 and d < 1e-5, "export does not reproduce the model"
 

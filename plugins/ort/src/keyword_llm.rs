@@ -11,6 +11,7 @@
 use crate::runtime::{check_io, lock, ort_err as err, run_f32, session};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
+use ragar_core::decoding::last_position;
 use ragar_core::llm::{preference_states, LlmDir, LlmText};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{GenerateOptions, Generation, KeywordLlm, LlmInfo, PreferenceStates};
@@ -104,12 +105,8 @@ impl OrtKeywordLlm {
                 );
             }
             len += t;
-            let (shape, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
-            let vocab = *shape.last().unwrap_or(&0) as usize;
-            if vocab == 0 || logits.len() != t * vocab {
-                return Err(Error::model(format!("logits of shape {shape:?} for {t} tokens")));
-            }
-            Ok(logits[(t - 1) * vocab..].to_vec())
+            let (_, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
+            last_position(logits, 1, t)
         };
         self.text.generate(&mut step, prompt, o, seed)
     }

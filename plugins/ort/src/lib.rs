@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod blip;
+pub mod blip2;
 pub mod clip;
 pub mod content_ranker;
 pub mod keyword_llm;
@@ -84,10 +85,20 @@ pub fn components() -> Vec<Component> {
             "blip",
             "ort",
             ["cpu", "cuda"],
-            "BLIP captioning from ONNX graphs (vision_model.onnx, text_decoder_cross.onnx, text_decoder_with_past.onnx; scripts/export_blip.py): \
-             greedy or beam search, shared with candle",
-            blip::BlipCaptioner::load,
-            blip::BlipCaptioner::probe
+            "BLIP or BLIP-2 (OPT) captioning from ONNX graphs with key/value caches (config.json's model_type \
+             decides; scripts/export_blip.py): greedy or beam search, shared with candle",
+            blip::AnyBlip::load,
+            blip::AnyBlip::probe
+        ),
+        component!(
+            Captioner,
+            "blip2",
+            "ort",
+            ["cpu", "cuda"],
+            "BLIP-2 (OPT) captioning from ONNX graphs (image_queries, embed_tokens, language_model_with_past; \
+             same component as `blip`)",
+            blip::AnyBlip::load,
+            blip::AnyBlip::probe
         ),
         component!(
             Generator,

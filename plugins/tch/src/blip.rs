@@ -7,14 +7,14 @@
 //! candle (`ragar_core::blip`, `ragar_core::decoding`); the caches stay on
 //! the device.
 
-use crate::{device, first_line, forward, load_module, to_host};
-use ragar_core::blip::{caption, BlipDir};
+use crate::{device, forward, forward_tuple, load_module, to_host};
+use ragar_core::blip::{caption_chunks, BlipDir};
 use ragar_core::decoding::{generate, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
 use ragar_core::{ComponentSpec, Error, Image, Result};
 use std::sync::Mutex;
-use tch::{CModule, IValue, Tensor};
+use tch::{CModule, Tensor};
 use tokenizers::Tokenizer;
 
 /// The modules, in the model folder.
@@ -38,7 +38,7 @@ impl BlipCaptioner {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
         let device = device(spec)?;
         let load = |g: &str| -> Result<Mutex<CModule>> {
-            let path = dir.exported("tch", g)?;
+            let path = dir.exported(g)?;
             load_module(&path, device).map(Mutex::new)
         };
         Ok(BlipCaptioner {
@@ -52,37 +52,18 @@ impl BlipCaptioner {
         })
     }
 
-    /// Params and modules without loading them.
-    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-        let (_, dir) = BlipDir::open(spec, Fetch::Never)?;
-        GRAPHS
-            .iter()
-            .try_fold(ragar_core::component::Probe::default(), |p, g| {
-                p.file(&dir.root.join(g))
-            })?
-            .file(&dir.root.join("tokenizer.json"))
+    /// The processor's pixels of `images` on the device.
+    fn pixels(&self, images: &[Image]) -> Result<Tensor> {
+        pixels(&self.dir, images, self.device)
     }
+}
 
-    /// Run a module of tensors to a tuple of tensors.
-    fn tuple(&self, module: &Mutex<CModule>, inputs: Vec<Tensor>, what: &str) -> Result<Vec<Tensor>> {
-        let m = module
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-        let inputs: Vec<IValue> = inputs.into_iter().map(IValue::Tensor).collect();
-        let out = tch::no_grad(|| m.forward_is(&inputs))
-            .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))?;
-        let IValue::Tuple(out) = out else {
-            return Err(Error::model(format!(
-                "{what} (TorchScript): expected a tuple of tensors"
-            )));
-        };
-        out.into_iter()
-            .map(|v| match v {
-                IValue::Tensor(t) => Ok(t),
-                _ => Err(Error::model(format!("{what} (TorchScript): an output is not a tensor"))),
-            })
-            .collect()
-    }
+/// The processor's pixel values `[n, 3, h, w]` on `device`.
+pub(crate) fn pixels(dir: &BlipDir, images: &[Image], device: tch::Device) -> Result<Tensor> {
+    let (w, h) = dir.size;
+    Ok(Tensor::from_slice(&dir.pixel_values(images)?)
+        .reshape([images.len() as i64, 3, h as i64, w as i64])
+        .to_device(device))
 }
 
 /// One decode: the self-attention cache and the rows' cross-attention
@@ -120,7 +101,7 @@ impl KvDecoder for Decode<'_> {
         let mut inputs = vec![ids];
         inputs.append(&mut self.past);
         inputs.extend(self.cross.iter().map(Tensor::shallow_clone));
-        let mut out = self.cap.tuple(&self.cap.decoder, inputs, "BLIP text decoder")?;
+        let mut out = forward_tuple(&self.cap.decoder, inputs, "BLIP text decoder")?;
         if out.len() != 1 + self.cross.len() {
             return Err(Error::model(format!(
                 "BLIP text decoder (TorchScript) returned {} tensors, expected logits + {}",
@@ -129,7 +110,7 @@ impl KvDecoder for Decode<'_> {
             )));
         }
         self.past = out.split_off(1);
-        to_host(&out[0])
+        to_host(&out[0].select(1, t as i64 - 1))
     }
 
     fn reorder(&mut self, rows: &[u32]) -> Result<()> {
@@ -144,40 +125,22 @@ impl KvDecoder for Decode<'_> {
 
 impl Captioner for BlipCaptioner {
     fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
-        let (prompt, lim) = self
+        let prefix = self
             .dir
-            .blip_prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
-        let (w, h) = self.dir.size;
-        let mut out = Vec::with_capacity(images.len());
-        for (c, chunk) in images.chunks(self.batch_size).enumerate() {
-            let at = |e: Error| {
-                e.context(format!(
-                    "images {}..{}",
-                    c * self.batch_size,
-                    c * self.batch_size + chunk.len()
-                ))
-            };
-            let px = Tensor::from_slice(&self.dir.pixel_values(chunk)?)
-                .reshape([chunk.len() as i64, 3, h as i64, w as i64])
-                .to_device(self.device);
-            let emb = forward(&self.vision, &[px], "BLIP vision model").map_err(at)?;
+            .prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
+        caption_chunks(images, self.batch_size, &self.tokenizer, |chunk| {
+            let emb = forward(&self.vision, &[self.pixels(chunk)?], "BLIP vision model")?;
             if emb.dim() != 3 {
                 return Err(Error::model(format!(
                     "image_embeds of shape {:?}, expected [n, tokens, width]",
                     emb.size()
                 )));
             }
-            let cross = self.tuple(&self.cross, vec![emb], "BLIP cross keys").map_err(at)?;
+            let cross = forward_tuple(&self.cross, vec![emb], "BLIP cross keys")?;
             let stepper = |i: Option<usize>| -> Result<Box<dyn Stepper + '_>> {
                 let (cross, one_image) = match i {
                     None => (cross.iter().map(Tensor::shallow_clone).collect(), false),
-                    Some(i) => {
-                        let beams = [opts.beams as i64, 1, 1, 1];
-                        (
-                            cross.iter().map(|c| c.narrow(0, i as i64, 1).repeat(beams)).collect(),
-                            true,
-                        )
-                    }
+                    Some(i) => (repeat_row(&cross, i, opts.beams), true),
                 };
                 let decode = Decode {
                     cap: self,
@@ -185,13 +148,56 @@ impl Captioner for BlipCaptioner {
                     past: Vec::new(),
                     one_image,
                 };
-                Ok(Box::new(Cached::new(decode, &prompt)))
+                Ok(Box::new(Cached::new(decode, &prefix.ids)))
             };
-            let ids = generate(stepper, &prompt, chunk.len(), opts.beams, lim).map_err(at)?;
-            for seq in ids {
-                out.push(caption(&self.tokenizer, &seq)?);
-            }
+            generate(stepper, &prefix.ids, chunk.len(), opts.beams, prefix.lim)
+        })
+    }
+}
+
+/// Row `i` of each tensor, repeated `times` (one image's beams).
+pub(crate) fn repeat_row(tensors: &[Tensor], i: usize, times: u32) -> Vec<Tensor> {
+    tensors
+        .iter()
+        .map(|t| {
+            let mut reps = vec![1i64; t.dim()];
+            reps[0] = times as i64;
+            t.narrow(0, i as i64, 1).repeat(&reps)
+        })
+        .collect()
+}
+
+/// BLIP or BLIP-2 on libtorch, as the folder's `model_type` says (the
+/// `blip` and `blip2` components).
+pub enum AnyBlip {
+    /// BLIP: vision model + text decoder with cross-attention.
+    Blip(BlipCaptioner),
+    /// BLIP-2: image queries + OPT.
+    Blip2(crate::blip2::Blip2Captioner),
+}
+
+impl AnyBlip {
+    /// Load the folder's architecture.
+    pub fn load(spec: &ComponentSpec) -> Result<Self> {
+        let (_, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
+        Ok(if dir.is_blip2() {
+            AnyBlip::Blip2(crate::blip2::Blip2Captioner::load(spec)?)
+        } else {
+            AnyBlip::Blip(BlipCaptioner::load(spec)?)
+        })
+    }
+
+    /// Params and the architecture's modules without loading them.
+    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+        BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
+    }
+}
+
+impl Captioner for AnyBlip {
+    fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
+        match self {
+            AnyBlip::Blip(c) => c.caption(images, opts),
+            AnyBlip::Blip2(c) => c.caption(images, opts),
         }
-        Ok(out)
     }
 }

@@ -7,13 +7,13 @@
 //! shared with candle (`ragar_core::llm`). The cache stays on the device
 //! between steps.
 
-use crate::{device, first_line, forward, load_module, to_host};
+use crate::{device, forward, forward_tuple, load_module, to_host};
 use ragar_core::llm::{preference_states, LlmDir, LlmText};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{GenerateOptions, Generation, KeywordLlm, LlmInfo, PreferenceStates};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::sync::Mutex;
-use tch::{CModule, IValue, Kind, Tensor};
+use tch::{CModule, Kind, Tensor};
 
 /// The modules, in the model folder.
 pub const GRAPHS: [&str; 2] = ["model.ts", "hidden_states.ts"];
@@ -62,46 +62,26 @@ impl TchKeywordLlm {
         let shape = [1, d.kv_heads as i64, 0, d.head_dim as i64];
         let mut past: Vec<Tensor> = (0..2 * d.layers).map(|_| Tensor::zeros(shape, opts)).collect();
         let mut len = 0i64;
-        let module = self
-            .decoder
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
         let mut step = |ids: &[u32]| -> Result<Vec<f32>> {
             let t = ids.len() as i64;
             let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
             let mut inputs = vec![
-                IValue::Tensor(self.ids(&ids)),
-                IValue::Tensor(Tensor::ones([1, len + t], (Kind::Int64, self.device))),
-                IValue::Tensor(Tensor::arange_start(len, len + t, (Kind::Int64, self.device)).unsqueeze(0)),
+                self.ids(&ids),
+                Tensor::ones([1, len + t], (Kind::Int64, self.device)),
+                Tensor::arange_start(len, len + t, (Kind::Int64, self.device)).unsqueeze(0),
             ];
-            inputs.extend(past.drain(..).map(IValue::Tensor));
-            let out = tch::no_grad(|| module.forward_is(&inputs))
-                .map_err(|e| Error::model(format!("LLM decoder (TorchScript): {}", first_line(&e.to_string()))))?;
-            let IValue::Tuple(mut out) = out else {
-                return Err(Error::model("LLM decoder (TorchScript): expected (logits, *present)"));
-            };
+            inputs.append(&mut past);
+            let mut out = forward_tuple(&self.decoder, inputs, "LLM decoder")?;
             if out.len() != 1 + 2 * d.layers {
                 return Err(Error::model(format!(
-                    "LLM decoder (TorchScript) returned {} values, expected logits + {} cache tensors",
+                    "LLM decoder (TorchScript) returned {} tensors, expected logits + {} cache tensors",
                     out.len(),
                     2 * d.layers
                 )));
             }
-            for v in out.drain(1..) {
-                match v {
-                    IValue::Tensor(t) => past.push(t),
-                    _ => {
-                        return Err(Error::model(
-                            "LLM decoder (TorchScript): a cache output is not a tensor",
-                        ))
-                    }
-                }
-            }
+            past = out.split_off(1);
             len += t;
-            match out.pop() {
-                Some(IValue::Tensor(logits)) => to_host(&logits.select(1, t - 1)),
-                _ => Err(Error::model("LLM decoder (TorchScript): logits are not a tensor")),
-            }
+            to_host(&out[0].select(1, t - 1))
         };
         self.text.generate(&mut step, prompt, o, seed)
     }

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod blip;
+pub mod blip2;
 pub mod clip;
 pub mod content_ranker;
 pub mod keyword_llm;
@@ -82,10 +83,20 @@ pub fn components() -> Vec<Component> {
             "blip",
             "tch",
             ["cpu", "cuda"],
-            "BLIP captioning from TorchScript modules (vision_model.ts, text_decoder_cross.ts, text_decoder_with_past.ts; scripts/export_blip.py): \
-             greedy or beam search, shared with candle",
-            blip::BlipCaptioner::load,
-            blip::BlipCaptioner::probe
+            "BLIP or BLIP-2 (OPT) captioning from TorchScript modules with key/value caches (config.json's model_type \
+             decides; scripts/export_blip.py): greedy or beam search, shared with candle",
+            blip::AnyBlip::load,
+            blip::AnyBlip::probe
+        ),
+        component!(
+            Captioner,
+            "blip2",
+            "tch",
+            ["cpu", "cuda"],
+            "BLIP-2 (OPT) captioning from TorchScript modules (image_queries, embed_tokens, language_model_with_past; \
+             same component as `blip`)",
+            blip::AnyBlip::load,
+            blip::AnyBlip::probe
         ),
         component!(
             Generator,
@@ -164,4 +175,30 @@ pub fn forward(module: &std::sync::Mutex<tch::CModule>, inputs: &[tch::Tensor], 
         .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
     tch::no_grad(|| m.forward_ts(inputs))
         .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))
+}
+
+/// Run a module whose output is a tuple of tensors (the cache-carrying
+/// decoders), without autograd; errors name `what`.
+pub fn forward_tuple(
+    module: &std::sync::Mutex<tch::CModule>,
+    inputs: Vec<tch::Tensor>,
+    what: &str,
+) -> Result<Vec<tch::Tensor>> {
+    let m = module
+        .lock()
+        .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+    let inputs: Vec<tch::IValue> = inputs.into_iter().map(tch::IValue::Tensor).collect();
+    let out = tch::no_grad(|| m.forward_is(&inputs))
+        .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))?;
+    let tch::IValue::Tuple(out) = out else {
+        return Err(Error::model(format!(
+            "{what} (TorchScript): expected a tuple of tensors"
+        )));
+    };
+    out.into_iter()
+        .map(|v| match v {
+            tch::IValue::Tensor(t) => Ok(t),
+            _ => Err(Error::model(format!("{what} (TorchScript): an output is not a tensor"))),
+        })
+        .collect()
 }
