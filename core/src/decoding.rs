@@ -232,6 +232,15 @@ impl<D: KvDecoder> Stepper for Cached<D> {
     }
 }
 
+/// The names of a key/value cache's tensors, layer by layer, key then
+/// value: (`{input}.{i}.key`, `{output}.{i}.key`), ... — Optimum's
+/// `past_key_values` / `present` when called with those.
+pub fn kv_names(layers: usize, input: &str, output: &str) -> Vec<(String, String)> {
+    (0..layers)
+        .flat_map(|i| ["key", "value"].map(|k| (format!("{input}.{i}.{k}"), format!("{output}.{i}.{k}"))))
+        .collect()
+}
+
 /// The last position's values of row-major `[rows, t, vocab]` logits.
 pub fn last_position(logits: &[f32], rows: usize, t: usize) -> Result<Vec<f32>> {
     if rows == 0 || t == 0 || logits.is_empty() || logits.len() % (rows * t) != 0 {

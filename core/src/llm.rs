@@ -9,7 +9,7 @@
 use crate::component::Probe;
 use crate::files::read_json;
 use crate::model::{Fetch, ModelSource};
-use crate::stage::{GenerateOptions, Generation, LlmInfo, PreferenceStates};
+use crate::stage::{GenerateOptions, Generation, KeywordLlm, LlmInfo, PreferenceStates};
 use crate::Tensor;
 use crate::{ComponentSpec, Error, ErrorKind, Result, ResultExt};
 use std::path::{Path, PathBuf};
@@ -300,6 +300,80 @@ impl LlmText {
             tokens: out.len() as u32,
             prompt_truncated,
         })
+    }
+}
+
+/// What a backend runs for the KeywordLLM on exported graphs
+/// (`scripts/export_llm.py`): the decoder on a key/value cache it keeps,
+/// and Eq. 7's hidden states. [`ExportedLlm`] does the rest.
+pub trait LlmGraphs: Send + Sync + 'static {
+    /// One sequence's key/value cache, as the backend holds it.
+    type Cache;
+    /// An empty cache (before the prompt).
+    fn empty_cache(&self, dir: &LlmDir) -> Result<Self::Cache>;
+    /// Feed `ids` on top of `cache`, which holds `len` tokens, and grow it;
+    /// the logits at the last position.
+    fn step(&self, cache: &mut Self::Cache, len: usize, ids: &[u32]) -> Result<Vec<f32>>;
+    /// Final hidden states `[t + n, h]` of the prompt `ids` (t tokens)
+    /// followed by the [IMG] rows `img` (`[n, h]`).
+    fn hidden_states(&self, ids: &[u32], img: &[f32], n: usize, h: usize) -> Result<Vec<f32>>;
+}
+
+/// The KeywordLLM stage over a backend's exported graphs: one sequence at
+/// a time, each prompt with its own seed (as candle), so a batch and
+/// single calls give the same text.
+pub struct ExportedLlm<G> {
+    graphs: G,
+    dir: LlmDir,
+    text: LlmText,
+    img: Vec<f32>,
+}
+
+impl<G: LlmGraphs> ExportedLlm<G> {
+    /// The stage on `graphs` of the folder `dir` (tokenizer, template and
+    /// [IMG] rows read here).
+    pub fn new(graphs: G, dir: LlmDir) -> Result<Self> {
+        Ok(ExportedLlm {
+            text: dir.text()?,
+            img: dir.img_rows()?,
+            graphs,
+            dir,
+        })
+    }
+}
+
+impl<G: LlmGraphs> KeywordLlm for ExportedLlm<G> {
+    fn info(&self) -> LlmInfo {
+        self.dir.info()
+    }
+
+    fn generate(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<Generation>> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut cache = self.graphs.empty_cache(&self.dir)?;
+                let mut len = 0;
+                let mut step = |ids: &[u32]| {
+                    let logits = self.graphs.step(&mut cache, len, ids)?;
+                    len += ids.len();
+                    Ok(logits)
+                };
+                self.text.generate(&mut step, p, opts, opts.seed.wrapping_add(i as u64))
+            })
+            .collect()
+    }
+
+    fn preference_states(&self, prompts: &[String]) -> Result<Vec<PreferenceStates>> {
+        let (n, h) = (self.dir.n_img, self.dir.hidden);
+        prompts
+            .iter()
+            .map(|p| {
+                let (ids, _) = self.text.prompt_ids(p, true, n)?;
+                let hidden = self.graphs.hidden_states(&ids, &self.img, n, h)?;
+                preference_states(&hidden, ids.len(), n, h)
+            })
+            .collect()
     }
 }
 

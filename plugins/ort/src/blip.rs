@@ -7,11 +7,11 @@
 //! (`ragar_core::blip`, `ragar_core::decoding`). The caches stay ONNX
 //! Runtime values between steps; only beam reordering reads them back.
 
-use crate::runtime::{check_io, lock, ort_err as err, session};
+use crate::runtime::{check_io, empty_cache, lock, ort_err as err, session, take_outputs, take_rows};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
-use ragar_core::blip::{caption_chunks, BlipDir};
-use ragar_core::decoding::{gather_rows, generate, last_position, Cached, KvDecoder, Stepper};
+use ragar_core::blip::{caption_chunks, AnyBlip, BlipDir};
+use ragar_core::decoding::{generate, kv_names, last_position, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
 use ragar_core::{ComponentSpec, Error, Image, Result};
@@ -31,8 +31,10 @@ pub struct BlipCaptioner {
     vision: Mutex<Session>,
     cross: Mutex<Session>,
     decoder: Mutex<Session>,
-    /// Cache input and output names, layer by layer: (past, cross, present).
-    names: Vec<(String, String, String)>,
+    /// Self-attention cache input and output names, layer by layer.
+    names: Vec<(String, String)>,
+    /// Cross-attention keys / values, layer by layer.
+    cross_names: Vec<String>,
     tokenizer: Tokenizer,
     dir: BlipDir,
     batch_size: usize,
@@ -46,16 +48,10 @@ impl BlipCaptioner {
         let layers = dir.config["text_config"]["num_hidden_layers"]
             .as_u64()
             .ok_or_else(|| Error::model(format!("{}: no text_config.num_hidden_layers", dir.root.display())))?;
-        let names: Vec<(String, String, String)> = (0..layers)
-            .flat_map(|i| {
-                ["key", "value"].map(|k| {
-                    (
-                        format!("past_key_values.{i}.{k}"),
-                        format!("cross.{i}.{k}"),
-                        format!("present.{i}.{k}"),
-                    )
-                })
-            })
+        let names = kv_names(layers as usize, "past_key_values", "present");
+        let cross: Vec<String> = kv_names(layers as usize, "cross", "")
+            .into_iter()
+            .map(|n| n.0)
             .collect();
         let open = |g: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
             let path = dir.exported(g)?;
@@ -65,12 +61,13 @@ impl BlipCaptioner {
         };
         let mut dec_inputs = vec!["input_ids"];
         dec_inputs.extend(names.iter().map(|n| n.0.as_str()));
-        dec_inputs.extend(names.iter().map(|n| n.1.as_str()));
+        dec_inputs.extend(cross.iter().map(String::as_str));
         Ok(BlipCaptioner {
             vision: open(GRAPHS[0], &["pixel_values"], "image_embeds")?,
-            cross: open(GRAPHS[1], &["image_embeds"], &names[0].1)?,
+            cross: open(GRAPHS[1], &["image_embeds"], &cross[0])?,
             decoder: open(GRAPHS[2], &dec_inputs, "logits")?,
             names,
+            cross_names: cross,
             tokenizer: dir.tokenizer()?,
             dir,
             batch_size: params.batch_size,
@@ -101,24 +98,8 @@ impl BlipCaptioner {
         let emb = Tensor::from_array((vec![n as i64, tokens as i64, width as i64], emb)).map_err(err)?;
         let mut s = lock(&self.cross)?;
         let mut out = s.run(ort::inputs!["image_embeds" => emb]).map_err(err)?;
-        self.names
-            .iter()
-            .map(|(_, c, _)| {
-                out.remove(c)
-                    .ok_or_else(|| Error::model(format!("{}: no output {c}", GRAPHS[1])))
-            })
-            .collect()
+        take_outputs(&mut out, self.cross_names.iter().map(String::as_str), GRAPHS[1])
     }
-}
-
-/// The rows of a cache tensor `[n, ...]` given by `rows`, as a new value.
-pub(crate) fn take_rows(v: &DynValue, rows: &[u32]) -> Result<DynValue> {
-    let (shape, data) = v.try_extract_tensor::<f32>().map_err(err)?;
-    let n = shape.first().copied().unwrap_or(0).max(1) as usize;
-    let mut shape = shape.to_vec();
-    shape[0] = rows.len() as i64;
-    let picked = gather_rows(data, data.len() / n, rows);
-    Ok(Tensor::from_array((shape, picked)).map_err(err)?.into_dyn())
 }
 
 /// Cross-attention keys / values: the chunk's (rows = images), or owned
@@ -162,14 +143,7 @@ impl KvDecoder for Decode<'_> {
                 shape[0]
             )));
         }
-        let empty = vec![rows as i64, shape[1], 0, shape[3]];
-        self.past = (0..self.cap.names.len())
-            .map(|_| {
-                Ok(Tensor::from_array((empty.clone(), Vec::<f32>::new()))
-                    .map_err(err)?
-                    .into_dyn())
-            })
-            .collect::<Result<_>>()?;
+        self.past = empty_cache(self.cap.names.len(), rows, shape[1] as usize, shape[3] as usize)?;
         Ok(())
     }
 
@@ -178,20 +152,15 @@ impl KvDecoder for Decode<'_> {
         let mut inputs: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(1 + 2 * names.len());
         let ids = Tensor::from_array((vec![rows as i64, t as i64], ids.to_vec())).map_err(err)?;
         inputs.push(("input_ids".into(), ids.into_dyn().into()));
-        for ((p, _, _), v) in names.iter().zip(self.past.drain(..)) {
+        for ((p, _), v) in names.iter().zip(self.past.drain(..)) {
             inputs.push((p.clone(), v.into()));
         }
-        for ((_, c, _), v) in names.iter().zip(self.cross.values().iter()) {
+        for (c, v) in self.cap.cross_names.iter().zip(self.cross.values().iter()) {
             inputs.push((c.clone(), v.into()));
         }
         let mut s = lock(&self.cap.decoder)?;
         let mut out = s.run(inputs).map_err(err)?;
-        for (_, _, present) in names {
-            self.past.push(
-                out.remove(present)
-                    .ok_or_else(|| Error::model(format!("{}: no output {present}", GRAPHS[2])))?,
-            );
-        }
+        self.past = take_outputs(&mut out, names.iter().map(|n| n.1.as_str()), GRAPHS[2])?;
         let (_, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
         last_position(logits, rows, t)
     }
@@ -241,37 +210,16 @@ impl Captioner for BlipCaptioner {
     }
 }
 
-/// BLIP or BLIP-2 on ONNX Runtime, as the folder's `model_type` says (the
-/// `blip` and `blip2` components).
-pub enum AnyBlip {
-    /// BLIP: vision model + text decoder with cross-attention.
-    Blip(BlipCaptioner),
-    /// BLIP-2: image queries + OPT.
-    Blip2(crate::blip2::Blip2Captioner),
+/// The `blip` / `blip2` components on ONNX Runtime: BLIP or BLIP-2, as the
+/// folder's `model_type` says.
+pub type AnyBlipCaptioner = AnyBlip<BlipCaptioner, crate::blip2::Blip2Captioner>;
+
+/// Load the folder's architecture.
+pub fn load(spec: &ComponentSpec) -> Result<AnyBlipCaptioner> {
+    AnyBlip::load(spec, BlipCaptioner::load, crate::blip2::Blip2Captioner::load)
 }
 
-impl AnyBlip {
-    /// Load the folder's architecture.
-    pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (_, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        Ok(if dir.is_blip2() {
-            AnyBlip::Blip2(crate::blip2::Blip2Captioner::load(spec)?)
-        } else {
-            AnyBlip::Blip(BlipCaptioner::load(spec)?)
-        })
-    }
-
-    /// Params and the architecture's graphs without loading them.
-    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-        BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
-    }
-}
-
-impl Captioner for AnyBlip {
-    fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
-        match self {
-            AnyBlip::Blip(c) => c.caption(images, opts),
-            AnyBlip::Blip2(c) => c.caption(images, opts),
-        }
-    }
+/// Params and the architecture's graphs without loading them.
+pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+    BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
 }

@@ -9,12 +9,11 @@
 //! prefix and decode loops are shared with candle (`ragar_core::blip`,
 //! `ragar_core::decoding`).
 
-use crate::blip::take_rows;
-use crate::runtime::{check_io, lock, ort_err as err, run_f32, session};
+use crate::runtime::{check_io, empty_cache, lock, ort_err as err, run_f32, session, take_outputs, take_rows};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 use ragar_core::blip::{caption_chunks, BlipDir};
-use ragar_core::decoding::{generate, last_position, Cached, KvDecoder, Stepper};
+use ragar_core::decoding::{generate, kv_names, last_position, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
 use ragar_core::{ComponentSpec, Error, Image, Result};
@@ -59,9 +58,7 @@ impl Blip2Captioner {
             num("num_attention_heads")?,
             num("hidden_size")?,
         );
-        let names: Vec<(String, String)> = (0..layers)
-            .flat_map(|i| ["key", "value"].map(|k| (format!("past_key_values.{i}.{k}"), format!("present.{i}.{k}"))))
-            .collect();
+        let names = kv_names(layers, "past_key_values", "present");
         let open = |g: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
             let path = dir.exported(g)?;
             let s = session(spec, &path, threads)?;
@@ -132,14 +129,7 @@ impl KvDecoder for Decode<'_> {
                 self.queries.len() / (self.q * self.d).max(1)
             )));
         }
-        let empty = vec![rows as i64, self.cap.heads as i64, 0, self.cap.head_dim as i64];
-        self.past = (0..self.cap.names.len())
-            .map(|_| {
-                Ok(Tensor::from_array((empty.clone(), Vec::<f32>::new()))
-                    .map_err(err)?
-                    .into_dyn())
-            })
-            .collect::<Result<_>>()?;
+        self.past = empty_cache(self.cap.names.len(), rows, self.cap.heads, self.cap.head_dim)?;
         self.len = 0;
         Ok(())
     }
@@ -174,12 +164,7 @@ impl KvDecoder for Decode<'_> {
         }
         let mut s = lock(&self.cap.lm)?;
         let mut out = s.run(inputs).map_err(err)?;
-        for (_, present) in &self.cap.names {
-            self.past.push(
-                out.remove(present)
-                    .ok_or_else(|| Error::model(format!("{}: no output {present}", GRAPHS[2])))?,
-            );
-        }
+        self.past = take_outputs(&mut out, self.cap.names.iter().map(|n| n.1.as_str()), GRAPHS[2])?;
         self.len = total;
         let (_, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
         last_position(logits, rows, positions)

@@ -67,8 +67,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "Llama-architecture LLM from ONNX graphs with a key/value cache (model.onnx, hidden_states.onnx; \
              scripts/export_llm.py): keywords and [IMG] hidden states, sampling shared with candle",
-            keyword_llm::OrtKeywordLlm::load,
-            keyword_llm::OrtKeywordLlm::probe
+            keyword_llm::load,
+            keyword_llm::probe
         ),
         component!(
             KeywordLlm,
@@ -77,8 +77,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "Qwen2/Qwen2.5 LLM from ONNX graphs with a key/value cache (model.onnx, hidden_states.onnx; \
              scripts/export_llm.py): keywords and [IMG] hidden states",
-            keyword_llm::OrtKeywordLlm::load,
-            keyword_llm::OrtKeywordLlm::probe
+            keyword_llm::load,
+            keyword_llm::probe
         ),
         component!(
             Captioner,
@@ -87,8 +87,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "BLIP or BLIP-2 (OPT) captioning from ONNX graphs with key/value caches (config.json's model_type \
              decides; scripts/export_blip.py): greedy or beam search, shared with candle",
-            blip::AnyBlip::load,
-            blip::AnyBlip::probe
+            blip::load,
+            blip::probe
         ),
         component!(
             Captioner,
@@ -97,8 +97,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "BLIP-2 (OPT) captioning from ONNX graphs (image_queries, embed_tokens, language_model_with_past; \
              same component as `blip`)",
-            blip::AnyBlip::load,
-            blip::AnyBlip::probe
+            blip::load,
+            blip::probe
         ),
         component!(
             Generator,

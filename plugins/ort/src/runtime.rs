@@ -135,3 +135,45 @@ pub fn run_f32(
     let (_, data) = out[name].try_extract_tensor::<f32>().map_err(ort_err)?;
     Ok(data.to_vec())
 }
+
+/// `count` empty cache tensors `[rows, heads, 0, head_dim]`: the cache
+/// before the prefix.
+pub fn empty_cache(count: usize, rows: usize, heads: usize, head_dim: usize) -> Result<Vec<ort::value::DynValue>> {
+    let shape = vec![rows as i64, heads as i64, 0, head_dim as i64];
+    (0..count)
+        .map(|_| {
+            Ok(ort::value::Tensor::from_array((shape.clone(), Vec::<f32>::new()))
+                .map_err(ort_err)?
+                .into_dyn())
+        })
+        .collect()
+}
+
+/// Move the outputs `names` out of a run (the next step's cache), in
+/// order; a missing one is named with its graph.
+pub fn take_outputs<'a>(
+    out: &mut ort::session::SessionOutputs<'_>,
+    names: impl IntoIterator<Item = &'a str>,
+    graph: &str,
+) -> Result<Vec<ort::value::DynValue>> {
+    names
+        .into_iter()
+        .map(|n| {
+            out.remove(n)
+                .ok_or_else(|| Error::model(format!("{graph}: no output {n}")))
+        })
+        .collect()
+}
+
+/// Rows `rows` of a cache tensor `[n, ...]`, as a new value (beam
+/// reordering, one image's rows repeated for its beams).
+pub fn take_rows(v: &ort::value::DynValue, rows: &[u32]) -> Result<ort::value::DynValue> {
+    let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_err)?;
+    let n = shape.first().copied().unwrap_or(0).max(1) as usize;
+    let mut shape = shape.to_vec();
+    shape[0] = rows.len() as i64;
+    let picked = ragar_core::decoding::gather_rows(data, data.len() / n, rows);
+    Ok(ort::value::Tensor::from_array((shape, picked))
+        .map_err(ort_err)?
+        .into_dyn())
+}

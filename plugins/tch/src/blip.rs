@@ -8,7 +8,7 @@
 //! the device.
 
 use crate::{device, forward, forward_tuple, load_module, to_host};
-use ragar_core::blip::{caption_chunks, BlipDir};
+use ragar_core::blip::{caption_chunks, AnyBlip, BlipDir};
 use ragar_core::decoding::{generate, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{CaptionOptions, Captioner};
@@ -167,37 +167,16 @@ pub(crate) fn repeat_row(tensors: &[Tensor], i: usize, times: u32) -> Vec<Tensor
         .collect()
 }
 
-/// BLIP or BLIP-2 on libtorch, as the folder's `model_type` says (the
-/// `blip` and `blip2` components).
-pub enum AnyBlip {
-    /// BLIP: vision model + text decoder with cross-attention.
-    Blip(BlipCaptioner),
-    /// BLIP-2: image queries + OPT.
-    Blip2(crate::blip2::Blip2Captioner),
+/// The `blip` / `blip2` components on libtorch: BLIP or BLIP-2, as the
+/// folder's `model_type` says.
+pub type AnyBlipCaptioner = AnyBlip<BlipCaptioner, crate::blip2::Blip2Captioner>;
+
+/// Load the folder's architecture.
+pub fn load(spec: &ComponentSpec) -> Result<AnyBlipCaptioner> {
+    AnyBlip::load(spec, BlipCaptioner::load, crate::blip2::Blip2Captioner::load)
 }
 
-impl AnyBlip {
-    /// Load the folder's architecture.
-    pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (_, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        Ok(if dir.is_blip2() {
-            AnyBlip::Blip2(crate::blip2::Blip2Captioner::load(spec)?)
-        } else {
-            AnyBlip::Blip(BlipCaptioner::load(spec)?)
-        })
-    }
-
-    /// Params and the architecture's modules without loading them.
-    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-        BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
-    }
-}
-
-impl Captioner for AnyBlip {
-    fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
-        match self {
-            AnyBlip::Blip(c) => c.caption(images, opts),
-            AnyBlip::Blip2(c) => c.caption(images, opts),
-        }
-    }
+/// Params and the architecture's graphs without loading them.
+pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+    BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
 }

@@ -8,9 +8,8 @@
 //! between steps.
 
 use crate::{device, forward, forward_tuple, load_module, to_host};
-use ragar_core::llm::{preference_states, LlmDir, LlmText};
+use ragar_core::llm::{ExportedLlm, LlmDir, LlmGraphs};
 use ragar_core::model::Fetch;
-use ragar_core::stage::{GenerateOptions, Generation, KeywordLlm, LlmInfo, PreferenceStates};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::sync::Mutex;
 use tch::{CModule, Kind, Tensor};
@@ -19,101 +18,77 @@ use tch::{CModule, Kind, Tensor};
 pub const GRAPHS: [&str; 2] = ["model.ts", "hidden_states.ts"];
 
 /// The keyword LLM on libtorch.
-pub struct TchKeywordLlm {
+pub type TchKeywordLlm = ExportedLlm<TchGraphs>;
+
+/// The two modules.
+pub struct TchGraphs {
     // CModule is not Sync; the contract is `&self`.
     decoder: Mutex<CModule>,
     hidden: Mutex<CModule>,
     device: tch::Device,
-    dir: LlmDir,
-    text: LlmText,
-    img: Vec<f32>,
 }
 
-impl TchKeywordLlm {
-    /// Build from `params: { model_dir, n_img_tokens, img_embeddings }`.
-    pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let dir = LlmDir::open(spec, Fetch::IfMissing)?;
-        let device = device(spec)?;
-        let load = |g: &str| -> Result<Mutex<CModule>> { load_module(&dir.exported(g)?, device).map(Mutex::new) };
-        Ok(TchKeywordLlm {
-            decoder: load(GRAPHS[0])?,
-            hidden: load(GRAPHS[1])?,
-            device,
-            text: dir.text()?,
-            img: dir.img_rows()?,
-            dir,
-        })
-    }
+/// Build from `params: { model_dir, n_img_tokens, img_embeddings }`.
+pub fn load(spec: &ComponentSpec) -> Result<TchKeywordLlm> {
+    let dir = LlmDir::open(spec, Fetch::IfMissing)?;
+    let device = device(spec)?;
+    let load = |g: &str| -> Result<Mutex<CModule>> { load_module(&dir.exported(g)?, device).map(Mutex::new) };
+    let graphs = TchGraphs {
+        decoder: load(GRAPHS[0])?,
+        hidden: load(GRAPHS[1])?,
+        device,
+    };
+    ExportedLlm::new(graphs, dir)
+}
 
-    /// Params and modules without loading them.
-    pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-        LlmDir::probe(spec, &GRAPHS)
-    }
+/// Params and modules without loading them.
+pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
+    LlmDir::probe(spec, &GRAPHS)
+}
 
-    fn ids(&self, ids: &[i64]) -> Tensor {
-        Tensor::from_slice(ids)
+impl TchGraphs {
+    fn ids(&self, ids: &[u32]) -> Tensor {
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Tensor::from_slice(&ids)
             .reshape([1, ids.len() as i64])
             .to_device(self.device)
     }
-
-    fn generate_one(&self, prompt: &str, o: &GenerateOptions, seed: u64) -> Result<Generation> {
-        let d = &self.dir;
-        let opts = (Kind::Float, self.device);
-        let shape = [1, d.kv_heads as i64, 0, d.head_dim as i64];
-        let mut past: Vec<Tensor> = (0..2 * d.layers).map(|_| Tensor::zeros(shape, opts)).collect();
-        let mut len = 0i64;
-        let mut step = |ids: &[u32]| -> Result<Vec<f32>> {
-            let t = ids.len() as i64;
-            let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-            let mut inputs = vec![
-                self.ids(&ids),
-                Tensor::ones([1, len + t], (Kind::Int64, self.device)),
-                Tensor::arange_start(len, len + t, (Kind::Int64, self.device)).unsqueeze(0),
-            ];
-            inputs.append(&mut past);
-            let mut out = forward_tuple(&self.decoder, inputs, "LLM decoder")?;
-            if out.len() != 1 + 2 * d.layers {
-                return Err(Error::model(format!(
-                    "LLM decoder (TorchScript) returned {} tensors, expected logits + {} cache tensors",
-                    out.len(),
-                    2 * d.layers
-                )));
-            }
-            past = out.split_off(1);
-            len += t;
-            to_host(&out[0].select(1, t - 1))
-        };
-        self.text.generate(&mut step, prompt, o, seed)
-    }
 }
 
-impl KeywordLlm for TchKeywordLlm {
-    fn info(&self) -> LlmInfo {
-        self.dir.info()
+impl LlmGraphs for TchGraphs {
+    type Cache = Vec<Tensor>;
+
+    fn empty_cache(&self, dir: &LlmDir) -> Result<Vec<Tensor>> {
+        let shape = [1, dir.kv_heads as i64, 0, dir.head_dim as i64];
+        Ok((0..2 * dir.layers)
+            .map(|_| Tensor::zeros(shape, (Kind::Float, self.device)))
+            .collect())
     }
 
-    fn generate(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<Generation>> {
-        // One sequence at a time, each prompt with its own seed (as candle).
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| self.generate_one(p, opts, opts.seed.wrapping_add(i as u64)))
-            .collect()
+    fn step(&self, cache: &mut Vec<Tensor>, len: usize, ids: &[u32]) -> Result<Vec<f32>> {
+        let (t, len) = (ids.len() as i64, len as i64);
+        let layers = cache.len();
+        let mut inputs = vec![
+            self.ids(ids),
+            Tensor::ones([1, len + t], (Kind::Int64, self.device)),
+            Tensor::arange_start(len, len + t, (Kind::Int64, self.device)).unsqueeze(0),
+        ];
+        inputs.append(cache);
+        let mut out = forward_tuple(&self.decoder, inputs, "LLM decoder")?;
+        if out.len() != 1 + layers {
+            return Err(Error::model(format!(
+                "LLM decoder (TorchScript) returned {} tensors, expected logits + {layers} cache tensors",
+                out.len()
+            )));
+        }
+        *cache = out.split_off(1);
+        to_host(&out[0].select(1, t - 1))
     }
 
-    fn preference_states(&self, prompts: &[String]) -> Result<Vec<PreferenceStates>> {
-        let (n, h) = (self.dir.n_img, self.dir.hidden);
-        prompts
-            .iter()
-            .map(|p| {
-                let (ids, _) = self.text.prompt_ids(p, true, n)?;
-                let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-                let img = Tensor::from_slice(&self.img)
-                    .reshape([n as i64, h as i64])
-                    .to_device(self.device);
-                let hidden = forward(&self.hidden, &[self.ids(&ids64), img], "LLM hidden states")?;
-                preference_states(&to_host(&hidden)?, ids.len(), n, h)
-            })
-            .collect()
+    fn hidden_states(&self, ids: &[u32], img: &[f32], n: usize, h: usize) -> Result<Vec<f32>> {
+        let img = Tensor::from_slice(img)
+            .reshape([n as i64, h as i64])
+            .to_device(self.device);
+        to_host(&forward(&self.hidden, &[self.ids(ids), img], "LLM hidden states")?)
     }
 }

@@ -65,8 +65,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "Llama-architecture LLM from TorchScript modules with a key/value cache (model.ts, hidden_states.ts; \
              scripts/export_llm.py): keywords and [IMG] hidden states, sampling shared with candle",
-            keyword_llm::TchKeywordLlm::load,
-            keyword_llm::TchKeywordLlm::probe
+            keyword_llm::load,
+            keyword_llm::probe
         ),
         component!(
             KeywordLlm,
@@ -75,8 +75,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "Qwen2/Qwen2.5 LLM from TorchScript modules with a key/value cache (model.ts, hidden_states.ts; \
              scripts/export_llm.py): keywords and [IMG] hidden states",
-            keyword_llm::TchKeywordLlm::load,
-            keyword_llm::TchKeywordLlm::probe
+            keyword_llm::load,
+            keyword_llm::probe
         ),
         component!(
             Captioner,
@@ -85,8 +85,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "BLIP or BLIP-2 (OPT) captioning from TorchScript modules with key/value caches (config.json's model_type \
              decides; scripts/export_blip.py): greedy or beam search, shared with candle",
-            blip::AnyBlip::load,
-            blip::AnyBlip::probe
+            blip::load,
+            blip::probe
         ),
         component!(
             Captioner,
@@ -95,8 +95,8 @@ pub fn components() -> Vec<Component> {
             ["cpu", "cuda"],
             "BLIP-2 (OPT) captioning from TorchScript modules (image_queries, embed_tokens, language_model_with_past; \
              same component as `blip`)",
-            blip::AnyBlip::load,
-            blip::AnyBlip::probe
+            blip::load,
+            blip::probe
         ),
         component!(
             Generator,
