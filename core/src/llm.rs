@@ -188,7 +188,9 @@ impl LlmText {
     }
 
     /// From an HF folder: `tokenizer.json`, and `tokenizer_config.json`
-    /// (chat template, bos / eos tokens) when present.
+    /// (bos / eos tokens, the chat template) when present; the template
+    /// may instead be in `chat_template.jinja` (transformers 5 saves it
+    /// there).
     pub fn from_hf_dir(dir: &Path, context: usize) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path).or_err(ErrorKind::Model, tok_path.display())?;
@@ -202,9 +204,15 @@ impl LlmText {
             serde_json::Value::String(s) => s.clone(),
             v => v["content"].as_str().unwrap_or_default().to_string(),
         };
+        let jinja = dir.join("chat_template.jinja");
+        let template = match tc["chat_template"].as_str() {
+            Some(t) => Some(t.to_string()),
+            None if jinja.is_file() => Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?),
+            None => None,
+        };
         Ok(LlmText::new(
             tokenizer,
-            tc["chat_template"].as_str().map(str::to_string),
+            template,
             [token("bos_token"), token("eos_token")],
             context,
         ))

@@ -5,8 +5,12 @@
 //! keyword-llm`: greedy answers equal transformers' `generate` token for
 //! token, seeded sampling gives the same text on all three, and Eq. 7's
 //! [IMG] hidden states equal transformers' with trained rows and each
-//! other's with the default rows. A decoder graph of the wrong shape is
-//! refused with expected vs found names.
+//! other's with the default rows. The same on real weights: SmolLM2-135M-
+//! Instruct, dequantized from the registries' GGUF into an HF folder
+//! (scripts/fixtures/make_smollm2_hf.py) and exported, answers exactly as
+//! transformers does on every backend (tests/fixtures/smollm2_reference.json).
+//! A decoder graph of the wrong shape is refused with expected vs found
+//! names.
 
 use ragar_tests::*;
 use std::path::{Path, PathBuf};
@@ -32,7 +36,14 @@ fn prompts(dir: &Path) -> PathBuf {
     p
 }
 
+/// `ragar stage keyword-llm` on `model` with the prompts its reference
+/// was made for (the tiny chat model's, or SmolLM2's).
 fn stage(backend: &str, model: &Path, dir: &Path, out: &Path, args: &[&str]) -> Output {
+    let prompts = if model == cache().join("models/smollm2-135m-hf") {
+        smol_prompts(dir)
+    } else {
+        prompts(dir)
+    };
     run(Command::new(ragar())
         .current_dir(root())
         .args([
@@ -42,7 +53,7 @@ fn stage(backend: &str, model: &Path, dir: &Path, out: &Path, args: &[&str]) -> 
             "configs/components/qwen2.yaml",
             "--text-file",
         ])
-        .arg(prompts(dir))
+        .arg(prompts)
         .arg("--out")
         .arg(out)
         .args(args)
@@ -51,11 +62,32 @@ fn stage(backend: &str, model: &Path, dir: &Path, out: &Path, args: &[&str]) -> 
 }
 
 fn answers(backend: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    answers_of(&model(), backend, args)
+}
+
+fn answers_of(model: &Path, backend: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("k.json");
-    let o = stage(backend, &model(), dir.path(), &out, args);
+    let o = stage(backend, model, dir.path(), &out, args);
     assert!(o.status.success(), "{backend}: {}", text(&o));
     serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+fn smol_reference() -> Vec<serde_json::Value> {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/smollm2_reference.json")).unwrap())
+            .unwrap();
+    r["rows"].as_array().unwrap().clone()
+}
+
+fn smol_prompts(dir: &Path) -> PathBuf {
+    let p = dir.join("smol-prompts.txt");
+    let lines: Vec<String> = smol_reference()
+        .iter()
+        .map(|r| r["prompt"].as_str().unwrap().to_string())
+        .collect();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
 }
 
 /// `img_states` and `text_embedding` of a safetensors file, as f32.
@@ -77,11 +109,15 @@ fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 }
 
 fn states(backend: &str, extra: &[&str]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    states_of(&model(), backend, extra)
+}
+
+fn states_of(model: &Path, backend: &str, extra: &[&str]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s.safetensors");
     let mut args = vec!["--img-states"];
     args.extend(extra);
-    let o = stage(backend, &model(), dir.path(), &out, &args);
+    let o = stage(backend, model, dir.path(), &out, &args);
     assert!(o.status.success(), "{backend}: {}", text(&o));
     tensors(&out)
 }
@@ -150,6 +186,30 @@ fn img_states_equal_transformers_on_every_backend() {
     for backend in ["ort", "tch"] {
         let d = max_diff(&states(backend, &[]), &candle);
         assert!(d < 1e-4, "{backend}: max |{backend} - candle| = {d}");
+    }
+}
+
+#[test]
+fn real_smollm2_weights_answer_like_transformers_on_every_backend() {
+    let model = cache().join("models/smollm2-135m-hf");
+    let want = smol_reference();
+    for backend in BACKENDS {
+        let got = answers_of(&model, backend, &["--max-tokens", "12", "keyword_llm.name=llama"]);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g["text"], w["greedy_text"], "{backend}");
+            assert_eq!(g["tokens"].as_u64(), Some(12), "{backend}");
+        }
+    }
+    // Eq. 7 on real weights: the three backends agree (relative to the
+    // states' size, ~50 at the [IMG] positions).
+    let candle = states_of(&model, "candle", &["keyword_llm.name=llama"]);
+    let scale = candle[0].2.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for backend in ["ort", "tch"] {
+        let d = max_diff(&states_of(&model, backend, &["keyword_llm.name=llama"]), &candle);
+        assert!(
+            d / scale < 1e-4,
+            "{backend}: max |{backend} - candle| = {d} (scale {scale})"
+        );
     }
 }
 

@@ -69,7 +69,7 @@ fn locate(spec: &ComponentSpec, fetch: Fetch) -> Result<(Params, PathBuf)> {
         Some(f) => source.resolve(&[f.as_str()], &[], fetch)?,
         None => source.resolve(
             &["config.json", "model.safetensors", "tokenizer.json"],
-            &["tokenizer_config.json"],
+            &["tokenizer_config.json", "chat_template.jinja"],
             fetch,
         )?,
     };
