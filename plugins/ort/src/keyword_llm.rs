@@ -1,8 +1,9 @@
 //! The KeywordLLM on ONNX Runtime, from the graphs `scripts/export_llm.py`
 //! writes into an HF causal-LM folder: `model.onnx`, the decoder with a
-//! key/value cache in Optimum's names (so an Optimum
-//! `text-generation-with-past` export has the same inputs and outputs),
-//! and `hidden_states.onnx` for Eq. 7's [IMG] states. Chat template,
+//! key/value cache in Optimum's `text-generation-with-past` names
+//! (`attention_mask` and `position_ids` are fed when the graph has them;
+//! an Optimum export itself is not tested here), and `hidden_states.onnx`
+//! for Eq. 7's [IMG] states. Chat template,
 //! sampling and the default [IMG] rows are shared with candle
 //! (`ragar_core::llm`).
 //!
