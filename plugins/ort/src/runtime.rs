@@ -103,11 +103,17 @@ pub fn check_io(session: &Session, model: &Path, required: &[&str], allowed: &[&
     let missing = required.iter().any(|r| !inputs.contains(r));
     let unknown = inputs.iter().any(|i| !allowed.contains(i));
     if missing || unknown || !outputs.contains(&output) {
+        // Names with their types and shapes (symbolic dimensions by name).
+        let typed = |v: &[ort::value::Outlet]| -> Vec<String> {
+            v.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect()
+        };
         return Err(Error::model(format!(
             "{}: graph does not match the stage: expected inputs {required:?} (optionally {:?}) and output \
-             '{output}', found inputs {inputs:?} and outputs {outputs:?}",
+             '{output}', found inputs {:?} and outputs {:?}",
             model.display(),
-            allowed.iter().filter(|a| !required.contains(a)).collect::<Vec<_>>()
+            allowed.iter().filter(|a| !required.contains(a)).collect::<Vec<_>>(),
+            typed(session.inputs()),
+            typed(session.outputs()),
         )));
     }
     Ok(())
