@@ -30,6 +30,13 @@ pub struct LlmParams {
     /// Trained [IMG] embeddings (safetensors, tensor `img_embeddings`).
     #[serde(default)]
     pub img_embeddings: Option<String>,
+    /// candle's GGUF file: accepted only as null here, so a config written
+    /// for candle gets a clear error, not an unknown key.
+    #[serde(default)]
+    pub gguf: Option<String>,
+    /// candle's GGUF option; nothing to dequantize in exported graphs.
+    #[serde(default)]
+    pub dequantize: bool,
 }
 
 fn eight() -> usize {
@@ -59,6 +66,14 @@ impl LlmDir {
     /// Parse the params and read `config.json`.
     pub fn open(spec: &ComponentSpec, fetch: Fetch) -> Result<LlmDir> {
         let p: LlmParams = spec.params()?;
+        if let Some(g) = &p.gguf {
+            return Err(Error::config(format!(
+                "{}.params.gguf ({g}): GGUF files run on candle only; for ort / tch point model_dir at an HF \
+                 folder exported with scripts/export_llm.py (setup makes ${{RAGAR_CACHE}}/models/smollm2-135m-hf) \
+                 and set {}.params.gguf=null",
+                spec.key, spec.key
+            )));
+        }
         if p.n_img_tokens == 0 {
             return Err(Error::config(format!(
                 "{}.params.n_img_tokens must be at least 1",

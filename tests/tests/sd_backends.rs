@@ -7,7 +7,8 @@
 //! DDIM, DPM-Solver++ and Euler ancestral. The sampler loop is one piece of
 //! code (`ragar_core::diffusion`) for all three. Then one pipeline that mixes
 //! backends across stages: `ragar demo` with the encoder on ort, the
-//! generator on tch and the Mapper and ranker on candle; its trained Mapper,
+//! keyword LLM on ort (SmolLM2's real weights), the generator on tch and
+//! the Mapper and ranker on candle; its trained Mapper,
 //! exported by scripts/export_mapper.py, then runs on ort and on tch and
 //! gives the same images as on candle.
 
@@ -101,6 +102,14 @@ fn a_pipeline_mixes_backends_across_stages() {
         &format!("stage_cache={}", tmp.path().join("stage.redb").display()),
         "encoder.backend=ort",
         "generator.backend=tch",
+        // The keyword LLM on ort, on SmolLM2's real weights (the HF folder
+        // setup dequantizes from the GGUF and exports).
+        "keyword_llm.backend=ort",
+        "keyword_llm.params.gguf=null",
+        &format!(
+            "keyword_llm.params.model_dir={}",
+            cache().join("models/smollm2-135m-hf").display()
+        ),
     ]));
     let t = text(&o);
     assert!(o.status.success(), "{t}");
@@ -109,6 +118,13 @@ fn a_pipeline_mixes_backends_across_stages() {
     assert!(line("encoder.backend =").contains("\"ort\""), "{config}");
     assert!(line("generator.backend =").contains("\"tch\""), "{config}");
     assert!(line("mapper.backend =").contains("\"candle\""), "{config}");
+    assert!(line("keyword_llm.backend =").contains("\"ort\""), "{config}");
+    let samples = std::fs::read_to_string(out.join("ragar/samples.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert!(
+        !first["prepared"]["keywords"].as_array().unwrap().is_empty(),
+        "the ort LLM's keywords: {first}"
+    );
     assert!(out.join("ragar/metrics.json").is_file() && out.join("report.html").is_file());
 
     // The trained Mapper exported, then on ort and tch in the same pipeline.
