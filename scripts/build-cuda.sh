@@ -46,19 +46,28 @@ export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
 build() {
   cargo build --release -p ragar-host --bin ragar --features cuda --target-dir target/cuda 2>&1 | tee "$CACHE/build-cuda.log"
 }
-# The stub libcuda: the symbols the first link reports missing, as empty
-# functions. The real driver library replaces it at run time.
-if [[ ! -f "$HOME_DIR/lib64/stubs/libcuda.so" ]]; then
-  echo 'void cuInit(void) {}' > "$HOME_DIR/stub.c"
+# The stub libcuda: the driver symbols the links report missing, as empty
+# functions (the real driver library replaces it at run time). lld reports
+# at most 20 undefined symbols per link, so the stub grows over a few links
+# until nothing is missing.
+stub() { # the symbols, one per line
+  { echo 'void cuInit(void) {}'; for s in $1; do [[ $s == cuInit ]] || echo "void $s(void) {}"; done; } > "$HOME_DIR/stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$HOME_DIR/lib64/stubs/libcuda.so" "$HOME_DIR/stub.c"
-fi
-if ! build; then
-  missing=$(grep -o "undefined reference to \`cu[A-Za-z0-9_]*'" "$CACHE/build-cuda.log" | sed "s/.*\`\(.*\)'/\1/" | sort -u)
+}
+[[ -f "$HOME_DIR/lib64/stubs/libcuda.so" ]] || stub ""
+known=$(grep -oE "void cu[A-Za-z0-9_]+" "$HOME_DIR/stub.c" 2>/dev/null | cut -c6- || true)
+links=0
+until build; do
+  # GNU ld says "undefined reference to `cuX'", lld (rustc's default linker
+  # on x86_64 Linux) "undefined symbol: cuX".
+  missing=$(grep -oE "undefined (reference to \`|symbol: )cu[A-Za-z0-9_]+" "$CACHE/build-cuda.log" \
+    | grep -oE "cu[A-Za-z0-9_]+$" | sort -u || true)
   [[ -n "$missing" ]] || { say "build failed (see $CACHE/build-cuda.log)"; exit 1; }
-  say "stub libcuda with $(echo "$missing" | wc -l) driver symbols"
-  { echo 'void cuInit(void) {}'; for s in $missing; do [[ $s == cuInit ]] || echo "void $s(void) {}"; done; } > "$HOME_DIR/stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$HOME_DIR/lib64/stubs/libcuda.so" "$HOME_DIR/stub.c"
-  build
-fi
+  links=$((links + 1))
+  (( links <= 10 )) || { say "libcuda stub still missing symbols after 10 links (see $CACHE/build-cuda.log)"; exit 1; }
+  known=$(printf '%s\n%s\n' "$known" "$missing" | grep -v '^$' | sort -u)
+  say "stub libcuda with $(echo "$known" | wc -l) driver symbols"
+  stub "$known"
+done
 say "built target/cuda/release/ragar"
 say "run it with: LD_LIBRARY_PATH=$CU/lib target/cuda/release/ragar ..."
