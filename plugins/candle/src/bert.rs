@@ -7,8 +7,10 @@
 //! `encoder.layer.{i}.attention.self.query.weight`, ...); a `bert.` prefix, as
 //! in `BertForMaskedLM` checkpoints, is accepted too.
 
+use crate::activation as act;
+use crate::linear::{linear, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 /// The fields of a HF `config.json` that the forward pass needs.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -120,10 +122,10 @@ impl Layer {
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = act::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let ffn = self.output.forward(&self.intermediate.forward(&x)?.gelu_erf()?)?;
+        let ffn = self.output.forward(&act::gelu_erf(&self.intermediate.forward(&x)?)?)?;
         self.out_norm.forward(&(ffn + x)?)
     }
 }

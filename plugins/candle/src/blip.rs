@@ -17,8 +17,11 @@
 //! prompt, and stops at `[SEP]` (`sep_token_id`). Greedy and beam search
 //! follow transformers' `generate` (see [`BlipCaptioner`](crate::blip_captioner)).
 
+use crate::activation as act;
+use crate::conv::{conv2d, Conv2d};
+use crate::linear::{linear, Linear};
 use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{conv2d, embedding, layer_norm, linear, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 
 /// `config.json` of a BlipForConditionalGeneration checkpoint.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -118,7 +121,7 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) 
     if let Some(b) = bias {
         w = w.broadcast_add(b)?;
     }
-    candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?
+    act::softmax_last_dim(&w.to_dtype(DType::F32)?)?
         .to_dtype(v.dtype())?
         .matmul(v)
 }
@@ -184,7 +187,7 @@ impl VisionLayer {
         let x = (x + self.projection.forward(&merge_heads(&attend(&q, &k, &v, None)?)?)?)?;
         let y = self
             .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+            .forward(&act::gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
         x + y
     }
 }
@@ -192,7 +195,7 @@ impl VisionLayer {
 /// The ViT image encoder (`vision_model.*`).
 pub struct VisionModel {
     class_embedding: Tensor,
-    patch_embedding: candle_nn::Conv2d,
+    patch_embedding: Conv2d,
     position_embedding: Tensor,
     layers: Vec<VisionLayer>,
     post_layernorm: LayerNorm,
@@ -430,10 +433,14 @@ impl TextDecoder {
             }
             let (ck, cv) = &cache.cross_kv[i];
             let h = layer.crossattention.forward(&h, ck, cv, None)?;
-            let y = layer.output.forward(&layer.intermediate.forward(&h)?.gelu_erf()?)?;
+            let y = layer
+                .output
+                .forward(&act::gelu_erf(&layer.intermediate.forward(&h)?)?)?;
             x = layer.norm.forward(&(y + h)?)?;
         }
-        let t = self.transform_norm.forward(&self.transform.forward(&x)?.gelu_erf()?)?;
+        let t = self
+            .transform_norm
+            .forward(&act::gelu_erf(&self.transform.forward(&x)?)?)?;
         self.decoder.forward(&t)
     }
 }

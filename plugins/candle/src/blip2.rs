@@ -17,9 +17,11 @@
 //! Salesforce/blip2-opt-* checkpoints. Flan-T5 language models are refused
 //! by name.
 
+use crate::activation as act;
 use crate::blip::{attend, merge_heads, split_heads, TextAttention, VisionConfig, VisionModel};
+use crate::linear::{linear, linear_no_bias, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 /// `config.json` of a Blip2ForConditionalGeneration checkpoint.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -246,7 +248,9 @@ impl QFormer {
                 let (k, v) = cross.kv(image)?;
                 x = cross.forward(&x, &k, &v, None)?;
             }
-            let y = layer.output.forward(&layer.intermediate.forward(&x)?.gelu_erf()?)?;
+            let y = layer
+                .output
+                .forward(&act::gelu_erf(&layer.intermediate.forward(&x)?)?)?;
             x = layer.norm.forward(&(y + x)?)?;
         }
         Ok(x)

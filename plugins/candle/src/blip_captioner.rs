@@ -220,19 +220,21 @@ impl Stepper for BlipStep<'_> {
 
 impl Captioner for BlipCaptioner {
     fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
-        let mut out = Vec::with_capacity(images.len());
-        for (c, chunk) in images.chunks(self.batch_size).enumerate() {
-            let ids = self.generate_ids(chunk, opts).map_err(|e| {
-                e.context(format!(
-                    "images {}..{}",
-                    c * self.batch_size,
-                    c * self.batch_size + chunk.len()
-                ))
-            })?;
-            for seq in ids {
-                out.push(caption(&self.tokenizer, &seq)?);
+        crate::device::on_pool(|| {
+            let mut out = Vec::with_capacity(images.len());
+            for (c, chunk) in images.chunks(self.batch_size).enumerate() {
+                let ids = self.generate_ids(chunk, opts).map_err(|e| {
+                    e.context(format!(
+                        "images {}..{}",
+                        c * self.batch_size,
+                        c * self.batch_size + chunk.len()
+                    ))
+                })?;
+                for seq in ids {
+                    out.push(caption(&self.tokenizer, &seq)?);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 }

@@ -9,11 +9,11 @@
 //! (`text_model.encoder.layers.{i}.self_attn.q_proj.weight`,
 //! `vision_model.pre_layrnorm.weight` — sic —, `visual_projection.weight`).
 
+use crate::activation as act;
+use crate::conv::{conv2d_no_bias, Conv2d};
+use crate::linear::{linear, linear_no_bias, Linear};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{
-    conv2d_no_bias, embedding, layer_norm, linear, linear_no_bias, Conv2dConfig, Embedding, LayerNorm, Linear,
-    VarBuilder,
-};
+use candle_nn::{embedding, layer_norm, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 
 /// `config.json` of a CLIPModel (or the text part alone, as in SD's text encoder).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -132,8 +132,8 @@ impl Activation {
     }
     fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Activation::Gelu => x.gelu_erf(),
+            Activation::QuickGelu => act::quick_gelu(x),
+            Activation::Gelu => act::gelu_erf(x),
         }
     }
 }
@@ -170,7 +170,7 @@ impl Attention {
             w = w.broadcast_add(bias)?;
         }
         // Softmax in f32 as the reference does, whatever the compute dtype.
-        let p = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
         self.out.forward(&p.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?)
     }
 }
@@ -320,7 +320,7 @@ fn attention_bias(b: usize, s: usize, mask: Option<&Tensor>, dtype: DType, dev: 
 /// The vision tower (`vision_model.*`).
 pub struct VisionTransformer {
     class_embedding: Tensor,
-    patch_embedding: candle_nn::Conv2d,
+    patch_embedding: Conv2d,
     position_embedding: Embedding,
     pre_layrnorm: LayerNorm,
     layers: Vec<EncoderLayer>,

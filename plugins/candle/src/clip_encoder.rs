@@ -87,14 +87,18 @@ impl Encoder for ClipEncoder {
     }
 
     fn embed_text(&self, texts: &[String]) -> Result<TextEmbeddings> {
-        self.dir.embed_text(texts, self.batch_size, &self.tokenizer, |b| {
-            self.text_forward(b).map_err(model_err("CLIP text"))
+        crate::device::on_pool(|| {
+            self.dir.embed_text(texts, self.batch_size, &self.tokenizer, |b| {
+                self.text_forward(b).map_err(model_err("CLIP text"))
+            })
         })
     }
 
     fn embed_image(&self, images: &[Image]) -> Result<ragar_core::Tensor> {
-        self.dir.embed_image(images, self.batch_size, |n, px| {
-            self.image_forward(n, px).map_err(model_err("CLIP image"))
+        crate::device::on_pool(|| {
+            self.dir.embed_image(images, self.batch_size, |n, px| {
+                self.image_forward(n, px).map_err(model_err("CLIP image"))
+            })
         })
     }
 }

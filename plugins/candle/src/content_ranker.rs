@@ -324,66 +324,68 @@ impl Ranker for ContentRanker {
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
-        if self.vars.is_empty() {
-            return Err(Error::config(
-                "the content ranker is not trained: run `ragar train-ranker` or set params.checkpoint",
-            ));
-        }
-        let err = model_err("content ranker scoring");
-        queries
-            .iter()
-            .enumerate()
-            .map(|(qi, q)| {
-                let feat = |id: &str| -> Result<&(Vec<f32>, Vec<f32>)> {
-                    self.items
-                        .get(id)
-                        .ok_or_else(|| Error::invalid_input(format!("query {qi}: item '{id}' has no known features")))
-                };
-                let hist = q
-                    .history
-                    .items
-                    .iter()
-                    .map(|i| feat(i.as_str()))
-                    .collect::<Result<Vec<_>>>()?;
-                let (x, m) = self.histories(&[hist]).map_err(&err)?;
-                let p = self.pool(&x, &m).map_err(&err)?;
-                q.candidates
-                    .iter()
-                    .enumerate()
-                    .map(|(ci, c)| {
-                        let (v, t) = match (c.visual.as_ref().into_option(), c.text.as_ref().into_option()) {
-                            (Some(v), Some(t)) => (v.to_f32_vec(), t.to_f32_vec()),
-                            (v, t) => {
-                                let own = feat(c.item.as_str())?;
-                                (
-                                    v.map_or(own.0.clone(), |v| v.to_f32_vec()),
-                                    t.map_or(own.1.clone(), |t| t.to_f32_vec()),
-                                )
+        crate::device::on_pool(|| {
+            if self.vars.is_empty() {
+                return Err(Error::config(
+                    "the content ranker is not trained: run `ragar train-ranker` or set params.checkpoint",
+                ));
+            }
+            let err = model_err("content ranker scoring");
+            queries
+                .iter()
+                .enumerate()
+                .map(|(qi, q)| {
+                    let feat = |id: &str| -> Result<&(Vec<f32>, Vec<f32>)> {
+                        self.items.get(id).ok_or_else(|| {
+                            Error::invalid_input(format!("query {qi}: item '{id}' has no known features"))
+                        })
+                    };
+                    let hist = q
+                        .history
+                        .items
+                        .iter()
+                        .map(|i| feat(i.as_str()))
+                        .collect::<Result<Vec<_>>>()?;
+                    let (x, m) = self.histories(&[hist]).map_err(&err)?;
+                    let p = self.pool(&x, &m).map_err(&err)?;
+                    q.candidates
+                        .iter()
+                        .enumerate()
+                        .map(|(ci, c)| {
+                            let (v, t) = match (c.visual.as_ref().into_option(), c.text.as_ref().into_option()) {
+                                (Some(v), Some(t)) => (v.to_f32_vec(), t.to_f32_vec()),
+                                (v, t) => {
+                                    let own = feat(c.item.as_str())?;
+                                    (
+                                        v.map_or(own.0.clone(), |v| v.to_f32_vec()),
+                                        t.map_or(own.1.clone(), |t| t.to_f32_vec()),
+                                    )
+                                }
+                            };
+                            if (v.len(), t.len()) != self.dims {
+                                return Err(Error::invalid_input(format!(
+                                    "query {qi}, candidate {ci}: features of {} + {} values, the model reads {} + {}",
+                                    v.len(),
+                                    t.len(),
+                                    self.dims.0,
+                                    self.dims.1
+                                )));
                             }
-                        };
-                        if (v.len(), t.len()) != self.dims {
-                            return Err(Error::invalid_input(format!(
-                                "query {qi}, candidate {ci}: features of {} + {} values, the model reads {} + {}",
-                                v.len(),
-                                t.len(),
-                                self.dims.0,
-                                self.dims.1
-                            )));
-                        }
-                        let x = self
-                            .embed(
-                                &Tensor::from_vec(v, (1, self.dims.0), &self.device).map_err(&err)?,
-                                &Tensor::from_vec(t, (1, self.dims.1), &self.device).map_err(&err)?,
-                            )
-                            .map_err(&err)?;
-                        (&p * &x)
-                            .and_then(|s| s.sum_all())
-                            .and_then(|s| s.to_dtype(DType::F32)?.to_scalar::<f32>())
-                            .map_err(&err)
-                    })
-                    .collect()
-            })
-            .collect()
+                            let x = self
+                                .embed(
+                                    &Tensor::from_vec(v, (1, self.dims.0), &self.device).map_err(&err)?,
+                                    &Tensor::from_vec(t, (1, self.dims.1), &self.device).map_err(&err)?,
+                                )
+                                .map_err(&err)?;
+                            (&p * &x)
+                                .and_then(|s| s.sum_all())
+                                .and_then(|s| s.to_dtype(DType::F32)?.to_scalar::<f32>())
+                                .map_err(&err)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
     }
 
     fn save(&self, path: &str) -> Result<()> {

@@ -261,38 +261,42 @@ impl KeywordLlm for LlamaKeywordLlm {
     }
 
     fn generate(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<Generation>> {
-        // One sequence at a time; each prompt gets its own seed so a batch
-        // and single calls sample the same text.
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let mut cache = Cache::default();
-                let mut step = |ids: &[u32]| self.step(&mut cache, ids);
-                self.text.generate(&mut step, p, opts, opts.seed.wrapping_add(i as u64))
-            })
-            .collect()
+        crate::device::on_pool(|| {
+            // One sequence at a time; each prompt gets its own seed so a batch
+            // and single calls sample the same text.
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut cache = Cache::default();
+                    let mut step = |ids: &[u32]| self.step(&mut cache, ids);
+                    self.text.generate(&mut step, p, opts, opts.seed.wrapping_add(i as u64))
+                })
+                .collect()
+        })
     }
 
     fn preference_states(&self, prompts: &[String]) -> Result<Vec<PreferenceStates>> {
-        let (n, h) = (self.img.dim(0).unwrap_or(0), self.model.config().hidden_size);
-        prompts
-            .iter()
-            .map(|p| {
-                let (ids, _) = self.text.prompt_ids(p, true, n)?;
-                let run = || -> candle_core::Result<Vec<f32>> {
-                    let ids_t = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-                    let prompt = self.model.embed(&ids_t)?.to_dtype(DType::F32)?;
-                    let x = Tensor::cat(&[&prompt, &self.img.unsqueeze(0)?], 1)?;
-                    self.model
-                        .forward_embeds(&x, &mut Cache::default())?
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1()
-                };
-                let hidden = run().map_err(model_err("LLM forward"))?;
-                llm::preference_states(&hidden, ids.len(), n, h)
-            })
-            .collect()
+        crate::device::on_pool(|| {
+            let (n, h) = (self.img.dim(0).unwrap_or(0), self.model.config().hidden_size);
+            prompts
+                .iter()
+                .map(|p| {
+                    let (ids, _) = self.text.prompt_ids(p, true, n)?;
+                    let run = || -> candle_core::Result<Vec<f32>> {
+                        let ids_t = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+                        let prompt = self.model.embed(&ids_t)?.to_dtype(DType::F32)?;
+                        let x = Tensor::cat(&[&prompt, &self.img.unsqueeze(0)?], 1)?;
+                        self.model
+                            .forward_embeds(&x, &mut Cache::default())?
+                            .to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .to_vec1()
+                    };
+                    let hidden = run().map_err(model_err("LLM forward"))?;
+                    llm::preference_states(&hidden, ids.len(), n, h)
+                })
+                .collect()
+        })
     }
 }

@@ -7,6 +7,7 @@
 //! the same [`components`].
 #![deny(missing_docs)]
 
+pub mod activation;
 pub mod adamw;
 pub mod bert;
 pub mod blip;
@@ -15,10 +16,12 @@ pub mod blip_captioner;
 pub mod clip;
 pub mod clip_encoder;
 pub mod content_ranker;
+pub mod conv;
 pub mod decoding;
 pub mod device;
 pub mod early_stopping;
 pub mod keyword_llm;
+pub mod linear;
 pub mod llama;
 pub mod lpips;
 pub mod mapper;

@@ -13,6 +13,8 @@
 //! `forward` returns the final (post-norm) hidden states — what the paper's
 //! Eq. 7 reads at the [IMG] positions — and `logits` maps them to the vocabulary.
 
+use crate::activation as act;
+use crate::linear::Linear;
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -130,15 +132,15 @@ impl RmsNorm {
 }
 
 struct Layer {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
+    q: Proj,
+    k: Proj,
+    v: Proj,
     /// Qwen2 adds biases to the q/k/v projections; Llama has none.
     qkv_bias: Option<[Tensor; 3]>,
-    o: QMatMul,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    o: Proj,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
     attn_norm: RmsNorm,
     mlp_norm: RmsNorm,
 }
@@ -168,7 +170,7 @@ pub struct Llama {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Proj,
     cos: Tensor,
     sin: Tensor,
     rope: Rope,
@@ -195,8 +197,9 @@ impl Llama {
         cfg.check()?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
-        let lin =
-            |vb: VarBuilder, o: usize, i: usize| -> Result<QMatMul> { Ok(QMatMul::Tensor(vb.get((o, i), "weight")?)) };
+        let lin = |vb: VarBuilder, o: usize, i: usize| -> Result<Proj> {
+            Ok(Proj::from(QMatMul::Tensor(vb.get((o, i), "weight")?)))
+        };
         let norm = |vb: VarBuilder| -> Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: vb.get(h, "weight")?,
@@ -229,7 +232,7 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
-            QMatMul::Tensor(embed_w.clone())
+            Proj::from(QMatMul::Tensor(embed_w.clone()))
         } else {
             lin(vb.pp("lm_head"), cfg.vocab_size, h)?
         };
@@ -284,12 +287,12 @@ impl Llama {
             rope_parameters: None,
         };
         cfg.check()?;
-        let q = |r: &mut R, name: &str| -> Result<QMatMul> {
+        let q = |r: &mut R, name: &str| -> Result<Proj> {
             let t = content.tensor(r, name, dev)?;
             if dequantize {
-                Ok(QMatMul::Tensor(t.dequantize(dev)?))
+                Ok(Proj::from(QMatMul::Tensor(t.dequantize(dev)?)))
             } else {
-                QMatMul::from_qtensor(t)
+                Ok(Proj::from(QMatMul::from_qtensor(t)?))
             }
         };
         let f = |r: &mut R, name: &str| -> Result<Tensor> { content.tensor(r, name, dev)?.dequantize(dev) };
@@ -401,7 +404,7 @@ impl Llama {
 
     /// Vocabulary logits `[b, t, vocab]` (f32) from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+        mm(&self.lm_head, hidden)?.to_dtype(DType::F32)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -419,7 +422,7 @@ impl Llama {
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let h = l.attn_norm.forward(x)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (mut q, mut k, mut v) = (l.q.forward(&h)?, l.k.forward(&h)?, l.v.forward(&h)?);
+        let (mut q, mut k, mut v) = (mm(&l.q, &h)?, mm(&l.k, &h)?, mm(&l.v, &h)?);
         if let Some([bq, bk, bv]) = &l.qkv_bias {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
@@ -458,13 +461,11 @@ impl Llama {
         if let Some(m) = mask {
             w = w.broadcast_add(m)?;
         }
-        let p = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let attn = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + l.o.forward(&attn)?)?;
+        let x = (x + mm(&l.o, &attn)?)?;
         let h = l.mlp_norm.forward(&x)?;
-        let mlp = l
-            .down
-            .forward(&(candle_nn::ops::silu(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
+        let mlp = mm(&l.down, &(act::silu(&mm(&l.gate, &h)?)? * mm(&l.up, &h)?)?)?;
         x + mlp
     }
 }
@@ -475,4 +476,27 @@ fn causal_mask(t: usize, offset: usize, dtype: DType, dev: &Device) -> Result<Te
         .flat_map(|i| (0..offset + t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(m, (1, 1, t, offset + t), dev)?.to_dtype(dtype)
+}
+
+/// A projection: dense weights are a [`Linear`] (packed once for the CPU),
+/// GGUF-quantized ones stay candle's quantized matmul.
+enum Proj {
+    Dense(Linear),
+    Quantized(QMatMul),
+}
+
+impl From<QMatMul> for Proj {
+    fn from(q: QMatMul) -> Self {
+        match q {
+            QMatMul::Tensor(w) => Proj::Dense(Linear::new(w, None)),
+            q => Proj::Quantized(q),
+        }
+    }
+}
+
+fn mm(w: &Proj, x: &Tensor) -> Result<Tensor> {
+    match w {
+        Proj::Dense(l) => l.forward(x),
+        Proj::Quantized(q) => q.forward(x),
+    }
 }

@@ -17,9 +17,10 @@
 //! `weights/v0.1/{alex,vgg}.pth`). Both files are checked against the
 //! architecture, naming the tensor that disagrees.
 
+use crate::conv::Conv2d;
 use crate::device::model_err;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_nn::Conv2dConfig;
 use ragar_core::{Error, Image, Result};
 use std::path::Path;
 
@@ -158,7 +159,7 @@ impl Lpips {
                     .iter()
                     .rev()
                     .find_map(|l| match l {
-                        Layer::Conv(c) => Some(c.weight().dims()[0]),
+                        Layer::Conv(c) => Some(c.kernel_shape()[0]),
                         _ => None,
                     })
                     .expect("a conv before every tap")

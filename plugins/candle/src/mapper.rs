@@ -455,26 +455,28 @@ impl Mapper for RagarMapper {
     }
 
     fn forward(&self, inputs: &[MapperInput]) -> Result<Vec<MapperOutput>> {
-        if inputs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (mapped, pref) = self.forward_t(inputs)?;
-        let shape = [self.cfg.n_queries, self.cfg.output_dim];
-        let rows = |t: &Tensor, i: usize| -> Result<ragar_core::Tensor> {
-            let v = t
-                .get(i)
-                .and_then(|r| r.flatten_all()?.to_vec1::<f32>())
-                .map_err(model_err("mapper"))?;
-            ragar_core::Tensor::from_f32(&shape, v)
-        };
-        (0..inputs.len())
-            .map(|i| {
-                Ok(MapperOutput {
-                    mapped: rows(&mapped, i)?,
-                    preference: rows(&pref, i)?,
+        crate::device::on_pool(|| {
+            if inputs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (mapped, pref) = self.forward_t(inputs)?;
+            let shape = [self.cfg.n_queries, self.cfg.output_dim];
+            let rows = |t: &Tensor, i: usize| -> Result<ragar_core::Tensor> {
+                let v = t
+                    .get(i)
+                    .and_then(|r| r.flatten_all()?.to_vec1::<f32>())
+                    .map_err(model_err("mapper"))?;
+                ragar_core::Tensor::from_f32(&shape, v)
+            };
+            (0..inputs.len())
+                .map(|i| {
+                    Ok(MapperOutput {
+                        mapped: rows(&mapped, i)?,
+                        preference: rows(&pref, i)?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     fn train_step(&mut self, batch: &[ReflectionSample], cfg: &LossConfig) -> Result<TrainStats> {

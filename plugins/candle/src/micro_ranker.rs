@@ -344,51 +344,53 @@ impl Ranker for MicroRanker {
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
-        let t = self.trained()?;
-        let err = model_err("MICRO score");
-        queries
-            .iter()
-            .enumerate()
-            .map(|(qi, q)| {
-                let user = t.user_vector(q, qi, &self.device)?;
-                let mut out = vec![0f32; q.candidates.len()];
-                // Catalogue items as they are: one gather and one product.
-                let (mut plain, mut rows) = (Vec::new(), Vec::new());
-                for (ci, c) in q.candidates.iter().enumerate() {
-                    let &item = t.items.index.get(c.item.as_str()).ok_or_else(|| {
-                        Error::invalid_input(format!(
-                            "query {qi}, candidate {ci}: item '{}' is not in the catalogue",
-                            c.item
-                        ))
-                    })?;
-                    if c.visual.is_none() && c.text.is_none() {
-                        plain.push(ci);
-                        rows.push(item as u32);
-                    } else {
-                        let feats = t.overrides(c, qi, ci, &self.device)?;
-                        let emb = t.model.substituted_item(&t.emb, item, &feats).map_err(&err)?;
-                        out[ci] = (&user * &emb)
-                            .and_then(|x| x.sum_all())
-                            .and_then(|x| x.to_scalar::<f32>())
+        crate::device::on_pool(|| {
+            let t = self.trained()?;
+            let err = model_err("MICRO score");
+            queries
+                .iter()
+                .enumerate()
+                .map(|(qi, q)| {
+                    let user = t.user_vector(q, qi, &self.device)?;
+                    let mut out = vec![0f32; q.candidates.len()];
+                    // Catalogue items as they are: one gather and one product.
+                    let (mut plain, mut rows) = (Vec::new(), Vec::new());
+                    for (ci, c) in q.candidates.iter().enumerate() {
+                        let &item = t.items.index.get(c.item.as_str()).ok_or_else(|| {
+                            Error::invalid_input(format!(
+                                "query {qi}, candidate {ci}: item '{}' is not in the catalogue",
+                                c.item
+                            ))
+                        })?;
+                        if c.visual.is_none() && c.text.is_none() {
+                            plain.push(ci);
+                            rows.push(item as u32);
+                        } else {
+                            let feats = t.overrides(c, qi, ci, &self.device)?;
+                            let emb = t.model.substituted_item(&t.emb, item, &feats).map_err(&err)?;
+                            out[ci] = (&user * &emb)
+                                .and_then(|x| x.sum_all())
+                                .and_then(|x| x.to_scalar::<f32>())
+                                .map_err(&err)?;
+                        }
+                    }
+                    if !rows.is_empty() {
+                        let idx = Tensor::new(rows.as_slice(), &self.device).map_err(&err)?;
+                        let s: Vec<f32> = t
+                            .emb
+                            .items
+                            .index_select(&idx, 0)
+                            .and_then(|e| e.matmul(&user.unsqueeze(1)?))
+                            .and_then(|s| s.flatten_all()?.to_vec1())
                             .map_err(&err)?;
+                        for (ci, v) in plain.into_iter().zip(s) {
+                            out[ci] = v;
+                        }
                     }
-                }
-                if !rows.is_empty() {
-                    let idx = Tensor::new(rows.as_slice(), &self.device).map_err(&err)?;
-                    let s: Vec<f32> = t
-                        .emb
-                        .items
-                        .index_select(&idx, 0)
-                        .and_then(|e| e.matmul(&user.unsqueeze(1)?))
-                        .and_then(|s| s.flatten_all()?.to_vec1())
-                        .map_err(&err)?;
-                    for (ci, v) in plain.into_iter().zip(s) {
-                        out[ci] = v;
-                    }
-                }
-                Ok(out)
-            })
-            .collect()
+                    Ok(out)
+                })
+                .collect()
+        })
     }
 
     fn save(&self, path: &str) -> Result<()> {

@@ -64,8 +64,10 @@ impl Encoder for SentenceEncoder {
     }
 
     fn embed_text(&self, texts: &[String]) -> Result<TextEmbeddings> {
-        embed_in_batches(texts, self.batch_size, &self.tokenizer, &self.dir, |b| {
-            self.forward(b).map_err(model_err("BERT forward"))
+        crate::device::on_pool(|| {
+            embed_in_batches(texts, self.batch_size, &self.tokenizer, &self.dir, |b| {
+                self.forward(b).map_err(model_err("BERT forward"))
+            })
         })
     }
 }

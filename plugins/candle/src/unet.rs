@@ -15,11 +15,11 @@
 //!
 //! The ResNet block and the resampling layers are shared with the VAE (`vae.rs`).
 
+use crate::activation as act;
+use crate::conv::{conv2d, Conv2d};
+use crate::linear::{linear, linear_no_bias, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
-};
+use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
 /// `unet/config.json`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -225,11 +225,11 @@ impl ResnetBlock {
     /// `temb` is the already-activated time embedding `[b, t]` (one SiLU
     /// shared by all blocks: diffusers applies it in each block, to the same value).
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&act::silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             h = h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&act::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -280,7 +280,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         let len = rows.min(s - start);
         let qc = (q.narrow(2, start, len)? * scale)?;
         let w = qc.matmul(&kt)?;
-        let p = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         outs.push(p.matmul(v)?);
     }
     Tensor::cat(&outs, 2)
@@ -352,7 +352,7 @@ impl TransformerBlock {
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, context)? + x)?;
         let p = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
         let half = p.dim(D::Minus1)? / 2;
-        let geglu = (p.narrow(D::Minus1, 0, half)? * p.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let geglu = (p.narrow(D::Minus1, 0, half)? * act::gelu_erf(&p.narrow(D::Minus1, half, half)?)?)?;
         self.ff_out.forward(&geglu)? + x
     }
 }
@@ -620,9 +620,9 @@ impl UNet {
         let temb = self.timestep_embedding(t, b, x.dtype(), x.device())?;
         let temb = self
             .time_linear_2
-            .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
+            .forward(&act::silu(&self.time_linear_1.forward(&temb)?)?)?;
         // Every ResNet applies SiLU to the embedding before its projection.
-        let temb = temb.silu()?;
+        let temb = act::silu(&temb)?;
 
         let mut x = self.conv_in.forward(x)?;
         let mut skips = vec![x.clone()];
@@ -656,6 +656,6 @@ impl UNet {
                 x = u.forward(&x, size)?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&act::silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }

@@ -1,0 +1,257 @@
+//! 2-d convolution with weights packed once for the CPU.
+//!
+//! candle's CPU conv2d builds im2col tiles and hands each to its matmul,
+//! which packs the (unchanging) kernel again for every tile. Here a CPU f32
+//! kernel `[c_out, c_in, kh, kw]` is packed at load time as the weight of a
+//! [`PackedWeights`] product with `k = c_in * kh * kw` (the kernel's own
+//! row-major order, so packing is a plain transpose into panels); the
+//! im2col rows are written a block at a time, inside the product's parallel
+//! loop, and the `[pixels, c_out]` result is laid back out as NCHW. Grouped
+//! convolutions, CUDA, f16 / bf16 and graphs that track gradients stay on
+//! candle's `Conv2d`; the packed copy replaces the loaded kernel, which such
+//! an input gets unpacked for its call.
+//!
+//! Drop-in for `candle_nn::{Conv2d, conv2d, conv2d_no_bias}`: same weight
+//! names, same `Module`.
+
+use crate::linear::PackedWeights;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use std::sync::Arc;
+
+/// A 2-d convolution over NCHW input.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// The layer as loaded; `None` once packed (the packed copy replaces it).
+    plain: Option<candle_nn::Conv2d>,
+    packed: Option<Arc<PackedWeights>>,
+    /// `[c_out, c_in / groups, kh, kw]`.
+    shape: [usize; 4],
+    config: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// From a kernel `[c_out, c_in / groups, kh, kw]`, an optional bias
+    /// `[c_out]` and the stride / padding / dilation / groups.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
+        let shape = weight.dims4().map(|(a, b, c, d)| [a, b, c, d]).unwrap_or_default();
+        let packed = match config.groups {
+            1 => weight
+                .reshape((shape[0], shape[1] * shape[2] * shape[3]))
+                .ok()
+                .and_then(|w| PackedWeights::of(&w, bias.as_ref()))
+                .map(Arc::new),
+            _ => None,
+        };
+        let plain = match packed {
+            Some(_) => None,
+            None => Some(candle_nn::Conv2d::new(weight, bias, config)),
+        };
+        Self {
+            plain,
+            packed,
+            shape,
+            config,
+        }
+    }
+
+    /// `[c_out, c_in / groups, kh, kw]`.
+    pub fn kernel_shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    /// The layer as candle's, unpacked if need be.
+    fn plain(&self) -> Result<std::borrow::Cow<'_, candle_nn::Conv2d>> {
+        use std::borrow::Cow;
+        match (&self.plain, &self.packed) {
+            (Some(c), _) => Ok(Cow::Borrowed(c)),
+            (None, Some(p)) => {
+                let (w, b) = p.unpack(&Device::Cpu)?;
+                Ok(Cow::Owned(candle_nn::Conv2d::new(
+                    w.reshape(self.shape.to_vec())?,
+                    b,
+                    self.config,
+                )))
+            }
+            (None, None) => unreachable!("a Conv2d is plain or packed"),
+        }
+    }
+}
+
+/// `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]` under `vb`.
+pub fn conv2d(c_in: usize, c_out: usize, k: usize, config: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+    let c = candle_nn::conv2d(c_in, c_out, k, config, vb)?;
+    Ok(Conv2d::new(c.weight().clone(), c.bias().cloned(), config))
+}
+
+/// `weight` `[c_out, c_in, k, k]` under `vb`, no bias.
+pub fn conv2d_no_bias(c_in: usize, c_out: usize, k: usize, config: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+    let c = candle_nn::conv2d_no_bias(c_in, c_out, k, config, vb)?;
+    Ok(Conv2d::new(c.weight().clone(), None, config))
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(p) = &self.packed else {
+            return self.plain()?.forward(x);
+        };
+        let [_, c_in, kh, kw] = self.shape;
+        let applies = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4 && !x.track_op();
+        if !applies || x.dim(1)? != c_in {
+            // candle's conv gives the error for a wrong channel count.
+            return self.plain()?.forward(x);
+        }
+        let cfg = &self.config;
+        let (b, _, h, w) = x.dims4()?;
+        let span = |size: usize, k: usize| (size + 2 * cfg.padding).checked_sub(cfg.dilation * (k - 1) + 1);
+        let (Some(oh), Some(ow)) = (span(h, kh), span(w, kw)) else {
+            return self.plain()?.forward(x);
+        };
+        let (oh, ow) = (oh / cfg.stride + 1, ow / cfg.stride + 1);
+        let geo = Geometry {
+            c_in,
+            h,
+            w,
+            kh,
+            kw,
+            oh,
+            ow,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            dilation: cfg.dilation,
+        };
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let y = p.matmul_with(b * oh * ow, &|i0, i1, rows| geo.im2col(&xs, i0, i1, rows));
+        let c_out = p.out_dim();
+        Tensor::from_vec(y, (b, oh * ow, c_out), x.device())?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c_out, oh, ow))
+    }
+}
+
+/// The shapes of one convolution.
+struct Geometry {
+    c_in: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl Geometry {
+    /// im2col rows `i0..i1` (one per output pixel, batch-major) of the NCHW
+    /// input `x`: each the `c_in x kh x kw` patch under that pixel, zero
+    /// where it hangs over the padding.
+    fn im2col(&self, x: &[f32], i0: usize, i1: usize, rows: &mut [f32]) {
+        let g = self;
+        let k = g.c_in * g.kh * g.kw;
+        for (i, row) in (i0..i1).zip(rows.chunks_exact_mut(k)) {
+            let (bi, pix) = (i / (g.oh * g.ow), i % (g.oh * g.ow));
+            let (oy, ox) = (pix / g.ow, pix % g.ow);
+            for ci in 0..g.c_in {
+                let plane = &x[(bi * g.c_in + ci) * g.h * g.w..(bi * g.c_in + ci + 1) * g.h * g.w];
+                for ky in 0..g.kh {
+                    let dst = &mut row[(ci * g.kh + ky) * g.kw..(ci * g.kh + ky + 1) * g.kw];
+                    let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let line = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    for (kx, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                        *d = if ix < 0 || ix >= g.w as isize {
+                            0.0
+                        } else {
+                            line[ix as usize]
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_convolutions_equal_candles() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, c_in, h, w, c_out, k, stride, padding, dilation): SD's 3x3
+        // same and 2-stride downsampling, 1x1, a ViT patch embedding, odd
+        // sizes, dilation, and enough pixels to take the row-parallel path.
+        for &(b, ci, h, w, co, k, stride, padding, dilation) in &[
+            (2, 4, 8, 8, 8, 3, 1, 1, 1),
+            (1, 3, 9, 7, 5, 3, 2, 1, 1),
+            (3, 6, 5, 5, 7, 1, 1, 0, 1),
+            (2, 3, 32, 32, 16, 8, 8, 0, 1),
+            (1, 2, 11, 13, 3, 3, 1, 2, 2),
+            (2, 5, 40, 30, 9, 3, 1, 1, 1),
+        ] {
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                dilation,
+                ..Default::default()
+            };
+            let x = Tensor::new(data(b * ci * h * w, 1), &dev)?.reshape((b, ci, h, w))?;
+            let wt = Tensor::new(data(co * ci * k * k, 2), &dev)?.reshape((co, ci, k, k))?;
+            let bias = Tensor::new(data(co, 3), &dev)?;
+            for bias in [None, Some(bias)] {
+                let ours = Conv2d::new(wt.clone(), bias.clone(), cfg);
+                assert!(ours.packed.is_some());
+                let theirs = candle_nn::Conv2d::new(wt.clone(), bias, cfg);
+                let (a, e) = (ours.forward(&x)?, theirs.forward(&x)?);
+                assert_eq!(a.dims(), e.dims(), "k{k} s{stride} p{padding} d{dilation}");
+                let diff = (a - e)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "k{k} s{stride} p{padding} d{dilation}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn grouped_and_mismatched_inputs_stay_on_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let wt = Tensor::new(data(4 * 2 * 9, 1), &dev)?.reshape((4, 2, 3, 3))?;
+        let grouped = Conv2d::new(
+            wt.clone(),
+            None,
+            Conv2dConfig {
+                groups: 2,
+                padding: 1,
+                ..Default::default()
+            },
+        );
+        assert!(grouped.packed.is_none());
+        let x = Tensor::new(data(4 * 25, 2), &dev)?.reshape((1, 4, 5, 5))?;
+        assert_eq!(grouped.forward(&x)?.dims(), &[1, 4, 5, 5]);
+        // Three channels into a two-channel kernel: candle's error.
+        let plain = Conv2d::new(wt, None, Conv2dConfig::default());
+        assert!(plain.forward(&Tensor::zeros((1, 3, 5, 5), DType::F32, &dev)?).is_err());
+        // An input that tracks gradients: the unpacked kernel, same result.
+        let x = candle_core::Var::from_tensor(&Tensor::new(data(2 * 25, 3), &dev)?.reshape((1, 2, 5, 5))?)?;
+        let (a, e) = (plain.forward(x.as_tensor())?, plain.forward(&x.as_tensor().detach())?);
+        let diff = (a - e)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+}
