@@ -15,7 +15,7 @@
 //! names, same `Module`.
 
 use crate::linear::PackedWeights;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use std::sync::Arc;
 
@@ -102,7 +102,7 @@ impl Module for Conv2d {
             return self.plain()?.forward(x);
         }
         let cfg = &self.config;
-        let (b, _, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let span = |size: usize, k: usize| (size + 2 * cfg.padding).checked_sub(cfg.dilation * (k - 1) + 1);
         let (Some(oh), Some(ow)) = (span(h, kh), span(w, kw)) else {
             return self.plain()?.forward(x);
@@ -120,13 +120,46 @@ impl Module for Conv2d {
             padding: cfg.padding,
             dilation: cfg.dilation,
         };
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let y = p.matmul_with(b * oh * ow, &|i0, i1, rows| geo.im2col(&xs, i0, i1, rows));
-        let c_out = p.out_dim();
-        Tensor::from_vec(y, (b, oh * ow, c_out), x.device())?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c_out, oh, ow))
+        x.contiguous()?.apply_op1_no_bwd(&PackedConv { packed: p.clone(), geo })
+    }
+}
+
+/// The packed convolution as a candle op on the input's own storage.
+struct PackedConv {
+    packed: Arc<PackedWeights>,
+    geo: Geometry,
+}
+
+impl CustomOp1 for PackedConv {
+    fn name(&self) -> &'static str {
+        "packed-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(v), Some((a, z))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("packed-conv2d: contiguous f32 input only");
+        };
+        let (x, g) = (&v[a..z], &self.geo);
+        let b = l.dims()[0];
+        let pixels = g.oh * g.ow;
+        let y = self
+            .packed
+            .matmul_with(b * pixels, &|i0, i1, rows| g.im2col(x, i0, i1, rows));
+        // [b, pixels, c_out] -> NCHW, a 32 x 32 block at a time.
+        let c_out = self.packed.out_dim();
+        let mut out = vec![0.0f32; y.len()];
+        for (yb, ob) in y.chunks_exact(pixels * c_out).zip(out.chunks_exact_mut(pixels * c_out)) {
+            for p0 in (0..pixels).step_by(32) {
+                for c0 in (0..c_out).step_by(32) {
+                    for p in p0..(p0 + 32).min(pixels) {
+                        for c in c0..(c0 + 32).min(c_out) {
+                            ob[c * pixels + p] = yb[p * c_out + c];
+                        }
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, g.oh, g.ow))))
     }
 }
 
@@ -164,6 +197,13 @@ impl Geometry {
                         continue;
                     }
                     let line = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    let ix0 = (ox * g.stride) as isize - g.padding as isize;
+                    if g.dilation == 1 && ix0 >= 0 && ix0 as usize + g.kw <= g.w {
+                        // The whole row of the patch is inside: one copy
+                        // (every patch of a ViT's patch embedding).
+                        dst.copy_from_slice(&line[ix0 as usize..ix0 as usize + g.kw]);
+                        continue;
+                    }
                     for (kx, d) in dst.iter_mut().enumerate() {
                         let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
                         *d = if ix < 0 || ix >= g.w as isize {

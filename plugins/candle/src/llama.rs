@@ -447,22 +447,27 @@ impl Llama {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        // Grouped-query attention: each key/value head serves nh / nkv query heads.
+        // Grouped-query attention: key/value head j serves query heads
+        // j * rep .. (j + 1) * rep (transformers' repeat_kv), so those heads'
+        // rows go against it in one product, [b, nkv, rep * t, hd] x
+        // [b, nkv, hd, s], instead of copying the keys and values rep times.
         let rep = nh / nkv;
-        let expand = |y: &Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(y.clone());
-            }
-            let (b, n, s, d) = y.dims4()?;
-            y.unsqueeze(2)?.expand((b, n, rep, s, d))?.reshape((b, n * rep, s, d))
-        };
-        let (k, v) = (expand(&k)?, expand(&v)?);
+        let s = k.dim(2)?;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
         let mut w = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         if let Some(m) = mask {
-            w = w.broadcast_add(m)?;
+            let m = m.reshape((1, 1, 1, t, s))?;
+            w = w
+                .reshape((b, nkv, rep, t, s))?
+                .broadcast_add(&m)?
+                .reshape((b, nkv, rep * t, s))?;
         }
         let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let attn = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let attn = p
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         let x = (x + mm(&l.o, &attn)?)?;
         let h = l.mlp_norm.forward(&x)?;
         let mlp = mm(&l.down, &(act::silu(&mm(&l.gate, &h)?)? * mm(&l.up, &h)?)?)?;
