@@ -36,6 +36,8 @@ fn main() -> candle_core::Result<()> {
         (1, 576, 49152, "LM head"),
         (4, 768, 768, "4 beams"),
         (50, 576, 1536, "prompt"),
+        (12, 384, 384, "MiniLM b1"),
+        (12, 1536, 384, "MiniLM b1"),
         (128, 384, 1536, "MiniLM b8"),
         (4096, 320, 320, "SD attention"),
     ] {

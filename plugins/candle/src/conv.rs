@@ -198,10 +198,18 @@ impl Geometry {
                     }
                     let line = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                     let ix0 = (ox * g.stride) as isize - g.padding as isize;
-                    if g.dilation == 1 && ix0 >= 0 && ix0 as usize + g.kw <= g.w {
-                        // The whole row of the patch is inside: one copy
-                        // (every patch of a ViT's patch embedding).
-                        dst.copy_from_slice(&line[ix0 as usize..ix0 as usize + g.kw]);
+                    if g.dilation == 1 {
+                        // The part of the patch row inside the image is one
+                        // run of the input line (all of it for a ViT's patch
+                        // embedding); zeros either side.
+                        let lo = (-ix0).clamp(0, g.kw as isize) as usize;
+                        let hi = (g.w as isize - ix0).clamp(lo as isize, g.kw as isize) as usize;
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        if hi > lo {
+                            let start = (ix0 + lo as isize) as usize;
+                            dst[lo..hi].copy_from_slice(&line[start..start + (hi - lo)]);
+                        }
                         continue;
                     }
                     for (kx, d) in dst.iter_mut().enumerate() {
@@ -221,16 +229,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::linear::tests::data;
 
     #[test]
     fn packed_convolutions_equal_candles() -> Result<()> {
@@ -244,6 +243,7 @@ mod tests {
             (3, 6, 5, 5, 7, 1, 1, 0, 1),
             (2, 3, 32, 32, 16, 8, 8, 0, 1),
             (1, 2, 11, 13, 3, 3, 1, 2, 2),
+            (1, 2, 3, 4, 3, 3, 1, 4, 1),
             (2, 5, 40, 30, 9, 3, 1, 1, 1),
         ] {
             let cfg = Conv2dConfig {

@@ -457,7 +457,7 @@ impl CustomOp1 for Packed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Products in f64, the reference.
@@ -482,7 +482,8 @@ mod tests {
             .collect()
     }
 
-    fn data(len: usize, seed: u64) -> Vec<f32> {
+    /// `len` values in [-1, 1) from a seeded LCG (test inputs).
+    pub(crate) fn data(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {
