@@ -9,7 +9,7 @@
 
 use crate::activation as act;
 use crate::linear::{linear, Linear};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 /// The fields of a HF `config.json` that the forward pass needs.
@@ -85,9 +85,9 @@ impl Embeddings {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// query, key and value as one product (their weights stacked), so
+    /// `x` is read once and there is one call instead of three.
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     intermediate: Linear,
@@ -101,9 +101,17 @@ impl Layer {
         let h = cfg.hidden_size;
         let att = vb.pp("attention");
         Ok(Layer {
-            query: linear(h, h, att.pp("self.query"))?,
-            key: linear(h, h, att.pp("self.key"))?,
-            value: linear(h, h, att.pp("self.value"))?,
+            qkv: {
+                let parts = ["self.query", "self.key", "self.value"].map(|p| candle_nn::linear(h, h, att.pp(p)));
+                let [q, k, v] = parts;
+                let (q, k, v) = (q?, k?, v?);
+                let w = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+                let b = match (q.bias(), k.bias(), v.bias()) {
+                    (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
+                    _ => None,
+                };
+                Linear::new(w, b)
+            },
             attn_out: linear(h, h, att.pp("output.dense"))?,
             attn_norm: layer_norm(h, cfg.layer_norm_eps, att.pp("output.LayerNorm"))?,
             intermediate: linear(h, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
@@ -118,9 +126,10 @@ impl Layer {
         let (b, s, h) = x.dims3()?;
         let hd = h / self.heads;
         let split = |t: Tensor| t.reshape((b, s, self.heads, hd))?.transpose(1, 2)?.contiguous();
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let qkv = self.qkv.forward(x)?;
+        let q = split(qkv.narrow(D::Minus1, 0, h)?)?;
+        let k = split(qkv.narrow(D::Minus1, h, h)?)?;
+        let v = split(qkv.narrow(D::Minus1, 2 * h, h)?)?;
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
         let probs = act::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;

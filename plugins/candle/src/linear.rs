@@ -30,6 +30,14 @@ use std::sync::Arc;
 const MC: usize = 96;
 /// The widest tile: 12 rows x 32 columns.
 const TILE: usize = 12 * 32;
+/// A weight read from memory costs about as long as this many fused
+/// multiply-adds (~15 GB/s against ~80 G FMA/s per core).
+const BYTES_AS_FMAS: usize = 20;
+/// Work (in fused multiply-adds) worth a task of its own, ~2 us: only
+/// products smaller than this stay on the calling thread. (MiniLM at batch
+/// 1 measured best with its 384 x 384 products split across both cores,
+/// wake-ups included; a threshold of 2^21 cost it ~5 %.)
+const TASK_WORK: usize = 1 << 17;
 
 /// The kernel this CPU runs, with its tile: `rows` x `cols` (the panel
 /// width) accumulators held in registers.
@@ -269,11 +277,19 @@ impl PackedWeights {
             });
             return y;
         }
-        // Few rows: runs of whole panels in parallel, enough to keep the
-        // pool busy, each against every row.
+        // Few rows: runs of whole panels in parallel, each against every
+        // row; as many tasks as there is work for (`TASK_WORK` each, so a
+        // small product does not pay for waking another thread), at most
+        // enough to keep the pool busy.
         let mut buf = Vec::new();
         let rows = x.rows(0, m, k, &mut buf);
-        let tasks = (4 * threads).min(panels_n).max(1);
+        let work = n * k * (m + BYTES_AS_FMAS);
+        let tasks = (work / TASK_WORK).clamp(1, 4 * threads).min(panels_n);
+        if tasks == 1 {
+            // SAFETY: one task writes all of `y`.
+            unsafe { self.block(rows, m, 0, panels_n, OutPtr(y.as_mut_ptr())) };
+            return y;
+        }
         let per = panels_n.div_ceil(tasks);
         let out = OutPtr(y.as_mut_ptr());
         (0..panels_n.div_ceil(per)).into_par_iter().for_each(|task| {
