@@ -142,9 +142,13 @@ impl CustomOp1 for PackedConv {
         let (x, g) = (&v[a..z], &self.geo);
         let b = l.dims()[0];
         let pixels = g.oh * g.ow;
-        let y = self
-            .packed
-            .matmul_with(b * pixels, &|i0, i1, rows| g.im2col(x, i0, i1, rows));
+        let y = if g.kw >= 16 && g.dilation == 1 {
+            self.packed
+                .matmul_with(b * pixels, &|i0, i1, rows| g.im2col_runs(x, i0, i1, rows))
+        } else {
+            self.packed
+                .matmul_with_columns(b * pixels, &|i0, i1, block| g.im2col_columns(x, i0, i1, block))
+        };
         // [b, pixels, c_out] -> NCHW, a 32 x 32 block at a time.
         let c_out = self.packed.out_dim();
         let mut out = vec![0.0f32; y.len()];
@@ -178,17 +182,6 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// im2col rows `i0..i1` (one per output pixel, batch-major) of the NCHW
-    /// input `x`: each the `c_in x kh x kw` patch under that pixel, zero
-    /// where it hangs over the padding.
-    fn im2col(&self, x: &[f32], i0: usize, i1: usize, rows: &mut [f32]) {
-        if self.kw >= 16 && self.dilation == 1 {
-            self.im2col_runs(x, i0, i1, rows)
-        } else {
-            self.im2col_columns(x, i0, i1, rows)
-        }
-    }
-
     /// Wide kernels (a ViT's patch embedding): per pixel, each patch row's
     /// part inside the image is one run of the input line, copied whole.
     fn im2col_runs(&self, x: &[f32], i0: usize, i1: usize, rows: &mut [f32]) {
@@ -218,35 +211,60 @@ impl Geometry {
         }
     }
 
-    /// Small kernels (3 x 3, 1 x 1): column by column, each a strided pass
-    /// over the block's pixels, so there are no per-pixel copies of two or
-    /// three values (which cost more than the values).
-    fn im2col_columns(&self, x: &[f32], i0: usize, i1: usize, rows: &mut [f32]) {
+    /// Small kernels (3 x 3, 1 x 1): the im2col block of pixels `i0..i1`
+    /// written by columns (`block[col * (i1 - i0) + r]`), each column a
+    /// pass along the input lines under consecutive pixels of an output
+    /// row: one copy per row run at stride 1, no per-pixel copies of the
+    /// two or three values a small patch row has.
+    fn im2col_columns(&self, x: &[f32], i0: usize, i1: usize, block: &mut [f32]) {
         let g = self;
-        let k = g.c_in * g.kh * g.kw;
-        // Per pixel of the block: its image's offset and the patch's corner.
-        let corners: Vec<(usize, isize, isize)> = (i0..i1)
-            .map(|i| {
-                let (bi, pix) = (i / (g.oh * g.ow), i % (g.oh * g.ow));
-                let (oy, ox) = (pix / g.ow, pix % g.ow);
-                let y0 = (oy * g.stride) as isize - g.padding as isize;
-                let x0 = (ox * g.stride) as isize - g.padding as isize;
-                (bi * g.c_in * g.h * g.w, y0, x0)
-            })
-            .collect();
-        let (h, w) = (g.h as isize, g.w as isize);
+        let nb = i1 - i0;
+        let plane = g.h * g.w;
+        // Runs of the block's pixels that share an image and output row:
+        // (first pixel's place in the block, image, oy, first ox, length).
+        let mut runs = Vec::new();
+        let mut i = i0;
+        while i < i1 {
+            let (bi, pix) = (i / (g.oh * g.ow), i % (g.oh * g.ow));
+            let (oy, ox) = (pix / g.ow, pix % g.ow);
+            let len = (g.ow - ox).min(i1 - i);
+            runs.push((i - i0, bi, oy, ox, len));
+            i += len;
+        }
         for ci in 0..g.c_in {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
                     let col = (ci * g.kh + ky) * g.kw + kx;
-                    let (dy, dx) = ((ky * g.dilation) as isize, (kx * g.dilation) as isize);
-                    for (r, &(base, y0, x0)) in corners.iter().enumerate() {
-                        let (iy, ix) = (y0 + dy, x0 + dx);
-                        rows[r * k + col] = if iy < 0 || iy >= h || ix < 0 || ix >= w {
-                            0.0
+                    let dst = &mut block[col * nb..(col + 1) * nb];
+                    for &(r0, bi, oy, ox0, len) in &runs {
+                        let out = &mut dst[r0..r0 + len];
+                        let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let line = &x[(bi * g.c_in + ci) * plane + iy as usize * g.w..][..g.w];
+                        // ix = ox * stride + kx * dilation - padding over the run.
+                        let ix0 = (ox0 * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                        if g.stride == 1 {
+                            let lo = (-ix0).clamp(0, len as isize) as usize;
+                            let hi = (g.w as isize - ix0).clamp(lo as isize, len as isize) as usize;
+                            out[..lo].fill(0.0);
+                            out[hi..].fill(0.0);
+                            if hi > lo {
+                                let start = (ix0 + lo as isize) as usize;
+                                out[lo..hi].copy_from_slice(&line[start..start + (hi - lo)]);
+                            }
                         } else {
-                            x[base + ci * g.h * g.w + iy as usize * g.w + ix as usize]
-                        };
+                            for (j, o) in out.iter_mut().enumerate() {
+                                let ix = ix0 + (j * g.stride) as isize;
+                                *o = if ix < 0 || ix >= g.w as isize {
+                                    0.0
+                                } else {
+                                    line[ix as usize]
+                                };
+                            }
+                        }
                     }
                 }
             }

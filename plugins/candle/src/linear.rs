@@ -229,6 +229,14 @@ impl PackedWeights {
         self.product(m, Rows::Filled(fill))
     }
 
+    /// As [`PackedWeights::matmul_with`], with `fill(i0, i1, block)` writing
+    /// the block column-major: `block[t * (i1 - i0) + r]` is value `t` of row
+    /// `i0 + r`. A small convolution's im2col is cheap in that order (each
+    /// column is a run of pixels along an input line) and costly in rows.
+    pub fn matmul_with_columns(&self, m: usize, fill: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> Vec<f32> {
+        self.product(m, Rows::FilledColumns(fill))
+    }
+
     /// The output width (`n`, the weight's rows).
     pub fn out_dim(&self) -> usize {
         self.n
@@ -273,7 +281,7 @@ impl PackedWeights {
                 let mut buf = Vec::new();
                 let rows = x.rows(i0, i1, k, &mut buf);
                 // SAFETY: `y` is this block's rows, `n` wide.
-                unsafe { self.block(rows, i1 - i0, 0, panels_n, OutPtr(y.as_mut_ptr())) };
+                unsafe { self.block(rows, 0, panels_n, OutPtr(y.as_mut_ptr())) };
             });
             return y;
         }
@@ -287,7 +295,7 @@ impl PackedWeights {
         let tasks = (work / TASK_WORK).clamp(1, 4 * threads).min(panels_n);
         if tasks == 1 {
             // SAFETY: one task writes all of `y`.
-            unsafe { self.block(rows, m, 0, panels_n, OutPtr(y.as_mut_ptr())) };
+            unsafe { self.block(rows, 0, panels_n, OutPtr(y.as_mut_ptr())) };
             return y;
         }
         let per = panels_n.div_ceil(tasks);
@@ -296,15 +304,15 @@ impl PackedWeights {
             let (p0, p1) = (task * per, ((task + 1) * per).min(panels_n));
             // SAFETY: tasks write disjoint column ranges (panels p0..p1) of
             // `y`, which outlives the parallel loop.
-            unsafe { self.block(rows, m, p0, p1, out) };
+            unsafe { self.block(rows, p0, p1, out) };
         });
         y
     }
 
-    /// Output columns of panels `p0..p1` for the `m` rows of `x`, written to
+    /// Output columns of panels `p0..p1` for the rows of `x`, written to
     /// `out` (row stride `n`), [`MC`] rows at a time.
-    unsafe fn block(&self, x: &[f32], m: usize, p0: usize, p1: usize, out: OutPtr) {
-        let (n, k, isa) = (self.n, self.k, self.isa);
+    unsafe fn block(&self, x: XView, p0: usize, p1: usize, out: OutPtr) {
+        let (n, k, isa, m) = (self.n, self.k, self.isa, x.rows);
         let (mr, nr) = (isa.rows(), isa.cols());
         let mut tile = [0.0f32; TILE];
         for i0 in (0..m).step_by(MC) {
@@ -316,7 +324,7 @@ impl PackedWeights {
                 let mut i = i0;
                 while i < i1 {
                     let rows = (i1 - i).min(mr);
-                    kernel(isa, &x[i * k..(i + rows) * k], rows, k, panel, &mut tile);
+                    kernel(isa, x.from_row(i), rows, k, panel, &mut tile);
                     for r in 0..rows {
                         let dst = out.0.add((i + r) * n + p * nr);
                         let t = &tile[r * nr..r * nr + cols];
@@ -337,22 +345,58 @@ impl PackedWeights {
 enum Rows<'a> {
     Given(&'a [f32]),
     Filled(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
+    FilledColumns(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
 }
 
 impl<'a> Rows<'a> {
     /// Rows `i0..i1`, borrowed or written into `buf`.
-    fn rows<'b>(self, i0: usize, i1: usize, k: usize, buf: &'b mut Vec<f32>) -> &'b [f32]
+    fn rows<'b>(self, i0: usize, i1: usize, k: usize, buf: &'b mut Vec<f32>) -> XView<'b>
     where
         'a: 'b,
     {
-        match self {
-            Rows::Given(x) => &x[i0 * k..i1 * k],
-            Rows::Filled(fill) => {
-                buf.clear();
-                buf.resize((i1 - i0) * k, 0.0);
-                fill(i0, i1, buf);
-                buf
+        let rows = i1 - i0;
+        let (fill, by_columns) = match self {
+            Rows::Given(x) => {
+                return XView {
+                    x: &x[i0 * k..i1 * k],
+                    rows,
+                    ld: k,
+                    by_columns: false,
+                }
             }
+            Rows::Filled(fill) => (fill, false),
+            Rows::FilledColumns(fill) => (fill, true),
+        };
+        buf.clear();
+        buf.resize(rows * k, 0.0);
+        fill(i0, i1, buf);
+        XView {
+            x: buf,
+            rows,
+            ld: if by_columns { rows } else { k },
+            by_columns,
+        }
+    }
+}
+
+/// A block of rows of `x`: value `t` of row `r` is `x[r * ld + t]`, or
+/// `x[t * ld + r]` when stored by columns.
+#[derive(Clone, Copy)]
+struct XView<'a> {
+    x: &'a [f32],
+    rows: usize,
+    ld: usize,
+    by_columns: bool,
+}
+
+impl<'a> XView<'a> {
+    /// The view from row `i` on.
+    fn from_row(self, i: usize) -> XView<'a> {
+        let start = if self.by_columns { i } else { i * self.ld };
+        XView {
+            x: &self.x[start..],
+            rows: self.rows - i,
+            ..self
         }
     }
 }
@@ -367,16 +411,23 @@ unsafe impl Sync for OutPtr {}
 
 /// `tile[r * nr + c] = x_r · w_c` for `rows` (at most the kernel's) rows of
 /// `x` and one panel of `nr` (the kernel's width) columns.
-fn kernel(isa: Isa, x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
-    assert!(rows <= isa.rows() && x.len() >= rows * k && panel.len() >= k * isa.cols());
+fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
+    let last = match x.by_columns {
+        true => (k - 1) * x.ld + rows - 1,
+        false => (rows - 1) * x.ld + k - 1,
+    };
+    assert!(rows <= isa.rows() && rows <= x.rows && last < x.x.len() && panel.len() >= k * isa.cols());
+    let (ld, cols) = (x.ld, x.by_columns);
+    let x = x.x;
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! by_rows {
             ($f:ident, $($r:literal)+) => {
                 // SAFETY: `isa` was detected on this CPU; the slices hold
                 // rows x k and k x width values (asserted above).
-                match rows {
-                    $($r => unsafe { x86::$f::<$r>(x, k, panel, tile) },)+
+                match (rows, cols) {
+                    $(($r, false) => unsafe { x86::$f::<$r, false>(x, ld, k, panel, tile) },)+
+                    $(($r, true) => unsafe { x86::$f::<$r, true>(x, ld, k, panel, tile) },)+
                     _ => unreachable!("more rows than the kernel's"),
                 }
             };
@@ -391,7 +442,7 @@ fn kernel(isa: Isa, x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut 
     for r in 0..rows {
         let mut acc = [0.0f32; 16];
         for t in 0..k {
-            let a = x[r * k + t];
+            let a = if cols { x[t * ld + r] } else { x[r * ld + t] };
             for c in 0..16 {
                 acc[c] += a * panel[t * 16 + c];
             }
@@ -408,14 +459,20 @@ mod x86 {
     /// `R` rows x 16 columns in ymm registers; per step of `k`, two weight
     /// loads feed `2 R` fused multiply-adds.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2<const R: usize>(x: &[f32], k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
+    pub unsafe fn avx2<const R: usize, const BY_COLUMNS: bool>(
+        x: &[f32],
+        ld: usize,
+        k: usize,
+        panel: &[f32],
+        tile: &mut [f32; TILE],
+    ) {
         let (x, w) = (x.as_ptr(), panel.as_ptr());
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
         for t in 0..k {
             let (w0, w1) = (_mm256_loadu_ps(w.add(t * 16)), _mm256_loadu_ps(w.add(t * 16 + 8)));
             for r in 0..R {
-                let a = _mm256_broadcast_ss(&*x.add(r * k + t));
+                let a = _mm256_broadcast_ss(&*x.add(if BY_COLUMNS { t * ld + r } else { r * ld + t }));
                 lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
                 hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
             }
@@ -429,14 +486,20 @@ mod x86 {
     /// `R` rows x 32 columns in zmm registers; per step of `k`, two weight
     /// loads feed `2 R` fused multiply-adds.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512<const R: usize>(x: &[f32], k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
+    pub unsafe fn avx512<const R: usize, const BY_COLUMNS: bool>(
+        x: &[f32],
+        ld: usize,
+        k: usize,
+        panel: &[f32],
+        tile: &mut [f32; TILE],
+    ) {
         let (x, w) = (x.as_ptr(), panel.as_ptr());
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
         for t in 0..k {
             let (w0, w1) = (_mm512_loadu_ps(w.add(t * 32)), _mm512_loadu_ps(w.add(t * 32 + 16)));
             for r in 0..R {
-                let a = _mm512_set1_ps(*x.add(r * k + t));
+                let a = _mm512_set1_ps(*x.add(if BY_COLUMNS { t * ld + r } else { r * ld + t }));
                 lo[r] = _mm512_fmadd_ps(a, w0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(a, w1, hi[r]);
             }
@@ -527,7 +590,17 @@ pub(crate) mod tests {
         ] {
             let (x, w, b) = (data(m * k, 1 + m as u64), data(n * k, 7 + n as u64), data(n, 3));
             for (isa, bias) in isas().into_iter().flat_map(|i| [(i, None), (i, Some(b.clone()))]) {
-                let got = PackedWeights::pack_for(isa, &w, bias.clone(), n, k).matmul(&x, m);
+                let packed = PackedWeights::pack_for(isa, &w, bias.clone(), n, k);
+                let got = packed.matmul(&x, m);
+                // The same rows written by columns, a block at a time.
+                let by_columns = packed.matmul_with_columns(m, &|i0, i1, block| {
+                    for (r, i) in (i0..i1).enumerate() {
+                        for t in 0..k {
+                            block[t * (i1 - i0) + r] = x[i * k + t];
+                        }
+                    }
+                });
+                assert_eq!(got, by_columns, "{isa:?} m{m} n{n} k{k}");
                 let want = reference(&x, &w, bias.as_deref(), m, n, k);
                 let tol = 2e-6 * (k as f32).sqrt().max(1.0) * 4.0;
                 for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
