@@ -159,13 +159,24 @@ impl Module for Linear {
 /// A weight `[n, k]` (and bias) as panels of `nr` output columns (the
 /// kernel's width), each `k x nr` with column `c` of panel `p` holding row
 /// `p * nr + c` of the weight (zero past `n`).
-#[derive(Debug)]
 pub struct PackedWeights {
     n: usize,
     k: usize,
     isa: Isa,
     panels: Vec<f32>,
     bias: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for PackedWeights {
+    // The shape, not the millions of packed values.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeights")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("isa", &self.isa)
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
 }
 
 impl PackedWeights {
