@@ -298,6 +298,9 @@ enum BenchAction {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: it sets an environment variable.
+    #[cfg(feature = "candle")]
+    ragar_candle::device::settle_thread_count();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

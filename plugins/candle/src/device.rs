@@ -52,6 +52,27 @@ pub fn model_err(context: impl std::fmt::Display) -> impl Fn(candle_core::Error)
     }
 }
 
+/// Fixes candle's CPU thread count for the process: call it at the start of
+/// `main`, before any other thread exists (it sets an environment
+/// variable). candle 0.11's matmul asks for its thread count on every call,
+/// and unless `RAYON_NUM_THREADS` is set that means counting physical cores
+/// by reading `/proc/cpuinfo` (tens of microseconds, more than a small
+/// model's matmul: CLIP's tiny text tower at batch 1 ran 3x slower for it).
+/// Sets `RAYON_NUM_THREADS` to the count candle computes, so candle's ops
+/// use the threads they did; rayon's global pool, not yet built, gets the
+/// same count (physical cores rather than logical ones on an SMT machine,
+/// which is what these f32 kernels want). A value the user set is kept.
+pub fn settle_thread_count() {
+    let set = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 0);
+    if !set {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// Runs a stage call on a worker of rayon's global pool. Called from any
 /// other thread, every parallel op inside (candle's, [`crate::linear`]'s)
 /// would hand its work to the pool and put the caller to sleep until done:
