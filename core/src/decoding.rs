@@ -250,17 +250,21 @@ pub fn last_position(logits: &[f32], rows: usize, t: usize) -> Result<Vec<f32>> 
         )));
     }
     let vocab = logits.len() / (rows * t);
-    Ok((0..rows)
-        .flat_map(|r| logits[((r + 1) * t - 1) * vocab..(r + 1) * t * vocab].iter().copied())
-        .collect())
+    let mut last = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        last.extend_from_slice(&logits[((r + 1) * t - 1) * vocab..(r + 1) * t * vocab]);
+    }
+    Ok(last)
 }
 
 /// Rows `rows` of a row-major `[n, width]` buffer, in that order (a cache
 /// tensor's beam reordering on the host).
 pub fn gather_rows(data: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|&r| data[r as usize * width..(r as usize + 1) * width].iter().copied())
-        .collect()
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&data[r as usize * width..(r as usize + 1) * width]);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -44,7 +44,6 @@ impl BlipCaptioner {
     /// Build from `params: { model_dir, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let layers = dir.config["text_config"]["num_hidden_layers"]
             .as_u64()
             .ok_or_else(|| Error::model(format!("{}: no text_config.num_hidden_layers", dir.root.display())))?;
@@ -55,7 +54,7 @@ impl BlipCaptioner {
             .collect();
         let open = |g: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
             let path = dir.exported(g)?;
-            let s = session(spec, &path, threads)?;
+            let s = session(spec, &path)?;
             check_io(&s, &path, inputs, inputs, output)?;
             Ok(Mutex::new(s))
         };

@@ -46,7 +46,6 @@ impl Blip2Captioner {
     /// Build from `params: { model_dir, batch_size }` (a BLIP-2 folder).
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let t = &dir.config["text_config"];
         let num = |k: &str| {
             t[k].as_u64()
@@ -61,7 +60,7 @@ impl Blip2Captioner {
         let names = kv_names(layers, "past_key_values", "present");
         let open = |g: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
             let path = dir.exported(g)?;
-            let s = session(spec, &path, threads)?;
+            let s = session(spec, &path)?;
             check_io(&s, &path, inputs, inputs, output)?;
             Ok(Mutex::new(s))
         };

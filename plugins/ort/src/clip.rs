@@ -33,9 +33,8 @@ impl ClipEncoder {
     /// Build from `params: { model_dir, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = ClipDir::open(spec, &GRAPHS, Fetch::IfMissing)?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (tp, vp) = (dir.root.join(GRAPHS[0]), dir.root.join(GRAPHS[1]));
-        let text = session(spec, &tp, threads)?;
+        let text = session(spec, &tp)?;
         check_io(
             &text,
             &tp,
@@ -43,7 +42,7 @@ impl ClipEncoder {
             &["input_ids", "attention_mask"],
             "text_embeds",
         )?;
-        let vision = session(spec, &vp, threads)?;
+        let vision = session(spec, &vp)?;
         check_io(&vision, &vp, &["pixel_values"], &["pixel_values"], "image_embeds")?;
         Ok(ClipEncoder {
             text: Mutex::new(text),

@@ -23,8 +23,7 @@ pub struct OrtContentRanker {
 fn open(spec: &ComponentSpec, state: &Path) -> Result<(Session, ContentState)> {
     let st = ContentState::open(state)?;
     let graph = state.with_extension("onnx");
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let s = session(spec, &graph, threads)
+    let s = session(spec, &graph)
         .map_err(|e| e.context("export it with: python scripts/export_content_ranker.py STATE"))?;
     let mut inputs = vec!["mask"];
     if st.dims.0 > 0 {

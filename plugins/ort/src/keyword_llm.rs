@@ -40,10 +40,9 @@ pub struct OrtGraphs {
 /// Build from `params: { model_dir, n_img_tokens, img_embeddings }`.
 pub fn load(spec: &ComponentSpec) -> Result<OrtKeywordLlm> {
     let dir = LlmDir::open(spec, Fetch::IfMissing)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let names = dir.cache_names();
     let path = dir.exported(GRAPHS[0])?;
-    let decoder = session(spec, &path, threads)?;
+    let decoder = session(spec, &path)?;
     let mut required = vec!["input_ids"];
     required.extend(names.iter().map(|n| n.0.as_str()));
     let mut allowed = required.clone();
@@ -52,7 +51,7 @@ pub fn load(spec: &ComponentSpec) -> Result<OrtKeywordLlm> {
     let has = |n: &str| decoder.inputs().iter().any(|i| i.name() == n);
     let (has_mask, has_positions) = (has("attention_mask"), has("position_ids"));
     let path = dir.exported(GRAPHS[1])?;
-    let hidden = session(spec, &path, threads)?;
+    let hidden = session(spec, &path)?;
     let inputs = ["input_ids", "img_embeddings"];
     check_io(&hidden, &path, &inputs, &inputs, "hidden_states")?;
     let graphs = OrtGraphs {

@@ -27,8 +27,7 @@ pub fn graph_of(checkpoint: &str) -> PathBuf {
 }
 
 fn open(spec: &ComponentSpec, graph: &Path) -> Result<Session> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let s = session(spec, graph, threads).map_err(|e| {
+    let s = session(spec, graph).map_err(|e| {
         e.context("the ort Mapper runs a checkpoint exported by: python scripts/export_mapper.py CHECKPOINT")
     })?;
     check_io(&s, graph, &["x", "kw"], &["x", "kw"], "preference")?;

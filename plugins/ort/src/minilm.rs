@@ -34,8 +34,7 @@ impl SentenceEncoder {
     /// graph installed by the setup is `model_int8.onnx`).
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir, graph) = SentenceEncoderParams::open(spec, "model.onnx", Fetch::IfMissing)?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let session = session(spec, &graph, threads)?;
+        let session = session(spec, &graph)?;
         check_io(&session, &graph, &INPUTS[..2], &INPUTS, OUTPUT)?;
         let uses_type_ids = session.inputs().iter().any(|o| o.name() == "token_type_ids");
         Ok(SentenceEncoder {

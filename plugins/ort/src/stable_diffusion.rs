@@ -36,10 +36,9 @@ impl StableDiffusion {
     /// Build from `params: { model_dir, scheduler, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = SdPipelineDir::open(spec, &graphs(), Fetch::IfMissing)?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let open = |rel: &str, inputs: &[&str], output: &str| -> Result<Mutex<Session>> {
             let path = dir.root.join(rel);
-            let s = session(spec, &path, threads)?;
+            let s = session(spec, &path)?;
             check_io(&s, &path, inputs, inputs, output)?;
             Ok(Mutex::new(s))
         };
