@@ -20,6 +20,7 @@ pub mod conv;
 pub mod decoding;
 pub mod device;
 pub mod early_stopping;
+pub mod group_norm;
 pub mod keyword_llm;
 pub mod linear;
 pub mod llama;

@@ -17,9 +17,10 @@
 
 use crate::activation as act;
 use crate::conv::{conv2d, Conv2d};
+use crate::group_norm::{group_norm, GroupNorm};
 use crate::linear::{linear, linear_no_bias, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
 /// `unet/config.json`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -225,11 +226,11 @@ impl ResnetBlock {
     /// `temb` is the already-activated time embedding `[b, t]` (one SiLU
     /// shared by all blocks: diffusers applies it in each block, to the same value).
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&act::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             h = h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&act::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -656,6 +657,6 @@ impl UNet {
                 x = u.forward(&x, size)?;
             }
         }
-        self.conv_out.forward(&act::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }

@@ -12,12 +12,12 @@
 //! `key`, `value`, `proj_attn`) that older checkpoints still carry. The
 //! encoder half is not needed to generate and is not loaded.
 
-use crate::activation as act;
 use crate::conv::{conv2d, Conv2d};
+use crate::group_norm::{group_norm, GroupNorm};
 use crate::linear::{linear, Linear};
 use crate::unet::{attention, ResnetBlock, Upsample};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// `vae/config.json`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -233,6 +233,6 @@ impl VaeDecoder {
                 x = u.forward(&x, None)?;
             }
         }
-        self.conv_out.forward(&act::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
