@@ -376,6 +376,33 @@ impl Opt {
 
     /// Logits `[b, s, vocab]` for new input embeddings `[b, s, e]` after those in `cache`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut OptCache) -> Result<Tensor> {
+        let x = self.hidden(embeds, cache)?;
+        self.head(&x)
+    }
+
+    /// Logits `[b, vocab]` of the last new position only: what decoding
+    /// needs, without the head over a long prefix (32 image queries and the
+    /// prompt at 50k vocabulary entries each).
+    pub fn forward_last(&self, embeds: &Tensor, cache: &mut OptCache) -> Result<Tensor> {
+        let x = self.hidden(embeds, cache)?;
+        let s = x.dim(1)?;
+        self.head(&x.narrow(1, s - 1, 1)?)?.squeeze(1)
+    }
+
+    /// The final norm, output projection and LM head, per position.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        if let Some(n) = &self.final_norm {
+            x = n.forward(&x)?;
+        }
+        if let Some(p) = &self.project_out {
+            x = p.forward(&x)?;
+        }
+        self.lm_head.forward(&x)
+    }
+
+    /// The decoder layers' output `[b, s, e]`, before the final norm.
+    fn hidden(&self, embeds: &Tensor, cache: &mut OptCache) -> Result<Tensor> {
         let (_, s, _) = embeds.dims3()?;
         let past = cache.len();
         if past + s > self.config.max_position_embeddings {
@@ -435,13 +462,7 @@ impl Opt {
                 x = l.ffn_norm.forward(&x)?;
             }
         }
-        if let Some(n) = &self.final_norm {
-            x = n.forward(&x)?;
-        }
-        if let Some(p) = &self.project_out {
-            x = p.forward(&x)?;
-        }
-        self.lm_head.forward(&x)
+        Ok(x)
     }
 }
 

@@ -180,11 +180,13 @@ impl Stepper for Blip2Step<'_> {
             .unsqueeze(0)?
             .repeat((rows, 1))?;
         let embeds = Tensor::cat(&[&self.queries, &self.blip2.opt.embed(&text)?], 1)?;
-        last_position(&self.blip2.opt.forward(&embeds, &mut self.cache)?)
+        self.blip2.opt.forward_last(&embeds, &mut self.cache)
     }
     fn step(&mut self, tokens: &[u32]) -> candle_core::Result<Tensor> {
         let ids = Tensor::new(tokens, self.queries.device())?.unsqueeze(1)?;
-        last_position(&self.blip2.opt.forward(&self.blip2.opt.embed(&ids)?, &mut self.cache)?)
+        self.blip2
+            .opt
+            .forward_last(&self.blip2.opt.embed(&ids)?, &mut self.cache)
     }
     fn reorder(&mut self, rows: &[u32]) -> candle_core::Result<()> {
         self.cache.select(&row_index(rows, self.queries.device())?)

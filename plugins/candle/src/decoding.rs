@@ -21,8 +21,14 @@ pub use ragar_core::decoding::Limits;
 pub struct Host<'a>(pub Box<dyn Stepper + 'a>);
 
 fn host(t: Tensor) -> ragar_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+    // One contiguous copy (a view's elements gathered one at a time cost
+    // more than the decoder step for OPT's 50k vocabulary); no dtype
+    // conversion for f32.
+    let t = match t.dtype() {
+        DType::F32 => Ok(t),
+        _ => t.to_dtype(DType::F32),
+    };
+    t.and_then(|t| t.contiguous()?.flatten_all()?.to_vec1::<f32>())
         .map_err(|e| ragar_core::Error::model(format!("decoder logits: {e}")))
 }
 
