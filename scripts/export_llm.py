@@ -7,7 +7,9 @@ tch KeywordLLMs read, next to its weights:
                            input_ids [b, t] int64, attention_mask [b, p + t]
                            int64, position_ids [b, t] int64,
                            past_key_values.{i}.{key,value} [b, kv_heads, p, head_dim]
-                           -> logits [b, t, vocab],
+                           -> logits [b, 1, vocab] (the last position's only:
+                           transformers' logits_to_keep=1, all generation
+                           needs; ragar also reads Optimum's [b, t, vocab]),
                            present.{i}.{key,value} [b, kv_heads, p + t, head_dim]
                            (p = 0 for the prompt: empty past tensors)
   hidden_states.{onnx,ts}  Eq. 7: input_ids [1, t] int64, img_embeddings
@@ -44,7 +46,7 @@ class Decoder(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache_of(past, self.layers, self.model.config), use_cache=True,
-                         return_dict=True)
+                         logits_to_keep=1, return_dict=True)
         return (out.logits, *flat_of(out.past_key_values, self.layers))
 
 
@@ -71,7 +73,7 @@ def main(root):
     g = torch.Generator().manual_seed(1)
     past, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
     axes.update({n: {0: "batch", 2: "past_sequence"} for n in past})
     axes.update({n: {0: "batch", 2: "total_sequence"} for n in present})
     example = (torch.randint(0, cfg.vocab_size, (1, 3), generator=g), torch.ones(1, 7, dtype=torch.long),
@@ -84,11 +86,12 @@ def main(root):
            {"input_ids": {1: "sequence"}, "img_embeddings": {0: "img_tokens"}, "hidden_states": {1: "total_sequence"}})
 
     # Check: a 10-token prompt fed as 6 + 1 + 3 tokens through each export's
-    # cache, and Eq. 7's hidden states, against uncached transformers passes.
+    # cache (each piece's last logits), and Eq. 7's hidden states, against
+    # uncached transformers passes.
     ids = torch.randint(0, cfg.vocab_size, (1, 10), generator=g)
     img = torch.randn(8, cfg.hidden_size, generator=g)
     with torch.no_grad():
-        want = model(input_ids=ids, return_dict=True).logits
+        want = model(input_ids=ids, return_dict=True).logits[:, [5, 6, 9]]
         want_h = hidden(ids, img)
     for label, run in runners(root, ["model", "hidden_states"]):
         cache = [torch.zeros(1, kv, 0, hd) for _ in past]

@@ -99,8 +99,14 @@ impl LlmGraphs for OrtGraphs {
         let mut s = lock(&self.decoder)?;
         let mut out = s.run(inputs).map_err(err)?;
         *cache = take_outputs(&mut out, self.names.iter().map(|n| n.1.as_str()), GRAPHS[0])?;
-        let (_, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
-        last_position(logits, 1, t)
+        // [1, t, vocab] as Optimum exports it, or [1, 1, vocab] (the last
+        // position only, as scripts/export_llm.py does).
+        let (shape, logits) = out["logits"].try_extract_tensor::<f32>().map_err(err)?;
+        let positions = match shape.len() {
+            3 => shape[1] as usize,
+            _ => t,
+        };
+        last_position(logits, 1, positions)
     }
 
     fn hidden_states(&self, ids: &[u32], img: &[f32], n: usize, h: usize) -> Result<Vec<f32>> {

@@ -82,7 +82,9 @@ impl LlmGraphs for TchGraphs {
             )));
         }
         *cache = out.split_off(1);
-        to_host(&out[0].select(1, t - 1))
+        // Every new position's logits, or only the last's (export_llm.py).
+        let positions = out[0].size().get(1).copied().unwrap_or(t);
+        to_host(&out[0].select(1, positions - 1))
     }
 
     fn hidden_states(&self, ids: &[u32], img: &[f32], n: usize, h: usize) -> Result<Vec<f32>> {
