@@ -9,10 +9,9 @@
 //! loop: by columns for small kernels (3x3, 1x1: one copy per run of pixels
 //! along an input line), by rows for wide ones (a ViT's patch embedding:
 //! one copy per patch row). The `[pixels, c_out]` result is laid out as
-//! NCHW by the op itself. Grouped
-//! convolutions, CUDA, f16 / bf16 and graphs that track gradients stay on
-//! candle's `Conv2d`; the packed copy replaces the loaded kernel, which such
-//! an input gets unpacked for its call.
+//! NCHW by the op itself. Grouped convolutions, CUDA, f16 / bf16 and graphs
+//! that track gradients stay on candle's `Conv2d`; the packed copy replaces
+//! the loaded kernel, which such an input gets unpacked for its call.
 //!
 //! Drop-in for `candle_nn::{Conv2d, conv2d, conv2d_no_bias}`: same weight
 //! names, same `Module`.
