@@ -222,7 +222,7 @@ impl Stepper for BlipStep<'_> {
 
 impl Captioner for BlipCaptioner {
     fn caption(&self, images: &[Image], opts: &CaptionOptions) -> Result<Vec<String>> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             let mut out = Vec::with_capacity(images.len());
             for (c, chunk) in images.chunks(self.batch_size).enumerate() {
                 let ids = self.generate_ids(chunk, opts).map_err(|e| {

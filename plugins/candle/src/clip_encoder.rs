@@ -87,7 +87,7 @@ impl Encoder for ClipEncoder {
     }
 
     fn embed_text(&self, texts: &[String]) -> Result<TextEmbeddings> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             self.dir.embed_text(texts, self.batch_size, &self.tokenizer, |b| {
                 self.text_forward(b).map_err(model_err("CLIP text"))
             })
@@ -95,7 +95,7 @@ impl Encoder for ClipEncoder {
     }
 
     fn embed_image(&self, images: &[Image]) -> Result<ragar_core::Tensor> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             self.dir.embed_image(images, self.batch_size, |n, px| {
                 self.image_forward(n, px).map_err(model_err("CLIP image"))
             })

@@ -324,7 +324,7 @@ impl Ranker for ContentRanker {
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             if self.vars.is_empty() {
                 return Err(Error::config(
                     "the content ranker is not trained: run `ragar train-ranker` or set params.checkpoint",

@@ -2,6 +2,9 @@
 
 use candle_core::{DType, Device};
 use ragar_core::{ComponentSpec, Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The candle device a spec asks for. `cuda` without a CUDA build or driver
 /// is an error; only `auto` falls back to the CPU.
@@ -79,9 +82,101 @@ pub fn settle_thread_count() {
 /// a thread switch each way per op, which for a small model at batch 1 costs
 /// as much as the arithmetic (MiniLM, one sentence: 6.5 -> 4.3 ms). On a
 /// worker, the op runs on the calling thread and idle workers steal from it.
-pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+///
+/// On the CPU the other workers are also kept awake for the call
+/// ([`keep_warm`]): an idle rayon worker sleeps after ~32 yields (tens of
+/// microseconds), and waking it again for the next op (a futex wake, then
+/// the scheduler) cost a fifth of MiniLM's time on one sentence. ONNX
+/// Runtime's pool spins between ops the same way. `CANDLE_SPIN=0` turns it
+/// off (a machine shared with other work).
+pub fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    rayon::scope(|_| f())
+    let spinners = match device.is_cpu() && spin_allowed() {
+        true => rayon::current_num_threads().saturating_sub(1),
+        false => 0,
+    };
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        // Queued on this worker's own deque, which idle workers steal from
+        // (oldest first), so the call itself is never run by a spinner: a
+        // spinner only ever runs the call's stolen pieces.
+        let (owner, done) = (rayon::current_thread_index(), &done);
+        for _ in 0..spinners {
+            s.spawn(move |_| keep_warm(done, owner));
+        }
+        // Set when `f` returns or panics: the scope waits for its spinners.
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _done = Done(done);
+        f()
+    })
+}
+
+/// Runs whatever work the pool has (stolen halves of the call's parallel
+/// ops) until `done`, never sleeping in between. A spinner that the call's
+/// own worker picks up (while waiting on a stolen half) returns at once:
+/// spinning there would stop the call under it. Elsewhere it also gives up
+/// after [`SPIN_IDLE`] without work: a worker can pick a spinner up while it
+/// waits inside a piece of someone's parallel op (more than two threads, or
+/// calls from several threads at once), and that piece must not stay
+/// stopped under the spinner until the whole call ends.
+fn keep_warm(done: &AtomicBool, owner: Option<usize>) {
+    if rayon::current_thread_index() == owner {
+        return;
+    }
+    let mut idle_since = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = Instant::now(),
+            _ if idle_since.elapsed() > SPIN_IDLE => return,
+            _ => std::hint::spin_loop(),
+        }
+    }
+}
+
+/// How long a spinner waits for work before it lets its worker sleep: well
+/// above the gaps between one op's parallel work and the next (tens of
+/// microseconds of single-threaded ops), and short as a stall.
+const SPIN_IDLE: Duration = Duration::from_millis(1);
+
+fn spin_allowed() -> bool {
+    static SPIN: OnceLock<bool> = OnceLock::new();
+    *SPIN.get_or_init(|| std::env::var("CANDLE_SPIN").map_or(true, |v| v.trim() != "0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn stage_calls_finish_from_many_threads_nested_and_panicking() {
+        let dev = Device::Cpu;
+        // Calls with parallel work inside (nested joins: a sum over a
+        // parallel iterator), from several threads at once.
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..4u64)
+                .map(|i| {
+                    let dev = &dev;
+                    s.spawn(move || on_pool(dev, || (0..200_000u64).into_par_iter().map(|x| x * i).sum::<u64>()))
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let one: u64 = (0..200_000u64).sum();
+        assert_eq!(sums, (0..4).map(|i| i * one).collect::<Vec<_>>());
+        // A call from inside a call runs in place.
+        assert!(on_pool(&dev, || on_pool(&dev, || rayon::current_thread_index().is_some())));
+        // A panic comes back to the caller, the spinners stop, and the pool
+        // works afterwards.
+        let r = std::panic::catch_unwind(|| on_pool(&dev, || -> u32 { panic!("a stage failed") }));
+        assert!(r.is_err());
+        assert_eq!(on_pool(&dev, || (0..1000u64).into_par_iter().sum::<u64>()), 499_500);
+    }
 }

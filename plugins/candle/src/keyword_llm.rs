@@ -261,7 +261,7 @@ impl KeywordLlm for LlamaKeywordLlm {
     }
 
     fn generate(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<Generation>> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             // One sequence at a time; each prompt gets its own seed so a batch
             // and single calls sample the same text.
             prompts
@@ -277,7 +277,7 @@ impl KeywordLlm for LlamaKeywordLlm {
     }
 
     fn preference_states(&self, prompts: &[String]) -> Result<Vec<PreferenceStates>> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             let (n, h) = (self.img.dim(0).unwrap_or(0), self.model.config().hidden_size);
             prompts
                 .iter()

@@ -455,7 +455,7 @@ impl Mapper for RagarMapper {
     }
 
     fn forward(&self, inputs: &[MapperInput]) -> Result<Vec<MapperOutput>> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             if inputs.is_empty() {
                 return Ok(Vec::new());
             }

@@ -344,7 +344,7 @@ impl Ranker for MicroRanker {
     }
 
     fn score(&self, queries: &[RankQuery]) -> Result<Vec<Vec<f32>>> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             let t = self.trained()?;
             let err = model_err("MICRO score");
             queries

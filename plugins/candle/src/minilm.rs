@@ -64,7 +64,7 @@ impl Encoder for SentenceEncoder {
     }
 
     fn embed_text(&self, texts: &[String]) -> Result<TextEmbeddings> {
-        crate::device::on_pool(|| {
+        crate::device::on_pool(&self.device, || {
             embed_in_batches(texts, self.batch_size, &self.tokenizer, &self.dir, |b| {
                 self.forward(b).map_err(model_err("BERT forward"))
             })

@@ -159,6 +159,6 @@ impl Generator for StableDiffusion {
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Image>> {
-        crate::device::on_pool(|| self.pipeline().generate(requests))
+        crate::device::on_pool(&self.device, || self.pipeline().generate(requests))
     }
 }
