@@ -95,7 +95,9 @@ fn bench_settings(matrix: &Matrix, overrides: &[String]) -> (BTreeMap<String, St
     (settings, rest)
 }
 
-const BENCH_KEYS: [&str; 8] = ["stage", "batch", "iters", "warmup", "steps", "size", "tokens", "runner"];
+const BENCH_KEYS: [&str; 9] = [
+    "stage", "batch", "iters", "min_time", "warmup", "steps", "size", "tokens", "runner",
+];
 
 fn six() -> usize {
     6
@@ -227,6 +229,12 @@ fn stage_args(settings: &BTreeMap<String, String>) -> Result<crate::stage_bench:
         stage: crate::stage_bench::BenchStage::parse(stage)?,
         batch: num("batch", 1)?,
         iters: num("iters", 10)?,
+        min_time: settings.get("min_time").map_or(Ok(0.0), |v| {
+            v.parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| Error::config(format!("bench.min_time: '{v}' is not a number of seconds >= 0")))
+        })?,
         warmup: num("warmup", 2)?,
         steps: num("steps", 4)? as u32,
         size: num("size", 224)? as u32,
@@ -405,6 +413,7 @@ fn run_job(exe: &Path, matrix: &Matrix, job: &Job, dir: &Path) -> Result<JobResu
                         .arg("--stage")
                         .arg(serde_json::to_value(a.stage).unwrap_or_default().as_str().unwrap_or(""))
                         .args(["--batch", &a.batch.to_string(), "--iters", &a.iters.to_string()])
+                        .args(["--min-time", &a.min_time.to_string()])
                         .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
                         .args(["--size", &a.size.to_string(), "--tokens", &a.tokens.to_string()])
                         .args(&overrides);

@@ -141,9 +141,13 @@ enum Command {
         /// Inputs per call.
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        /// Timed calls.
+        /// Timed calls (at the least).
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// Seconds of timed calls (at the least): more calls than --iters
+        /// until their total reaches this.
+        #[arg(long, default_value_t = 0.0)]
+        min_time: f64,
         /// Untimed calls first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
@@ -449,6 +453,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             stage,
             batch,
             iters,
+            min_time,
             warmup,
             steps,
             size,
@@ -461,6 +466,7 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
                 stage: ragar_host::stage_bench::BenchStage::parse(&stage)?,
                 batch,
                 iters,
+                min_time,
                 warmup,
                 steps,
                 size,

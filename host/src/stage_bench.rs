@@ -76,8 +76,13 @@ pub struct StageBenchArgs {
     pub stage: BenchStage,
     /// Inputs per call.
     pub batch: usize,
-    /// Timed calls.
+    /// Timed calls (at the least).
     pub iters: usize,
+    /// Seconds of timed calls (at the least): calls go on past `iters`
+    /// until their total reaches this, so a stage taking 0.1 ms gets
+    /// thousands of samples and one scheduler hiccup does not move its mean.
+    #[serde(default)]
+    pub min_time: f64,
     /// Untimed calls first.
     pub warmup: usize,
     /// Generator: denoising steps.
@@ -183,13 +188,16 @@ fn time(args: &StageBenchArgs, mut call: impl FnMut() -> Result<()>) -> Result<V
     for _ in 0..args.warmup {
         call()?;
     }
-    (0..args.iters)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            call()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .collect()
+    let mut seconds = Vec::with_capacity(args.iters);
+    let mut total = 0.0;
+    while seconds.len() < args.iters || total < args.min_time {
+        let t = std::time::Instant::now();
+        call()?;
+        let s = t.elapsed().as_secs_f64();
+        total += s;
+        seconds.push(s);
+    }
+    Ok(seconds)
 }
 
 /// Time the configured stage.
@@ -198,6 +206,12 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
     registry.ensure_loaded()?;
     if args.batch == 0 || args.iters == 0 {
         return Err(Error::config("stage-bench: batch and iters must be at least 1"));
+    }
+    if !(args.min_time.is_finite() && args.min_time >= 0.0) {
+        return Err(Error::config(format!(
+            "stage-bench: min_time {} is not a number of seconds >= 0",
+            args.min_time
+        )));
     }
     let stage = args.stage.contract();
     let block = loaded

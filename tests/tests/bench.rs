@@ -128,7 +128,8 @@ fn copy(from: &Path, to: &Path) {
 /// A stage matrix (`job: stage`): CLIP image encoding on the three
 /// backends and the PyTorch reference row, each a child process timed
 /// after warm-up; tabled with ratios against the fastest backend and
-/// against PyTorch. Unknown `bench.*` settings name the valid ones.
+/// against PyTorch. `bench.min_time` keeps timing past `iters` on every
+/// runner. Unknown `bench.*` settings name the valid ones.
 #[test]
 fn stage_matrix_times_every_backend_and_the_pytorch_reference() {
     let tmp = tempfile::tempdir().unwrap();
@@ -140,7 +141,7 @@ fn stage_matrix_times_every_backend_and_the_pytorch_reference() {
     std::fs::write(
         &m,
         format!(
-            "config: {}\njob: stage\nreference: {}\nbench: {{batch: 2, iters: 3, warmup: 1, size: 96}}\nmethods:\n{methods}  clip-image__pytorch: [bench.stage=encoder-image, bench.runner=pytorch]\n",
+            "config: {}\njob: stage\nreference: {}\nbench: {{batch: 2, iters: 3, min_time: 0.25, warmup: 1, size: 96}}\nmethods:\n{methods}  clip-image__pytorch: [bench.stage=encoder-image, bench.runner=pytorch]\n",
             root().join("configs/bench/backends-base.yaml").display(),
             root().join("scripts/bench_reference.py").display(),
         ),
@@ -154,7 +155,11 @@ fn stage_matrix_times_every_backend_and_the_pytorch_reference() {
     let mut runners = Vec::new();
     for r in &all {
         let s = &r["stage"];
-        assert_eq!(s["latency"]["n"].as_u64(), Some(3), "{r}");
+        let (n, mean) = (
+            s["latency"]["n"].as_u64().unwrap(),
+            s["latency"]["mean"].as_f64().unwrap(),
+        );
+        assert!(n >= 3 && n as f64 * mean >= 0.25, "{r}");
         assert!(s["items_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0, "{r}");
         runners.push(s["backend"].as_str().unwrap().to_string());
@@ -180,4 +185,13 @@ fn stage_matrix_times_every_backend_and_the_pytorch_reference() {
         !ok && t.contains("bench.iterations") && t.contains("bench.iters"),
         "{t}"
     );
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&m)
+            .unwrap()
+            .replace("min_time: 0.25", "min_time: soon"),
+    )
+    .unwrap();
+    let (ok, t) = bench(&[bad.to_str().unwrap(), "--out", tmp.path().join("c").to_str().unwrap()]);
+    assert!(!ok && t.contains("bench.min_time: 'soon'"), "{t}");
 }
