@@ -172,7 +172,7 @@ fn run_any(kind: Kind, x: &[f32], y: &mut [MaybeUninit<f32>], row: usize) {
 /// step). For a sum the order of additions changes, as in torch's
 /// vectorised reductions.
 #[inline(always)]
-fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     const LANES: usize = 16;
     if x.len() < 2 * LANES {
         return x.iter().fold(init, |a, &v| f(a, v));

@@ -8,8 +8,9 @@
 //! in `BertForMaskedLM` checkpoints, is accepted too.
 
 use crate::activation as act;
+use crate::attention::attend;
 use crate::linear::{linear, Linear};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 /// The fields of a HF `config.json` that the forward pass needs.
@@ -125,14 +126,12 @@ impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let hd = h / self.heads;
-        let split = |t: Tensor| t.reshape((b, s, self.heads, hd))?.transpose(1, 2)?.contiguous();
-        let qkv = self.qkv.forward(x)?;
-        let q = split(qkv.narrow(D::Minus1, 0, h)?)?;
-        let k = split(qkv.narrow(D::Minus1, h, h)?)?;
-        let v = split(qkv.narrow(D::Minus1, 2 * h, h)?)?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = act::softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        // q, k and v as `[b, heads, s, d]` views of the one product.
+        let qkv = self.qkv.forward(x)?.reshape((b, s, 3, self.heads, hd))?;
+        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let ctx = attend(&part(0)?, &part(1)?, &part(2)?, (hd as f64).powf(-0.5), Some(bias))?
+            .transpose(1, 2)?
+            .reshape((b, s, h))?;
         let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
         let ffn = self.output.forward(&act::gelu_erf(&self.intermediate.forward(&x)?)?)?;
         self.out_norm.forward(&(ffn + x)?)

@@ -20,7 +20,7 @@
 use crate::activation as act;
 use crate::conv::{conv2d, Conv2d};
 use crate::linear::{linear, Linear};
-use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
+use candle_core::{IndexOp, Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 
 /// `config.json` of a BlipForConditionalGeneration checkpoint.
@@ -117,13 +117,7 @@ impl Default for VisionConfig {
 /// Softmax(q k^T / sqrt(d) + bias) v over `[b, h, s, d]`, softmax in f32.
 pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let hd = q.dim(D::Minus1)?;
-    let mut w = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-    if let Some(b) = bias {
-        w = w.broadcast_add(b)?;
-    }
-    act::softmax_last_dim(&w.to_dtype(DType::F32)?)?
-        .to_dtype(v.dtype())?
-        .matmul(v)
+    crate::attention::attend(q, k, v, (hd as f64).powf(-0.5), bias)
 }
 
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -179,11 +173,8 @@ impl VisionLayer {
             .forward(&self.norm1.forward(x)?)?
             .reshape((b, s, 3, self.heads, h / self.heads))?
             .permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (
-            qkv.i(0)?.contiguous()?,
-            qkv.i(1)?.contiguous()?,
-            qkv.i(2)?.contiguous()?,
-        );
+        // Views: the fused attention reads them in place.
+        let (q, k, v) = (qkv.i(0)?, qkv.i(1)?, qkv.i(2)?);
         let x = (x + self.projection.forward(&merge_heads(&attend(&q, &k, &v, None)?)?)?)?;
         let y = self
             .fc2

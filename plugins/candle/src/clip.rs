@@ -10,6 +10,7 @@
 //! `vision_model.pre_layrnorm.weight` — sic —, `visual_projection.weight`).
 
 use crate::activation as act;
+use crate::attention::attend;
 use crate::conv::{conv2d_no_bias, Conv2d};
 use crate::linear::{linear, linear_no_bias, Linear};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
@@ -161,17 +162,12 @@ impl Attention {
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let hd = h / self.heads;
-        let split = |t: Tensor| t.reshape((b, s, self.heads, hd))?.transpose(1, 2)?.contiguous();
-        let q = split((self.q.forward(x)? * (hd as f64).powf(-0.5))?)?;
+        let split = |t: Tensor| t.reshape((b, s, self.heads, hd))?.transpose(1, 2);
+        let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
-        let mut w = q.matmul(&k.t()?)?;
-        if let Some(bias) = bias {
-            w = w.broadcast_add(bias)?;
-        }
-        // Softmax in f32 as the reference does, whatever the compute dtype.
-        let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-        self.out.forward(&p.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?)
+        let o = attend(&q, &k, &v, (hd as f64).powf(-0.5), bias)?;
+        self.out.forward(&o.transpose(1, 2)?.reshape((b, s, h))?)
     }
 }
 

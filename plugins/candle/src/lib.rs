@@ -9,6 +9,7 @@
 
 pub mod activation;
 pub mod adamw;
+pub mod attention;
 pub mod bert;
 pub mod blip;
 pub mod blip2;

@@ -269,7 +269,8 @@ impl Upsample {
 
 /// Scaled dot-product attention over `[b, heads, s, d]`, chunked along the
 /// queries so that a 64x64 latent (4,096 tokens) does not hold every head's
-/// full score matrix at once. Softmax in f32.
+/// full score matrix at once. Softmax in f32. (On the CPU in f32 the fused
+/// op of `attention.rs` runs instead: it holds one block of scores per task.)
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     const CHUNK_SCORES: usize = 1 << 24;
     let (b, h, s, _) = q.dims4()?;
@@ -310,14 +311,19 @@ impl CrossAttention {
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, s, dim) = x.dims3()?;
         let hd = dim / self.heads;
+        // The heads as views; the fused CPU op reads them in place.
         let split = |t: Tensor| -> Result<Tensor> {
             let n = t.dim(1)?;
-            t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, hd))?.transpose(1, 2)
         };
         let q = split(self.to_q.forward(x)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
-        let o = attention(&q, &k, &v, (hd as f64).powf(-0.5))?;
+        let scale = (hd as f64).powf(-0.5);
+        let o = match crate::attention::fused(&q, &k, &v, None) {
+            true => crate::attention::attend(&q, &k, &v, scale, None)?,
+            false => attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale)?,
+        };
         self.to_out.forward(&o.transpose(1, 2)?.reshape((b, s, dim))?)
     }
 }

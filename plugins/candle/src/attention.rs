@@ -1,0 +1,447 @@
+//! Scaled dot-product attention, `softmax(q kᵀ · scale + bias) v` per
+//! batch and head, in one op on the CPU.
+//!
+//! Composed from candle's ops, attention is a dozen passes, each with its
+//! own allocation: the heads split out of `[b, s, heads * d]` by three
+//! copies, kᵀ made contiguous, q scaled, the scores by candle's matmul (the
+//! `gemm` crate packs both operands on every call), the mask added, the
+//! softmax, the second matmul, and a last copy to merge the heads again. On
+//! SD's UNet at 64 px, a tiny CLIP or one sentence through MiniLM, those
+//! passes over small tensors cost more than the arithmetic. Here a CPU f32
+//! call reads q, k and v where they are (any strides, so the head split is
+//! a view), and each task — one batch row, one head, a block of query rows
+//! — packs its head's kᵀ and v once, computes a block of scores in
+//! registers (4 query rows x 64 keys on AVX-512), adds the bias, takes the
+//! softmax, and multiplies by v before normalising (the division moves to
+//! the `d` outputs), writing its rows straight into `[b, sq, heads, d]`.
+//! The softmax uses `activation`'s vectorised `exp`; a fully masked row
+//! gives NaN, as torch does.
+//!
+//! Other devices and dtypes, heads wider than 256, graphs that track
+//! gradients, and every call when `CANDLE_ATTENTION=0` is set (for A/B
+//! timing), run the same formula on candle's ops.
+
+use crate::activation::{exp, reduce};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Query rows per task, at most (a multiple of [`ROWS`]): each task packs
+/// its head's kᵀ and v once, so long blocks spread that copy thin.
+const BLOCK: usize = 256;
+/// The widest head the fused op takes: a task holds kᵀ (`d x sk`) while
+/// it streams past every 4 query rows, which must stay in L2 (SD's VAE
+/// attends with one 512-wide head over 4,096 pixels: candle's matmul).
+const MAX_D: usize = 256;
+/// Query rows the score and output kernels hold in registers at once.
+const ROWS: usize = 4;
+/// Multiply-adds below which a call stays on the calling thread.
+const TASK_WORK: usize = 1 << 16;
+
+/// `softmax(q kᵀ · scale + bias) v` for q `[b, heads, sq, d]`, k and v
+/// `[b, heads, sk, d]` and a bias broadcastable to `[b, heads, sq, sk]`
+/// (an additive mask: 0 or -inf / a large negative number). Returns
+/// `[b, heads, sq, d]` in v's dtype, laid out as `[b, sq, heads, d]` on the
+/// CPU path, so `transpose(1, 2)` and a reshape merge the heads for free.
+/// Softmax in f32 whatever the dtype, as the references do.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    if fused(q, k, v, bias) {
+        let (b, h, sq, _) = q.dims4()?;
+        let sk = k.dim(2)?;
+        let bias = bias.map(|m| m.broadcast_as((b, h, sq, sk))).transpose()?;
+        let op = Attention {
+            scale: scale as f32,
+            bias: bias.as_ref(),
+        };
+        return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
+    }
+    let mut w = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(m) = bias {
+        w = w.broadcast_add(m)?;
+    }
+    let p = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    p.matmul(&v.contiguous()?)
+}
+
+/// Whether [`attend`] runs the fused CPU op for these inputs: CPU f32
+/// tensors that track no gradient, matching `[b, heads, s, d]` shapes with
+/// `d <= 256`, the last dimension of q, k and v contiguous.
+pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> bool {
+    let host = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !t.track_op();
+    let rows = |t: &Tensor| t.rank() == 4 && (t.dim(3).unwrap_or(0) <= 1 || t.stride()[3] == 1);
+    let (Ok((b, h, sq, d)), Ok((kb, kh, sk, kd))) = (q.dims4(), k.dims4()) else {
+        return false;
+    };
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("CANDLE_ATTENTION").is_ok_and(|v| v == "0")) {
+        return false;
+    }
+    [q, k, v].into_iter().all(|t| host(t) && rows(t))
+        && (kb, kh, kd) == (b, h, d)
+        && d <= MAX_D
+        && v.dims() == [b, h, sk, d]
+        && bias.is_none_or(|m| host(m) && m.broadcast_as((b, h, sq, sk)).is_ok())
+}
+
+struct Attention<'a> {
+    scale: f32,
+    /// Broadcast to `[b, heads, sq, sk]` (stride 0 where it repeats).
+    bias: Option<&'a Tensor>,
+}
+
+/// A `[b, heads, s, d]` operand: values and the element strides of its
+/// first three dimensions (the last is 1).
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    x: &'a [f32],
+    start: usize,
+    stride: [usize; 3],
+}
+
+impl<'a> Operand<'a> {
+    fn of(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("attention-f32: f32 only");
+        };
+        let st = l.stride();
+        Ok(Operand {
+            x,
+            start: l.start_offset(),
+            stride: [st[0], st[1], st[2]],
+        })
+    }
+
+    /// Row `i` of batch `b`, head `h`: `d` values.
+    #[inline(always)]
+    fn row(&self, b: usize, h: usize, i: usize, d: usize) -> &'a [f32] {
+        let at = self.start + b * self.stride[0] + h * self.stride[1] + i * self.stride[2];
+        &self.x[at..at + d]
+    }
+}
+
+/// One task's shape and inputs.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    q: Operand<'a>,
+    k: Operand<'a>,
+    v: Operand<'a>,
+    /// Values, start and strides of the broadcast bias.
+    bias: Option<(&'a [f32], usize, [usize; 4])>,
+    scale: f32,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    heads: usize,
+}
+
+impl CustomOp3 for Attention<'_> {
+    fn name(&self) -> &'static str {
+        "attention-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, heads, sq, d) = l1.shape().dims4()?;
+        let sk = l2.shape().dims()[2];
+        let guard = self.bias.map(|m| m.storage_and_layout());
+        let bias = match &guard {
+            Some((storage, layout)) => {
+                let Storage::Cpu(CpuStorage::F32(m)) = &**storage else {
+                    candle_core::bail!("attention-f32: the bias is not CPU f32");
+                };
+                let st = layout.stride();
+                Some((m.as_slice(), layout.start_offset(), [st[0], st[1], st[2], st[3]]))
+            }
+            None => None,
+        };
+        let head = Head {
+            q: Operand::of(s1, l1)?,
+            k: Operand::of(s2, l2)?,
+            v: Operand::of(s3, l3)?,
+            bias,
+            scale: self.scale,
+            sq,
+            sk,
+            d,
+            heads,
+        };
+        let mut out = vec![0.0f32; b * sq * heads * d];
+        let shape = Shape::from((b, sq, heads, d));
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), shape));
+        }
+        // Blocks of query rows: enough tasks to keep the pool busy when
+        // there are few (batch, head) pairs, whole blocks otherwise.
+        let threads = rayon::current_num_threads();
+        let per_head = (2 * threads).div_ceil(b * heads).clamp(1, sq.div_ceil(ROWS));
+        let block = sq.div_ceil(per_head).next_multiple_of(ROWS).min(BLOCK);
+        let blocks = sq.div_ceil(block);
+        let tasks = b * heads * blocks;
+        let dst = Out(out.as_mut_ptr());
+        let task = |t: usize| {
+            let (bh, blk) = (t / blocks, t % blocks);
+            let (i0, i1) = (blk * block, (blk * block + block).min(sq));
+            // SAFETY: each task writes rows i0..i1 of its own (batch, head)
+            // into `out`, which outlives the loop; no two tasks share one.
+            unsafe { run(&head, bh / heads, bh % heads, i0, i1, dst) };
+        };
+        if 2 * b * heads * sq * sk * d < TASK_WORK || tasks == 1 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint rows (see `cpu_fwd`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Query rows `i0..i1` of batch `b`, head `h`, with the widest kernel this
+/// CPU runs.
+unsafe fn run(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { run_avx512(head, b, h, i0, i1, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { run_avx2(head, b, h, i0, i1, out) };
+        }
+    }
+    unsafe { block::<16>(head, b, h, i0, i1, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_avx512(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+    unsafe { block::<64>(head, b, h, i0, i1, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+    unsafe { block::<32>(head, b, h, i0, i1, out) }
+}
+
+/// Lanes of the output kernel's accumulators (one zmm).
+const LANES: usize = 16;
+
+/// The task: `W` keys per score tile (`ROWS x W` accumulators).
+#[inline(always)]
+unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+    let Head {
+        q,
+        k,
+        v,
+        sq,
+        sk,
+        d,
+        heads,
+        ..
+    } = *head;
+    // kᵀ as `d` rows of `skp` keys (zero past sk), and v as `sk` rows of
+    // `dp` values (zero past d), so every tile loads whole vectors.
+    let (skp, dp) = (sk.next_multiple_of(W), d.next_multiple_of(LANES));
+    let mut kt = vec![0.0f32; d * skp];
+    for j in 0..sk {
+        for (t, &x) in k.row(b, h, j, d).iter().enumerate() {
+            kt[t * skp + j] = x;
+        }
+    }
+    let mut vp = vec![0.0f32; sk * dp];
+    for (j, row) in vp.chunks_exact_mut(dp).enumerate() {
+        row[..d].copy_from_slice(v.row(b, h, j, d));
+    }
+    let mut qs = vec![0.0f32; ROWS * d];
+    let mut s = vec![0.0f32; ROWS * skp];
+    let mut i = i0;
+    while i < i1 {
+        let rows = (i1 - i).min(ROWS);
+        // The rows' queries, scaled (rows past i1 stay zero).
+        qs.iter_mut().for_each(|x| *x = 0.0);
+        for r in 0..rows {
+            for (o, &x) in qs[r * d..(r + 1) * d].iter_mut().zip(q.row(b, h, i + r, d)) {
+                *o = x * head.scale;
+            }
+        }
+        scores::<W>(&qs, &kt, d, skp, &mut s);
+        let mut inv = [0.0f32; ROWS];
+        for r in 0..rows {
+            let row = &mut s[r * skp..r * skp + sk];
+            if let Some((m, start, st)) = head.bias {
+                let at = start + b * st[0] + h * st[1] + (i + r) * st[2];
+                row.iter_mut().enumerate().for_each(|(j, x)| *x += m[at + j * st[3]]);
+            }
+            // NaN is passed over here and comes back through exp.
+            let max = reduce(row, f32::NEG_INFINITY, |a, x| if x > a { x } else { a });
+            // A row of -inf (fully masked) gives NaN, as torch does.
+            row.iter_mut().for_each(|x| *x = exp(*x - max));
+            inv[r] = 1.0 / reduce(row, 0.0, |a, x| a + x);
+        }
+        for dc in (0..dp).step_by(LANES) {
+            let mut acc = [[0.0f32; LANES]; ROWS];
+            for j in 0..sk {
+                let vv: &[f32; LANES] = vp[j * dp + dc..j * dp + dc + LANES].try_into().unwrap();
+                for r in 0..ROWS {
+                    let p = s[r * skp + j];
+                    for c in 0..LANES {
+                        acc[r][c] += p * vv[c];
+                    }
+                }
+            }
+            let cols = LANES.min(d - dc);
+            for r in 0..rows {
+                // SAFETY: row i + r of head h lies inside `out` ([b, sq,
+                // heads, d]) and only this task writes it.
+                let dst = unsafe { out.0.add(((b * sq + i + r) * heads + h) * d + dc) };
+                for c in 0..cols {
+                    unsafe { *dst.add(c) = acc[r][c] * inv[r] };
+                }
+            }
+        }
+        i += rows;
+    }
+}
+
+/// `s[r * skp + j] = qs_r · kt_j` for [`ROWS`] rows, `W` keys at a time in
+/// registers.
+#[inline(always)]
+fn scores<const W: usize>(qs: &[f32], kt: &[f32], d: usize, skp: usize, s: &mut [f32]) {
+    for jc in (0..skp).step_by(W) {
+        let mut acc = [[0.0f32; W]; ROWS];
+        for t in 0..d {
+            let kk: &[f32; W] = kt[t * skp + jc..t * skp + jc + W].try_into().unwrap();
+            for r in 0..ROWS {
+                let a = qs[r * d + t];
+                for c in 0..W {
+                    acc[r][c] += a * kk[c];
+                }
+            }
+        }
+        for r in 0..ROWS {
+            s[r * skp + jc..r * skp + jc + W].copy_from_slice(&acc[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::tests::data;
+
+    /// The composition on candle's ops (the fallback), for reference.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+        let mut w = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        if let Some(m) = bias {
+            w = w.broadcast_add(m)?;
+        }
+        candle_nn::ops::softmax_last_dim(&w)?.matmul(&v.contiguous()?)
+    }
+
+    fn tensor(shape: &[usize], seed: u64) -> Result<Tensor> {
+        Tensor::from_vec(data(shape.iter().product(), seed), shape, &Device::Cpu)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Shapes at every tile edge (query rows around ROWS and the block,
+    /// keys around 16 / 32 / 64, head widths around 16), heads split out
+    /// of `[b, s, heads * d]` as views, with and without a mask.
+    #[test]
+    fn fused_attention_equals_the_composition() -> Result<()> {
+        for &(b, h, sq, sk, d) in &[
+            (1, 1, 1, 1, 1),
+            (2, 3, 5, 7, 8),
+            (1, 2, 4, 64, 16),
+            (2, 2, 13, 77, 40),
+            (1, 4, 65, 33, 17),
+            (3, 1, 130, 129, 64),
+            (1, 8, 1, 20, 64),
+        ] {
+            let x = tensor(&[b, sq, h * d], (b * sq * d) as u64)?;
+            let kv = tensor(&[b, sk, 2 * h * d], (sk * h) as u64 + 1)?;
+            let q = x.reshape((b, sq, h, d))?.transpose(1, 2)?;
+            // k and v side by side in one tensor (a fused projection).
+            let kv4 = kv.reshape((b, sk, 2, h, d))?;
+            let k = kv4.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)?;
+            let v = kv4.narrow(2, 1, 1)?.squeeze(2)?.transpose(1, 2)?;
+            assert!(fused(&q, &k, &v, None), "{b} {h} {sq} {sk} {d}");
+            let scale = (d as f64).powf(-0.5);
+            let want = composed(&q, &k, &v, scale, None)?;
+            let got = attend(&q, &k, &v, scale, None)?;
+            assert_eq!(got.dims(), want.dims());
+            let e = max_diff(&got, &want)?;
+            assert!(e < 2e-5, "{b} {h} {sq} {sk} {d}: {e}");
+            // A padding mask per key ([b, 1, 1, sk]) and a causal one
+            // ([1, 1, sq, sk], the last sq keys).
+            let pad: Vec<f32> = (0..b * sk)
+                .map(|i| {
+                    if i % sk >= sk - (i / sk) % 3 && sk > 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let pad = Tensor::from_vec(pad, (b, 1, 1, sk), &Device::Cpu)?;
+            let causal: Vec<f32> = (0..sq * sk)
+                .map(|i| {
+                    if i % sk > i / sk + sk.saturating_sub(sq) {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let causal = Tensor::from_vec(causal, (1, 1, sq, sk), &Device::Cpu)?;
+            for m in [&pad, &causal] {
+                let want = composed(&q, &k, &v, scale, Some(m))?;
+                let got = attend(&q, &k, &v, scale, Some(m))?;
+                let e = max_diff(&got, &want)?;
+                assert!(e < 2e-5, "{b} {h} {sq} {sk} {d} masked: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A fully masked row gives NaN (torch's softmax of all -inf); the
+    /// other rows are unaffected. f64 inputs and gradients take candle's ops.
+    #[test]
+    fn masked_rows_and_other_inputs() -> Result<()> {
+        let (q, k, v) = (
+            tensor(&[1, 2, 3, 8], 1)?,
+            tensor(&[1, 2, 5, 8], 2)?,
+            tensor(&[1, 2, 5, 8], 3)?,
+        );
+        let mut m = vec![0.0f32; 3 * 5];
+        m[5..10].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        let m = Tensor::from_vec(m, (1, 1, 3, 5), &Device::Cpu)?;
+        let got = attend(&q, &k, &v, 0.5, Some(&m))?;
+        let rows = got.contiguous()?.flatten_to(2)?.to_vec2::<f32>()?;
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(row.iter().all(|x| x.is_nan()), i % 3 == 1, "row {i}: {row:?}");
+        }
+        let q64 = q.to_dtype(DType::F64)?;
+        assert!(!fused(&q64, &k, &v, None));
+        let var = candle_core::Var::from_tensor(&q)?;
+        assert!(!fused(var.as_tensor(), &k, &v, None));
+        let want = composed(&q, &k, &v, 0.5, None)?;
+        let via_candle = attend(&q64, &k.to_dtype(DType::F64)?, &v.to_dtype(DType::F64)?, 0.5, None)?;
+        assert!(max_diff(&via_candle.to_dtype(DType::F32)?, &want)? < 1e-5);
+        Ok(())
+    }
+}
