@@ -287,27 +287,32 @@ impl PackedWeights {
 
     fn product(&self, m: usize, x: Rows) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        let mut y = vec![0.0f32; m * n];
-        if m == 0 || n == 0 {
-            return y;
-        }
-        if k == 0 {
-            if let Some(b) = &self.bias {
+        if m == 0 || n == 0 || k == 0 {
+            let mut y = vec![0.0f32; m * n];
+            if let (Some(b), true) = (&self.bias, n > 0) {
                 y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
             }
             return y;
         }
+        // Every value of `y` is written once below (each row against every
+        // panel, whichever way the work is split): no zero-fill first.
+        let mut y = Vec::<f32>::with_capacity(m * n);
         let threads = rayon::current_num_threads();
         let panels_n = n.div_ceil(self.isa.cols());
         if m >= 2 * MC * threads.min(2) {
             // Many rows: blocks of rows in parallel, each against every panel.
-            y.par_chunks_mut(MC * n).enumerate().for_each(|(b, y)| {
-                let (i0, i1) = (b * MC, (b * MC + MC).min(m));
-                let mut buf = Vec::new();
-                let rows = x.rows(i0, i1, k, &mut buf);
-                // SAFETY: `y` is this block's rows, `n` wide.
-                unsafe { self.block(rows, 0, panels_n, OutPtr(y.as_mut_ptr())) };
-            });
+            y.spare_capacity_mut()[..m * n]
+                .par_chunks_mut(MC * n)
+                .enumerate()
+                .for_each(|(b, y)| {
+                    let (i0, i1) = (b * MC, (b * MC + MC).min(m));
+                    let mut buf = Vec::new();
+                    let rows = x.rows(i0, i1, k, &mut buf);
+                    // SAFETY: `y` is this block's rows, `n` wide.
+                    unsafe { self.block(rows, 0, panels_n, OutPtr(y.as_mut_ptr().cast())) };
+                });
+            // SAFETY: the blocks wrote all m x n values.
+            unsafe { y.set_len(m * n) };
             return y;
         }
         // Few rows: runs of whole panels in parallel, each against every
@@ -318,19 +323,21 @@ impl PackedWeights {
         let rows = x.rows(0, m, k, &mut buf);
         let work = n * k * (m + BYTES_AS_FMAS);
         let tasks = (work / TASK_WORK).clamp(1, 4 * threads).min(panels_n);
-        if tasks == 1 {
-            // SAFETY: one task writes all of `y`.
-            unsafe { self.block(rows, 0, panels_n, OutPtr(y.as_mut_ptr())) };
-            return y;
-        }
-        let per = panels_n.div_ceil(tasks);
         let out = OutPtr(y.as_mut_ptr());
-        (0..panels_n.div_ceil(per)).into_par_iter().for_each(|task| {
-            let (p0, p1) = (task * per, ((task + 1) * per).min(panels_n));
-            // SAFETY: tasks write disjoint column ranges (panels p0..p1) of
-            // `y`, which outlives the parallel loop.
-            unsafe { self.block(rows, p0, p1, out) };
-        });
+        if tasks == 1 {
+            // SAFETY: one task writes all of `y` (its capacity is m x n).
+            unsafe { self.block(rows, 0, panels_n, out) };
+        } else {
+            let per = panels_n.div_ceil(tasks);
+            (0..panels_n.div_ceil(per)).into_par_iter().for_each(|task| {
+                let (p0, p1) = (task * per, ((task + 1) * per).min(panels_n));
+                // SAFETY: tasks write disjoint column ranges (panels p0..p1)
+                // of `y`, which outlives the parallel loop.
+                unsafe { self.block(rows, p0, p1, out) };
+            });
+        }
+        // SAFETY: the panels 0..panels_n cover every column of every row.
+        unsafe { y.set_len(m * n) };
         y
     }
 
