@@ -38,8 +38,11 @@ const ROWS: usize = 4;
 const TASK_WORK: usize = 1 << 16;
 
 /// `softmax(q kᵀ · scale + bias) v` for q `[b, heads, sq, d]`, k and v
-/// `[b, heads, sk, d]` and a bias broadcastable to `[b, heads, sq, sk]`
-/// (an additive mask: 0 or -inf / a large negative number). Returns
+/// `[b, kv_heads, sk, d]` and a bias broadcastable to `[b, heads, sq, sk]`
+/// (an additive mask: 0 or -inf / a large negative number). With fewer
+/// key / value heads than query heads (grouped-query attention), kv head
+/// `j` serves query heads `j * g .. (j + 1) * g`, `g = heads / kv_heads`,
+/// as transformers' `repeat_kv` has it. Returns
 /// `[b, heads, sq, d]` in v's dtype, laid out as `[b, sq, heads, d]` on the
 /// CPU path, so `transpose(1, 2)` and a reshape merge the heads for free.
 /// Softmax in f32 whatever the dtype, as the references do.
@@ -54,12 +57,22 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tens
         };
         return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
     }
+    let (k, v) = (repeat_kv(k, q.dim(1)?)?, repeat_kv(v, q.dim(1)?)?);
     let mut w = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     if let Some(m) = bias {
         w = w.broadcast_add(m)?;
     }
     let p = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
     p.matmul(&v.contiguous()?)
+}
+
+/// Key / value heads repeated to `heads` (each `heads / kv_heads` times).
+fn repeat_kv(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, kv, s, d) = x.dims4()?;
+    match heads / kv.max(1) {
+        1 => Ok(x.clone()),
+        g => x.unsqueeze(2)?.expand((b, kv, g, s, d))?.reshape((b, heads, s, d)),
+    }
 }
 
 /// Whether [`attend`] runs the fused CPU op for these inputs: CPU f32
@@ -76,9 +89,11 @@ pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> bool 
         return false;
     }
     [q, k, v].into_iter().all(|t| host(t) && rows(t))
-        && (kb, kh, kd) == (b, h, d)
+        && (kb, kd) == (b, d)
+        && kh > 0
+        && h % kh == 0
         && d <= MAX_D
-        && v.dims() == [b, h, sk, d]
+        && v.dims() == [b, kh, sk, d]
         && bias.is_none_or(|m| host(m) && m.broadcast_as((b, h, sq, sk)).is_ok())
 }
 
@@ -131,6 +146,8 @@ struct Head<'a> {
     sk: usize,
     d: usize,
     heads: usize,
+    /// Query heads per key / value head.
+    group: usize,
 }
 
 impl CustomOp3 for Attention<'_> {
@@ -148,7 +165,7 @@ impl CustomOp3 for Attention<'_> {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, heads, sq, d) = l1.shape().dims4()?;
-        let sk = l2.shape().dims()[2];
+        let (kv_heads, sk) = (l2.shape().dims()[1], l2.shape().dims()[2]);
         let guard = self.bias.map(|m| m.storage_and_layout());
         let bias = match &guard {
             Some((storage, layout)) => {
@@ -170,12 +187,15 @@ impl CustomOp3 for Attention<'_> {
             sk,
             d,
             heads,
+            group: heads / kv_heads,
         };
-        let mut out = vec![0.0f32; b * sq * heads * d];
         let shape = Shape::from((b, sq, heads, d));
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), shape));
+        let len = b * sq * heads * d;
+        if len == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), shape));
         }
+        // Every value is written once by the tasks below: no zero-fill.
+        let mut out = Vec::<f32>::with_capacity(len);
         // Blocks of query rows: enough tasks to keep the pool busy when
         // there are few (batch, head) pairs, whole blocks otherwise.
         let threads = rayon::current_num_threads();
@@ -196,6 +216,9 @@ impl CustomOp3 for Attention<'_> {
         } else {
             (0..tasks).into_par_iter().for_each(task);
         }
+        // SAFETY: the tasks cover every (batch, head, query row) and each
+        // writes all `d` values of its rows.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -249,20 +272,22 @@ unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: 
         sk,
         d,
         heads,
+        group,
         ..
     } = *head;
+    let hk = h / group;
     // kᵀ as `d` rows of `skp` keys (zero past sk), and v as `sk` rows of
     // `dp` values (zero past d), so every tile loads whole vectors.
     let (skp, dp) = (sk.next_multiple_of(W), d.next_multiple_of(LANES));
     let mut kt = vec![0.0f32; d * skp];
     for j in 0..sk {
-        for (t, &x) in k.row(b, h, j, d).iter().enumerate() {
+        for (t, &x) in k.row(b, hk, j, d).iter().enumerate() {
             kt[t * skp + j] = x;
         }
     }
     let mut vp = vec![0.0f32; sk * dp];
     for (j, row) in vp.chunks_exact_mut(dp).enumerate() {
-        row[..d].copy_from_slice(v.row(b, h, j, d));
+        row[..d].copy_from_slice(v.row(b, hk, j, d));
     }
     let mut qs = vec![0.0f32; ROWS * d];
     let mut s = vec![0.0f32; ROWS * skp];
@@ -414,6 +439,39 @@ mod tests {
                 let e = max_diff(&got, &want)?;
                 assert!(e < 2e-5, "{b} {h} {sq} {sk} {d} masked: {e}");
             }
+        }
+        Ok(())
+    }
+
+    /// Grouped-query attention (3 query heads per key / value head, as
+    /// SmolLM2 has) equals attention on the repeated keys and values, for
+    /// a prompt under a causal mask and for one decoding step.
+    #[test]
+    fn grouped_query_heads_share_their_keys() -> Result<()> {
+        for &(sq, sk) in &[(7, 7), (1, 12)] {
+            let (b, h, kv, d) = (2, 9, 3, 16);
+            let q = tensor(&[b, h, sq, d], 11)?;
+            let (k, v) = (tensor(&[b, kv, sk, d], 12)?, tensor(&[b, kv, sk, d], 13)?);
+            let causal: Vec<f32> = (0..sq * sk)
+                .map(|i| {
+                    if i % sk > i / sk + sk - sq {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let m = Tensor::from_vec(causal, (1, 1, sq, sk), &Device::Cpu)?;
+            assert!(fused(&q, &k, &v, Some(&m)));
+            let want = composed(&q, &repeat_kv(&k, h)?, &repeat_kv(&v, h)?, 0.25, Some(&m))?;
+            let e = max_diff(&attend(&q, &k, &v, 0.25, Some(&m))?, &want)?;
+            assert!(e < 2e-5, "{sq} x {sk}: {e}");
+            assert!(!fused(
+                &q,
+                &tensor(&[b, 4, sk, d], 1)?,
+                &tensor(&[b, 4, sk, d], 2)?,
+                None
+            ));
         }
         Ok(())
     }

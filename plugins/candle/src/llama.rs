@@ -452,32 +452,38 @@ impl Llama {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        // Grouped-query attention: key/value head j serves query heads
-        // j * rep .. (j + 1) * rep (transformers' repeat_kv), so those heads'
-        // rows go against it in one product, [b, nkv, rep * t, hd] x
-        // [b, nkv, hd, s], instead of copying the keys and values rep times.
-        let rep = nh / nkv;
-        let s = k.dim(2)?;
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let mut w = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        if let Some(m) = mask {
-            let m = m.reshape((1, 1, 1, t, s))?;
-            w = w
-                .reshape((b, nkv, rep, t, s))?
-                .broadcast_add(&m)?
-                .reshape((b, nkv, rep * t, s))?;
-        }
-        let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let attn = p
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let attn = match crate::attention::fused(&q, &k, &v, mask) {
+            // The fused CPU op takes the grouped heads as they are.
+            true => crate::attention::attend(&q, &k, &v, (hd as f64).powf(-0.5), mask)?,
+            false => grouped_attention(&q, &k, &v, mask, nh / nkv)?,
+        };
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x = (x + mm(&l.o, &attn)?)?;
         let h = l.mlp_norm.forward(&x)?;
         let mlp = mm(&l.down, &(act::silu(&mm(&l.gate, &h)?)? * mm(&l.up, &h)?)?)?;
         x + mlp
     }
+}
+
+/// Grouped-query attention on candle's ops, `[b, nh, t, hd]` out: key/value
+/// head j serves query heads j * rep .. (j + 1) * rep (transformers'
+/// repeat_kv), so those heads' rows go against it in one product,
+/// [b, nkv, rep * t, hd] x [b, nkv, hd, s], instead of copying the keys and
+/// values rep times.
+fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usize) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (nkv, s) = (k.dim(1)?, k.dim(2)?);
+    let q = q.reshape((b, nkv, rep * t, hd))?;
+    let mut w = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+    if let Some(m) = mask {
+        let m = m.reshape((1, 1, 1, t, s))?;
+        w = w
+            .reshape((b, nkv, rep, t, s))?
+            .broadcast_add(&m)?
+            .reshape((b, nkv, rep * t, s))?;
+    }
+    let p = act::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    p.matmul(v)?.reshape((b, nh, t, hd))
 }
 
 /// `[1, 1, t, offset + t]`: query i (at position offset + i) sees keys up to offset + i.
