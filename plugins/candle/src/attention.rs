@@ -58,7 +58,9 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tens
         return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
     }
     let (k, v) = (repeat_kv(k, q.dim(1)?)?, repeat_kv(v, q.dim(1)?)?);
-    let mut w = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // q scaled before the product, as CLIP and diffusers do: in f16 the
+    // unscaled q kᵀ of a large model can overflow.
+    let mut w = (q.contiguous()? * scale)?.matmul(&k.t()?.contiguous()?)?;
     if let Some(m) = bias {
         w = w.broadcast_add(m)?;
     }
