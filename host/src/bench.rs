@@ -232,7 +232,7 @@ fn stage_args(settings: &BTreeMap<String, String>) -> Result<crate::stage_bench:
         min_time: settings.get("min_time").map_or(Ok(0.0), |v| {
             v.parse()
                 .ok()
-                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .filter(|s: &f64| crate::stage_bench::valid_min_time(*s))
                 .ok_or_else(|| Error::config(format!("bench.min_time: '{v}' is not a number of seconds >= 0")))
         })?,
         warmup: num("warmup", 2)?,

@@ -200,6 +200,12 @@ fn time(args: &StageBenchArgs, mut call: impl FnMut() -> Result<()>) -> Result<V
     Ok(seconds)
 }
 
+/// `min_time` is a number of seconds, finite and not negative (the matrix's
+/// settings and the CLI both check it here).
+pub(crate) fn valid_min_time(seconds: f64) -> bool {
+    seconds.is_finite() && seconds >= 0.0
+}
+
 /// Time the configured stage.
 pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Result<StageBenchResult> {
     use ragar_core::stage::{Conditioning, GenerationRequest};
@@ -207,7 +213,7 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
     if args.batch == 0 || args.iters == 0 {
         return Err(Error::config("stage-bench: batch and iters must be at least 1"));
     }
-    if !(args.min_time.is_finite() && args.min_time >= 0.0) {
+    if !valid_min_time(args.min_time) {
         return Err(Error::config(format!(
             "stage-bench: min_time {} is not a number of seconds >= 0",
             args.min_time

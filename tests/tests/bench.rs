@@ -172,26 +172,17 @@ fn stage_matrix_times_every_backend_and_the_pytorch_reference() {
     assert!(pytorch_row.ends_with("| 1.00x |"), "{pytorch_row}");
     assert!(md.lines().filter(|l| l.contains("| 1.00x | ")).count() >= 1, "{md}");
 
-    let bad = tmp.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
-        std::fs::read_to_string(&m)
-            .unwrap()
-            .replace("iters: 3", "iterations: 3"),
-    )
-    .unwrap();
-    let (ok, t) = bench(&[bad.to_str().unwrap(), "--out", tmp.path().join("b").to_str().unwrap()]);
+    // A matrix file with one setting spoiled fails naming the setting.
+    let spoiled = |from: &str, to: &str, out: &str| {
+        let bad = tmp.path().join("bad.yaml");
+        std::fs::write(&bad, std::fs::read_to_string(&m).unwrap().replace(from, to)).unwrap();
+        bench(&[bad.to_str().unwrap(), "--out", tmp.path().join(out).to_str().unwrap()])
+    };
+    let (ok, t) = spoiled("iters: 3", "iterations: 3", "b");
     assert!(
         !ok && t.contains("bench.iterations") && t.contains("bench.iters"),
         "{t}"
     );
-    std::fs::write(
-        &bad,
-        std::fs::read_to_string(&m)
-            .unwrap()
-            .replace("min_time: 0.25", "min_time: soon"),
-    )
-    .unwrap();
-    let (ok, t) = bench(&[bad.to_str().unwrap(), "--out", tmp.path().join("c").to_str().unwrap()]);
+    let (ok, t) = spoiled("min_time: 0.25", "min_time: soon", "c");
     assert!(!ok && t.contains("bench.min_time: 'soon'"), "{t}");
 }
