@@ -278,6 +278,13 @@ unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: 
         ..
     } = *head;
     let hk = h / group;
+    if d <= NARROW_D && i1 - i0 >= QL / 2 {
+        return match d {
+            0..=4 => unsafe { narrow::<4>(head, b, h, i0, i1, out) },
+            5..=8 => unsafe { narrow::<8>(head, b, h, i0, i1, out) },
+            _ => unsafe { narrow::<16>(head, b, h, i0, i1, out) },
+        };
+    }
     // kᵀ as `d` rows of `skp` keys (zero past sk), and v as `sk` rows of
     // `dp` values (zero past d), so every tile loads whole vectors.
     let (skp, dp) = (sk.next_multiple_of(W), d.next_multiple_of(LANES));
@@ -342,6 +349,105 @@ unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: 
     }
 }
 
+/// Heads this narrow or narrower take [`narrow`] (given enough query rows).
+const NARROW_D: usize = 16;
+/// Query rows [`narrow`] holds in the lanes of one vector.
+const QL: usize = 16;
+
+/// The task for narrow heads (`d <= 16`: the tiny test models' 4- to
+/// 10-wide heads). Above, the output tile spans `d` in 16 lanes, so a
+/// 4-wide head leaves three quarters of every product empty, and each
+/// score row is reduced across lanes. Here [`QL`] query rows lie in the
+/// lanes instead: per key, the scores of the 16 rows are `D` products
+/// with broadcast key values, the softmax's max and sum are lane-wise, and
+/// the outputs are `D` products with broadcast values; `D` (4, 8 or 16) is
+/// the head width rounded up, zero-padded.
+#[inline(always)]
+unsafe fn narrow<const D: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+    let Head {
+        q,
+        k,
+        v,
+        sq,
+        sk,
+        d,
+        heads,
+        group,
+        scale,
+        ..
+    } = *head;
+    let hk = h / group;
+    // The head's keys and values as `sk` rows of `D` (zero past d).
+    let (mut kp, mut vp) = (vec![[0.0f32; D]; sk], vec![[0.0f32; D]; sk]);
+    for j in 0..sk {
+        kp[j][..d].copy_from_slice(k.row(b, hk, j, d));
+        vp[j][..d].copy_from_slice(v.row(b, hk, j, d));
+    }
+    // Scores (then weights) and the bias, by key, QL rows in the lanes.
+    let mut s = vec![[0.0f32; QL]; sk];
+    let mut bias = vec![[0.0f32; QL]; if head.bias.is_some() { sk } else { 0 }];
+    let mut i = i0;
+    while i < i1 {
+        let rows = (i1 - i).min(QL);
+        // qᵀ, scaled (lanes past `rows` stay zero).
+        let mut qt = [[0.0f32; QL]; D];
+        for l in 0..rows {
+            for (t, &x) in q.row(b, h, i + l, d).iter().enumerate() {
+                qt[t][l] = x * scale;
+            }
+        }
+        if let Some((m, start, st)) = head.bias {
+            for l in 0..rows {
+                let at = start + b * st[0] + h * st[1] + (i + l) * st[2];
+                bias.iter_mut().enumerate().for_each(|(j, x)| x[l] = m[at + j * st[3]]);
+            }
+        }
+        // NaN is passed over by the max and comes back through exp.
+        let mut max = [f32::NEG_INFINITY; QL];
+        for j in 0..sk {
+            let mut acc = [0.0f32; QL];
+            for t in 0..D {
+                for l in 0..QL {
+                    acc[l] += kp[j][t] * qt[t][l];
+                }
+            }
+            if !bias.is_empty() {
+                for l in 0..QL {
+                    acc[l] += bias[j][l];
+                }
+            }
+            for l in 0..QL {
+                max[l] = if acc[l] > max[l] { acc[l] } else { max[l] };
+            }
+            s[j] = acc;
+        }
+        // A row of -inf (fully masked) gives NaN, as torch does.
+        let (mut sum, mut o) = ([0.0f32; QL], [[0.0f32; QL]; D]);
+        for j in 0..sk {
+            let mut p = [0.0f32; QL];
+            for l in 0..QL {
+                p[l] = exp(s[j][l] - max[l]);
+                sum[l] += p[l];
+            }
+            for c in 0..D {
+                for l in 0..QL {
+                    o[c][l] += p[l] * vp[j][c];
+                }
+            }
+        }
+        for l in 0..rows {
+            let inv = 1.0 / sum[l];
+            // SAFETY: row i + l of head h lies inside `out` ([b, sq, heads,
+            // d]) and only this task writes it.
+            let dst = unsafe { out.0.add(((b * sq + i + l) * heads + h) * d) };
+            for (c, oc) in o.iter().enumerate().take(d) {
+                unsafe { *dst.add(c) = oc[l] * inv };
+            }
+        }
+        i += rows;
+    }
+}
+
 /// `s[r * skp + j] = qs_r · kt_j` for [`ROWS`] rows, `W` keys at a time in
 /// registers.
 #[inline(always)]
@@ -398,6 +504,14 @@ mod tests {
             (1, 4, 65, 33, 17),
             (3, 1, 130, 129, 64),
             (1, 8, 1, 20, 64),
+            // Narrow heads (query rows in the lanes): 1 / 4 / 8 / 16 wide,
+            // rows around the 16 lanes.
+            (2, 4, 64, 77, 4),
+            (1, 4, 77, 77, 8),
+            (2, 2, 33, 20, 10),
+            (1, 3, 17, 5, 3),
+            (1, 1, 8, 1, 1),
+            (1, 2, 40, 130, 16),
         ] {
             let x = tensor(&[b, sq, h * d], (b * sq * d) as u64)?;
             let kv = tensor(&[b, sk, 2 * h * d], (sk * h) as u64 + 1)?;
@@ -450,7 +564,7 @@ mod tests {
     /// a prompt under a causal mask and for one decoding step.
     #[test]
     fn grouped_query_heads_share_their_keys() -> Result<()> {
-        for &(sq, sk) in &[(7, 7), (1, 12)] {
+        for &(sq, sk) in &[(7, 7), (1, 12), (20, 20)] {
             let (b, h, kv, d) = (2, 9, 3, 16);
             let q = tensor(&[b, h, sq, d], 11)?;
             let (k, v) = (tensor(&[b, kv, sk, d], 12)?, tensor(&[b, kv, sk, d], 13)?);
@@ -482,19 +596,27 @@ mod tests {
     /// other rows are unaffected. f64 inputs and gradients take candle's ops.
     #[test]
     fn masked_rows_and_other_inputs() -> Result<()> {
+        // 3 query rows (4-row tiles) and 20 (the narrow kernel's lanes).
+        for sq in [3, 20] {
+            let (q, k, v) = (
+                tensor(&[1, 2, sq, 8], 1)?,
+                tensor(&[1, 2, 5, 8], 2)?,
+                tensor(&[1, 2, 5, 8], 3)?,
+            );
+            let mut m = vec![0.0f32; sq * 5];
+            m[5..10].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+            let m = Tensor::from_vec(m, (1, 1, sq, 5), &Device::Cpu)?;
+            let got = attend(&q, &k, &v, 0.5, Some(&m))?;
+            let rows = got.contiguous()?.flatten_to(2)?.to_vec2::<f32>()?;
+            for (i, row) in rows.iter().enumerate() {
+                assert_eq!(row.iter().all(|x| x.is_nan()), i % sq == 1, "{sq}: row {i}: {row:?}");
+            }
+        }
         let (q, k, v) = (
             tensor(&[1, 2, 3, 8], 1)?,
             tensor(&[1, 2, 5, 8], 2)?,
             tensor(&[1, 2, 5, 8], 3)?,
         );
-        let mut m = vec![0.0f32; 3 * 5];
-        m[5..10].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-        let m = Tensor::from_vec(m, (1, 1, 3, 5), &Device::Cpu)?;
-        let got = attend(&q, &k, &v, 0.5, Some(&m))?;
-        let rows = got.contiguous()?.flatten_to(2)?.to_vec2::<f32>()?;
-        for (i, row) in rows.iter().enumerate() {
-            assert_eq!(row.iter().all(|x| x.is_nan()), i % 3 == 1, "row {i}: {row:?}");
-        }
         let q64 = q.to_dtype(DType::F64)?;
         assert!(!fused(&q64, &k, &v, None));
         let var = candle_core::Var::from_tensor(&q)?;
