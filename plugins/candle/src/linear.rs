@@ -254,12 +254,68 @@ impl PackedWeights {
         self.product(m, Rows::Filled(fill))
     }
 
-    /// As [`PackedWeights::matmul_with`], with `fill(i0, i1, block)` writing
-    /// the block column-major: `block[t * (i1 - i0) + r]` is value `t` of row
-    /// `i0 + r`. A small convolution's im2col is cheap in that order (each
-    /// column is a run of pixels along an input line) and costly in rows.
-    pub fn matmul_with_columns(&self, m: usize, fill: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> Vec<f32> {
-        self.product(m, Rows::FilledColumns(fill))
+    /// `y = W x (+ b)`, the product with the weight on the left, for `x`
+    /// as `k` rows of `cols` values at row stride `ld` (a multiple of
+    /// [`LEFT_COLS`]; the values past `cols` up to it are read, and their
+    /// results dropped), written as `n` rows of `cols` values at row stride
+    /// `ldy` from `y`. A small convolution's im2col block stored by
+    /// columns is such an `x` and its result rows are output channels: the
+    /// block lands in NCHW without a transposition, and the tiles span
+    /// pixels, so 3- to 16-channel convolutions fill their vectors.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of `cols` values at each of `y + c *
+    /// ldy`, `c < n`, that nothing else reads or writes meanwhile.
+    pub unsafe fn left_product(&self, x: &[f32], ld: usize, cols: usize, y: *mut f32, ldy: usize) {
+        unsafe { self.left_product_with(Isa::detect(), x, ld, cols, y, ldy) }
+    }
+
+    unsafe fn left_product_with(&self, isa: Isa, x: &[f32], ld: usize, cols: usize, y: *mut f32, ldy: usize) {
+        let k = self.k;
+        assert!(
+            ld % LEFT_COLS == 0 && cols <= ld && (k == 0 || x.len() >= (k - 1) * ld + cols.next_multiple_of(LEFT_COLS)),
+            "left product: x is not k rows of ld >= cols values"
+        );
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: the kernels' ISAs were detected on this CPU.
+            Isa::Avx512 => return unsafe { self.left_tiles::<8, 32>(x, ld, cols, y, ldy, x86::left_avx512) },
+            Isa::Avx2 => return unsafe { self.left_tiles::<4, 16>(x, ld, cols, y, ldy, x86::left_avx2) },
+            Isa::Portable => {}
+        }
+        let _ = isa;
+        unsafe { self.left_tiles::<4, 16>(x, ld, cols, y, ldy, left_portable) }
+    }
+
+    /// Tiles of `MR` weight rows x `NP` columns of `x`, each by `tile`.
+    unsafe fn left_tiles<const MR: usize, const NP: usize>(
+        &self,
+        x: &[f32],
+        ld: usize,
+        cols: usize,
+        y: *mut f32,
+        ldy: usize,
+        tile: LeftTile,
+    ) {
+        let (n, k, nr) = (self.n, self.k, self.isa.cols());
+        // A group of MR rows lies in one panel (MR divides every panel width).
+        debug_assert!(nr % MR == 0 && LEFT_COLS % NP == 0);
+        let mut acc = [0.0f32; LEFT_TILE];
+        for c0 in (0..n).step_by(MR) {
+            let panel = &self.panels[(c0 / nr) * k * nr + c0 % nr..];
+            for p0 in (0..cols).step_by(NP) {
+                // SAFETY: the panel holds k rows of nr from column c0 % nr,
+                // x k rows of ld from column p0 + NP <= ld (asserted above).
+                unsafe { tile(panel.as_ptr(), nr, k, x.as_ptr().add(p0), ld, &mut acc) };
+                for c in 0..MR.min(n - c0) {
+                    let b = self.bias.as_ref().map_or(0.0, |b| b[c0 + c]);
+                    let dst = unsafe { y.add((c0 + c) * ldy + p0) };
+                    for (l, v) in acc[c * NP..c * NP + NP.min(cols - p0)].iter().enumerate() {
+                        unsafe { *dst.add(l) = v + b };
+                    }
+                }
+            }
+        }
     }
 
     /// The output width (`n`, the weight's rows).
@@ -377,7 +433,6 @@ impl PackedWeights {
 enum Rows<'a> {
     Given(&'a [f32]),
     Filled(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
-    FilledColumns(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
 }
 
 impl<'a> Rows<'a> {
@@ -387,46 +442,36 @@ impl<'a> Rows<'a> {
         'a: 'b,
     {
         let rows = i1 - i0;
-        let (fill, by_columns) = match self {
+        let fill = match self {
             Rows::Given(x) => {
                 return XView {
                     x: &x[i0 * k..i1 * k],
                     rows,
                     ld: k,
-                    by_columns: false,
                 }
             }
-            Rows::Filled(fill) => (fill, false),
-            Rows::FilledColumns(fill) => (fill, true),
+            Rows::Filled(fill) => fill,
         };
         buf.clear();
         buf.resize(rows * k, 0.0);
         fill(i0, i1, buf);
-        XView {
-            x: buf,
-            rows,
-            ld: if by_columns { rows } else { k },
-            by_columns,
-        }
+        XView { x: buf, rows, ld: k }
     }
 }
 
-/// A block of rows of `x`: value `t` of row `r` is `x[r * ld + t]`, or
-/// `x[t * ld + r]` when stored by columns.
+/// A block of rows of `x`: value `t` of row `r` is `x[r * ld + t]`.
 #[derive(Clone, Copy)]
 struct XView<'a> {
     x: &'a [f32],
     rows: usize,
     ld: usize,
-    by_columns: bool,
 }
 
 impl<'a> XView<'a> {
     /// The view from row `i` on.
     fn from_row(self, i: usize) -> XView<'a> {
-        let start = if self.by_columns { i } else { i * self.ld };
         XView {
-            x: &self.x[start..],
+            x: &self.x[i * self.ld..],
             rows: self.rows - i,
             ..self
         }
@@ -441,25 +486,51 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Columns of `x` per tile of [`PackedWeights::left_product`], at most.
+pub const LEFT_COLS: usize = 32;
+/// The widest left tile: 8 weight rows x 32 columns.
+const LEFT_TILE: usize = 8 * 32;
+
+/// `acc[c * NP + l] = Σ_t w[t * nr + c] x[t * ld + l]` for the kernel's
+/// `MR x NP` tile, from a panel column `w` and a column `x`.
+type LeftTile = unsafe fn(w: *const f32, nr: usize, k: usize, x: *const f32, ld: usize, acc: &mut [f32; LEFT_TILE]);
+
+/// The left tile in plain Rust: 4 weight rows x 16 columns.
+unsafe fn left_portable(w: *const f32, nr: usize, k: usize, x: *const f32, ld: usize, acc: &mut [f32; LEFT_TILE]) {
+    let mut tile = [[0.0f32; 16]; 4];
+    for t in 0..k {
+        // SAFETY: the caller's bounds (see `left_tiles`).
+        let (wt, xt) = unsafe {
+            (
+                &*(w.add(t * nr) as *const [f32; 4]),
+                &*(x.add(t * ld) as *const [f32; 16]),
+            )
+        };
+        for (row, &a) in tile.iter_mut().zip(wt) {
+            for (o, &v) in row.iter_mut().zip(xt) {
+                *o += a * v;
+            }
+        }
+    }
+    for (c, row) in tile.iter().enumerate() {
+        acc[c * 16..c * 16 + 16].copy_from_slice(row);
+    }
+}
+
 /// `tile[r * nr + c] = x_r · w_c` for `rows` (at most the kernel's) rows of
 /// `x` and one panel of `nr` (the kernel's width) columns.
 fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
-    let last = match x.by_columns {
-        true => (k - 1) * x.ld + rows - 1,
-        false => (rows - 1) * x.ld + k - 1,
-    };
+    let last = (rows - 1) * x.ld + k - 1;
     assert!(rows <= isa.rows() && rows <= x.rows && last < x.x.len() && panel.len() >= k * isa.cols());
-    let (ld, cols) = (x.ld, x.by_columns);
-    let x = x.x;
+    let (ld, x) = (x.ld, x.x);
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! by_rows {
             ($f:ident, $($r:literal)+) => {
                 // SAFETY: `isa` was detected on this CPU; the slices hold
                 // rows x k and k x width values (asserted above).
-                match (rows, cols) {
-                    $(($r, false) => unsafe { x86::$f::<$r, false>(x, ld, k, panel, tile) },)+
-                    $(($r, true) => unsafe { x86::$f::<$r, true>(x, ld, k, panel, tile) },)+
+                match rows {
+                    $($r => unsafe { x86::$f::<$r>(x, ld, k, panel, tile) },)+
                     _ => unreachable!("more rows than the kernel's"),
                 }
             };
@@ -474,7 +545,7 @@ fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], tile: &mut [
     for r in 0..rows {
         let mut acc = [0.0f32; 16];
         for t in 0..k {
-            let a = if cols { x[t * ld + r] } else { x[r * ld + t] };
+            let a = x[r * ld + t];
             for c in 0..16 {
                 acc[c] += a * panel[t * 16 + c];
             }
@@ -485,26 +556,20 @@ fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], tile: &mut [
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::TILE;
+    use super::{LEFT_TILE, TILE};
     use std::arch::x86_64::*;
 
     /// `R` rows x 16 columns in ymm registers; per step of `k`, two weight
     /// loads feed `2 R` fused multiply-adds.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2<const R: usize, const BY_COLUMNS: bool>(
-        x: &[f32],
-        ld: usize,
-        k: usize,
-        panel: &[f32],
-        tile: &mut [f32; TILE],
-    ) {
+    pub unsafe fn avx2<const R: usize>(x: &[f32], ld: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
         let (x, w) = (x.as_ptr(), panel.as_ptr());
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
         for t in 0..k {
             let (w0, w1) = (_mm256_loadu_ps(w.add(t * 16)), _mm256_loadu_ps(w.add(t * 16 + 8)));
             for r in 0..R {
-                let a = _mm256_broadcast_ss(&*x.add(if BY_COLUMNS { t * ld + r } else { r * ld + t }));
+                let a = _mm256_broadcast_ss(&*x.add(r * ld + t));
                 lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
                 hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
             }
@@ -518,20 +583,14 @@ mod x86 {
     /// `R` rows x 32 columns in zmm registers; per step of `k`, two weight
     /// loads feed `2 R` fused multiply-adds.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512<const R: usize, const BY_COLUMNS: bool>(
-        x: &[f32],
-        ld: usize,
-        k: usize,
-        panel: &[f32],
-        tile: &mut [f32; TILE],
-    ) {
+    pub unsafe fn avx512<const R: usize>(x: &[f32], ld: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
         let (x, w) = (x.as_ptr(), panel.as_ptr());
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
         for t in 0..k {
             let (w0, w1) = (_mm512_loadu_ps(w.add(t * 32)), _mm512_loadu_ps(w.add(t * 32 + 16)));
             for r in 0..R {
-                let a = _mm512_set1_ps(*x.add(if BY_COLUMNS { t * ld + r } else { r * ld + t }));
+                let a = _mm512_set1_ps(*x.add(r * ld + t));
                 lo[r] = _mm512_fmadd_ps(a, w0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(a, w1, hi[r]);
             }
@@ -539,6 +598,53 @@ mod x86 {
         for r in 0..R {
             _mm512_storeu_ps(tile.as_mut_ptr().add(r * 32), lo[r]);
             _mm512_storeu_ps(tile.as_mut_ptr().add(r * 32 + 16), hi[r]);
+        }
+    }
+
+    /// The left tile (see `left_tiles`): 8 weight rows x 32 columns in 16
+    /// zmm registers; per step of `k`, two loads of `x` and 8 broadcast
+    /// weights feed 16 fused multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn left_avx512(
+        w: *const f32,
+        nr: usize,
+        k: usize,
+        x: *const f32,
+        ld: usize,
+        acc: &mut [f32; LEFT_TILE],
+    ) {
+        let mut lo = [_mm512_setzero_ps(); 8];
+        let mut hi = [_mm512_setzero_ps(); 8];
+        for t in 0..k {
+            let (x0, x1) = (_mm512_loadu_ps(x.add(t * ld)), _mm512_loadu_ps(x.add(t * ld + 16)));
+            for c in 0..8 {
+                let a = _mm512_set1_ps(*w.add(t * nr + c));
+                lo[c] = _mm512_fmadd_ps(a, x0, lo[c]);
+                hi[c] = _mm512_fmadd_ps(a, x1, hi[c]);
+            }
+        }
+        for c in 0..8 {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(c * 32), lo[c]);
+            _mm512_storeu_ps(acc.as_mut_ptr().add(c * 32 + 16), hi[c]);
+        }
+    }
+
+    /// The left tile on AVX2: 4 weight rows x 16 columns in 8 ymm registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn left_avx2(w: *const f32, nr: usize, k: usize, x: *const f32, ld: usize, acc: &mut [f32; LEFT_TILE]) {
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        for t in 0..k {
+            let (x0, x1) = (_mm256_loadu_ps(x.add(t * ld)), _mm256_loadu_ps(x.add(t * ld + 8)));
+            for c in 0..4 {
+                let a = _mm256_broadcast_ss(&*w.add(t * nr + c));
+                lo[c] = _mm256_fmadd_ps(a, x0, lo[c]);
+                hi[c] = _mm256_fmadd_ps(a, x1, hi[c]);
+            }
+        }
+        for c in 0..4 {
+            _mm256_storeu_ps(acc.as_mut_ptr().add(c * 16), lo[c]);
+            _mm256_storeu_ps(acc.as_mut_ptr().add(c * 16 + 8), hi[c]);
         }
     }
 }
@@ -643,15 +749,6 @@ pub(crate) mod tests {
             for (isa, bias) in isas().into_iter().flat_map(|i| [(i, None), (i, Some(b.clone()))]) {
                 let packed = PackedWeights::pack_for(isa, &w, bias.clone(), n, k);
                 let got = packed.matmul(&x, m);
-                // The same rows written by columns, a block at a time.
-                let by_columns = packed.matmul_with_columns(m, &|i0, i1, block| {
-                    for (r, i) in (i0..i1).enumerate() {
-                        for t in 0..k {
-                            block[t * (i1 - i0) + r] = x[i * k + t];
-                        }
-                    }
-                });
-                assert_eq!(got, by_columns, "{isa:?} m{m} n{n} k{k}");
                 let want = reference(&x, &w, bias.as_deref(), m, n, k);
                 let tol = 2e-6 * (k as f32).sqrt().max(1.0) * 4.0;
                 for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -660,6 +757,26 @@ pub(crate) mod tests {
                         "{isa:?} m{m} n{n} k{k} bias {} at {idx}: {g} vs {e}",
                         bias.is_some()
                     );
+                }
+                // The left product of xᵀ (k rows of m, padded to LEFT_COLS)
+                // with each left kernel this CPU runs: yᵀ, n rows of m.
+                let ld = m.next_multiple_of(LEFT_COLS);
+                let mut xt = vec![0.0f32; k * ld];
+                for (i, row) in x.chunks_exact(k).enumerate() {
+                    row.iter().enumerate().for_each(|(t, &v)| xt[t * ld + i] = v);
+                }
+                for left in isas() {
+                    let mut yt = vec![f32::NAN; n * m];
+                    // SAFETY: yt holds n rows of m.
+                    unsafe { packed.left_product_with(left, &xt, ld, m, yt.as_mut_ptr(), m) };
+                    for (idx, e) in want.iter().enumerate() {
+                        let g = yt[(idx % n) * m + idx / n];
+                        assert!(
+                            (g - e).abs() <= tol,
+                            "left {left:?} on {isa:?} m{m} n{n} k{k} bias {} at {idx}: {g} vs {e}",
+                            bias.is_some()
+                        );
+                    }
                 }
             }
         }
