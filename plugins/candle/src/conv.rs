@@ -16,7 +16,7 @@
 //! Drop-in for `candle_nn::{Conv2d, conv2d, conv2d_no_bias}`: same weight
 //! names, same `Module`.
 
-use crate::linear::{PackedWeights, LEFT_COLS};
+use crate::linear::{PackedWeights, LEFT_COLS, LEFT_KC};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
@@ -170,8 +170,9 @@ impl CustomOp1 for PackedConv {
     }
 }
 
-/// The im2col block of a small kernel, at most this many bytes, so that it
-/// stays in L2 while each group of output channels passes over it.
+/// A pass of the left product over an im2col block (`LEFT_KC` of its rows),
+/// at most this many bytes, so that it stays in L2 while each group of
+/// output channels goes over it.
 const BLOCK_BYTES: usize = 256 << 10;
 
 impl PackedConv {
@@ -187,9 +188,9 @@ impl PackedConv {
             return Vec::new();
         }
         let threads = rayon::current_num_threads();
-        // Pixels per block: the block within BLOCK_BYTES, and two blocks
-        // per thread where there are pixels enough.
-        let by_cache = (BLOCK_BYTES / 4 / k.max(1)).max(LEFT_COLS) / LEFT_COLS * LEFT_COLS;
+        // Pixels per block: a pass within BLOCK_BYTES, and two blocks per
+        // thread where there are pixels enough.
+        let by_cache = (BLOCK_BYTES / 4 / k.clamp(1, LEFT_KC)).max(LEFT_COLS) / LEFT_COLS * LEFT_COLS;
         let nb = total.div_ceil(2 * threads).next_multiple_of(LEFT_COLS).min(by_cache);
         let blocks = total.div_ceil(nb);
         let mut out = Vec::<f32>::with_capacity(b * c_out * pixels);

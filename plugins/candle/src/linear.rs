@@ -301,17 +301,29 @@ impl PackedWeights {
         // A group of MR rows lies in one panel (MR divides every panel width).
         debug_assert!(nr % MR == 0 && LEFT_COLS % NP == 0);
         let mut acc = [0.0f32; LEFT_TILE];
-        for c0 in (0..n).step_by(MR) {
-            let panel = &self.panels[(c0 / nr) * k * nr + c0 % nr..];
-            for p0 in (0..cols).step_by(NP) {
-                // SAFETY: the panel holds k rows of nr from column c0 % nr,
-                // x k rows of ld from column p0 + NP <= ld (asserted above).
-                unsafe { tile(panel.as_ptr(), nr, k, x.as_ptr().add(p0), ld, &mut acc) };
-                for c in 0..MR.min(n - c0) {
-                    let b = self.bias.as_ref().map_or(0.0, |b| b[c0 + c]);
-                    let dst = unsafe { y.add((c0 + c) * ldy + p0) };
-                    for (l, v) in acc[c * NP..c * NP + NP.min(cols - p0)].iter().enumerate() {
-                        unsafe { *dst.add(l) = v + b };
+        // `k` in passes of LEFT_KC: the first writes `y` (with the bias),
+        // the others add to it.
+        for k0 in (0..k.max(1)).step_by(LEFT_KC) {
+            let kc = LEFT_KC.min(k - k0);
+            for c0 in (0..n).step_by(MR) {
+                let panel = match k {
+                    0 => &[][..],
+                    _ => &self.panels[(c0 / nr) * k * nr + k0 * nr + c0 % nr..],
+                };
+                for p0 in (0..cols).step_by(NP) {
+                    // SAFETY: the panel holds kc rows of nr from column c0 %
+                    // nr, x kc rows of ld from row k0 and column p0 + NP <= ld
+                    // (asserted above).
+                    unsafe { tile(panel.as_ptr(), nr, kc, x.as_ptr().add(k0 * ld + p0), ld, &mut acc) };
+                    for c in 0..MR.min(n - c0) {
+                        let b = self.bias.as_ref().map_or(0.0, |b| b[c0 + c]);
+                        let dst = unsafe { y.add((c0 + c) * ldy + p0) };
+                        for (l, v) in acc[c * NP..c * NP + NP.min(cols - p0)].iter().enumerate() {
+                            match k0 {
+                                0 => unsafe { *dst.add(l) = v + b },
+                                _ => unsafe { *dst.add(l) += v },
+                            }
+                        }
                     }
                 }
             }
@@ -488,6 +500,11 @@ unsafe impl Sync for OutPtr {}
 
 /// Columns of `x` per tile of [`PackedWeights::left_product`], at most.
 pub const LEFT_COLS: usize = 32;
+/// Values of `k` per pass of the left product: a tile's weight rows stay in
+/// L1 and the pass's `LEFT_KC x cols` block of `x` in L2 while every group
+/// of output channels goes over it (a 1280-channel 3 x 3 convolution's
+/// whole k = 11,520 did not, and ran at half speed).
+pub const LEFT_KC: usize = 256;
 /// The widest left tile: 8 weight rows x 32 columns.
 const LEFT_TILE: usize = 8 * 32;
 
