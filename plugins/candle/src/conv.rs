@@ -5,11 +5,14 @@
 //! kernel `[c_out, c_in, kh, kw]` is packed at load time as the weight of a
 //! [`PackedWeights`] product with `k = c_in * kh * kw` (the kernel's own
 //! row-major order, so packing is a plain transpose into panels); the
-//! im2col is written a block at a time, inside the product's parallel
-//! loop: by columns for small kernels (3x3, 1x1: one copy per run of pixels
-//! along an input line), by rows for wide ones (a ViT's patch embedding:
-//! one copy per patch row). The `[pixels, c_out]` result is laid out as
-//! NCHW by the op itself. Grouped convolutions, CUDA, f16 / bf16 and graphs
+//! im2col is written a block of pixels at a time, in parallel. Small
+//! kernels (3x3, 1x1) write it by columns (one copy per run of pixels
+//! along an input line) and multiply it with the weight on the left
+//! ([`PackedWeights::left_product`]), so the result rows are output
+//! channels and land in NCHW as they are; wide ones (a ViT's patch
+//! embedding) write it by rows (one copy per patch row) for the row
+//! product, whose `[pixels, c_out]` result the op lays out as NCHW.
+//! Grouped convolutions, CUDA, f16 / bf16 and graphs
 //! that track gradients stay on candle's `Conv2d`; the packed copy replaces
 //! the loaded kernel, which such an input gets unpacked for its call.
 //!

@@ -12,6 +12,9 @@
 //! a tile of rows x columns in registers: AVX-512 (12 x 32) where the CPU
 //! has it, which candle's `gemm` uses only on nightly Rust, else AVX2 + FMA
 //! (6 x 16), else portable code; the panels are split across the rayon pool.
+//! The same panels also serve the product with the weight on the left,
+//! `W x` ([`PackedWeights::left_product`], a tile of 8 weight rows x 32
+//! columns of `x`, `k` in L2-sized passes), which small convolutions use.
 //! Everything else (CUDA, f16 / bf16, a graph that tracks gradients) is
 //! candle's `Linear`.
 //!
