@@ -11,9 +11,10 @@
 //! call reads q, k and v where they are (any strides, so the head split is
 //! a view), and each task — one batch row, one head, a block of query rows
 //! — packs its head's kᵀ and v once, computes a block of scores in
-//! registers (4 query rows x 64 keys on AVX-512), adds the bias, takes the
-//! softmax, and multiplies by v before normalising (the division moves to
-//! the `d` outputs), writing its rows straight into `[b, sq, heads, d]`.
+//! registers (4 query rows x 64 keys on AVX-512, x 16 on AVX2), adds the
+//! bias, takes the softmax, and multiplies by v before normalising (the
+//! division moves to the `d` outputs), writing its rows straight into
+//! `[b, sq, heads, d]`.
 //! The softmax uses `activation`'s vectorised `exp`; a fully masked row
 //! gives NaN, as torch does.
 //!
@@ -254,10 +255,13 @@ unsafe fn run_avx512(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out:
     unsafe { block::<64>(head, b, h, i0, i1, out) }
 }
 
+// 16 keys per score tile: with 32, the 4 rows' accumulators alone take
+// all 16 ymm registers and the tile spills (a 64-wide head took 4x as long
+// on an AVX2-only EPYC).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
-    unsafe { block::<32>(head, b, h, i0, i1, out) }
+    unsafe { block::<16>(head, b, h, i0, i1, out) }
 }
 
 /// Lanes of the output kernel's accumulators (one zmm).
