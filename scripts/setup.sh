@@ -7,8 +7,17 @@
 #   lib/onnxruntime/  libonnxruntime.so.1.32.0 (ort loads it at run time)
 #   venv/     Python reference stack (torch 2.11.0 = libtorch for tch 0.24)
 #   lib/libtorch -> venv/.../site-packages/torch
+#   bench/    with --bench: full-size random-weight architectures for the
+#             benchmark matrix's real-size rows (configs/bench/backends.yaml)
 # Re-running skips finished steps (stamp files record what they were made from).
 set -euo pipefail
+BENCH=0
+for a in "$@"; do
+  case $a in
+    --bench) BENCH=1 ;;
+    *) echo "usage: scripts/setup.sh [--bench]" >&2; exit 2 ;;
+  esac
+done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${RAGAR_CACHE:-$ROOT/.ragar}
 PY=${PYTHON:-python3}
@@ -233,5 +242,15 @@ if ! stamp_ok "$CACHE/data/metrics-ref/.stamp" "$want"; then
   say "computing the metric references (scikit-image SSIM, lpips)"
   "$V/bin/python" -W ignore "$ROOT/scripts/fixtures/make_metrics.py" "$CACHE/data/metrics-ref" > /dev/null
   echo "$want" > "$CACHE/data/metrics-ref/.stamp"
+fi
+# 13. With --bench: CLIP ViT-B/32 with random weights (+ exports), ~1.8 GB.
+if [[ $BENCH == 1 ]]; then
+  want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/export_clip.py" | sha256sum | cut -c1-16)"
+  if ! stamp_ok "$CACHE/bench/clip-vit-b32-random/.stamp" "$want"; then
+    say "making CLIP ViT-B/32 with random weights (+ ONNX / TorchScript exports) for the benchmarks"
+    rm -rf "$CACHE/bench/clip-vit-b32-random"
+    "$V/bin/python" "$ROOT/scripts/make_bench_models.py" "$CACHE"
+    echo "$want" > "$CACHE/bench/clip-vit-b32-random/.stamp"
+  fi
 fi
 say "ready: $CACHE"
