@@ -427,13 +427,31 @@ impl PackedWeights {
                 let mut i = i0;
                 while i < i1 {
                     let rows = (i1 - i).min(mr);
-                    kernel(isa, x.from_row(i), rows, k, panel, &mut tile);
-                    for r in 0..rows {
-                        let dst = out.0.add((i + r) * n + p * nr);
-                        let t = &tile[r * nr..r * nr + cols];
-                        match bias {
-                            Some(b) => (0..cols).for_each(|c| *dst.add(c) = t[c] + b[c]),
-                            None => std::ptr::copy_nonoverlapping(t.as_ptr(), dst, cols),
+                    let dst = out.0.add(i * n + p * nr);
+                    if cols == nr {
+                        // A whole panel: the kernel stores its sums (with
+                        // the bias) straight into y.
+                        kernel(isa, x.from_row(i), rows, k, panel, Dst { y: dst, ld: n, bias });
+                    } else {
+                        // The last, narrower panel: through the tile.
+                        kernel(
+                            isa,
+                            x.from_row(i),
+                            rows,
+                            k,
+                            panel,
+                            Dst {
+                                y: tile.as_mut_ptr(),
+                                ld: nr,
+                                bias: None,
+                            },
+                        );
+                        for r in 0..rows {
+                            let (dst, t) = (dst.add(r * n), &tile[r * nr..r * nr + cols]);
+                            match bias {
+                                Some(b) => (0..cols).for_each(|c| *dst.add(c) = t[c] + b[c]),
+                                None => std::ptr::copy_nonoverlapping(t.as_ptr(), dst, cols),
+                            }
                         }
                     }
                     i += rows;
@@ -537,20 +555,41 @@ unsafe fn left_portable(w: *const f32, nr: usize, k: usize, x: *const f32, ld: u
     }
 }
 
-/// `tile[r * nr + c] = x_r · w_c` for `rows` (at most the kernel's) rows of
-/// `x` and one panel of `nr` (the kernel's width) columns.
-fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
+/// Where a row kernel stores its tile: row `r`'s `nr` sums at `y + r * ld`,
+/// plus `bias` (`nr` values) if given.
+#[derive(Clone, Copy)]
+struct Dst<'a> {
+    y: *mut f32,
+    ld: usize,
+    bias: Option<&'a [f32]>,
+}
+
+impl Dst<'_> {
+    fn bias_ptr(&self) -> *const f32 {
+        self.bias.map_or(std::ptr::null(), <[f32]>::as_ptr)
+    }
+}
+
+/// `y[r * ld + c] = x_r · w_c (+ bias_c)` for `rows` (at most the kernel's)
+/// rows of `x` and one panel of `nr` (the kernel's width) columns.
+///
+/// # Safety
+/// `dst.y` must be valid for writes of `nr` values at each of `dst.y + r *
+/// dst.ld`, `r < rows`, and a bias must hold `nr` values.
+unsafe fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], dst: Dst) {
     let last = (rows - 1) * x.ld + k - 1;
     assert!(rows <= isa.rows() && rows <= x.rows && last < x.x.len() && panel.len() >= k * isa.cols());
+    assert!(dst.bias.is_none_or(|b| b.len() >= isa.cols()));
     let (ld, x) = (x.ld, x.x);
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! by_rows {
             ($f:ident, $($r:literal)+) => {
                 // SAFETY: `isa` was detected on this CPU; the slices hold
-                // rows x k and k x width values (asserted above).
+                // rows x k and k x width values (asserted above), `dst` is
+                // the caller's.
                 match rows {
-                    $($r => unsafe { x86::$f::<$r>(x, ld, k, panel, tile) },)+
+                    $($r => unsafe { x86::$f::<$r>(x, ld, k, panel, dst.y, dst.ld, dst.bias_ptr()) },)+
                     _ => unreachable!("more rows than the kernel's"),
                 }
             };
@@ -563,29 +602,43 @@ fn kernel(isa: Isa, x: XView, rows: usize, k: usize, panel: &[f32], tile: &mut [
     }
     // Portable: the same sums, a row of 16 lanes at a time (LLVM vectorises it).
     for r in 0..rows {
-        let mut acc = [0.0f32; 16];
+        let mut acc = dst.bias.map_or([0.0f32; 16], |b| b[..16].try_into().unwrap());
         for t in 0..k {
             let a = x[r * ld + t];
             for c in 0..16 {
                 acc[c] += a * panel[t * 16 + c];
             }
         }
-        tile[r * 16..r * 16 + 16].copy_from_slice(&acc);
+        // SAFETY: the caller's (see above).
+        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.y.add(r * dst.ld), 16) };
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{LEFT_TILE, TILE};
+    use super::LEFT_TILE;
     use std::arch::x86_64::*;
 
-    /// `R` rows x 16 columns in ymm registers; per step of `k`, two weight
-    /// loads feed `2 R` fused multiply-adds.
+    /// `R` rows x 16 columns in ymm registers, starting from the bias
+    /// (`b`, or zero if null); per step of `k`, two weight loads feed `2 R`
+    /// fused multiply-adds; row `r` is stored at `y + r * ldy`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2<const R: usize>(x: &[f32], ld: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
+    pub unsafe fn avx2<const R: usize>(
+        x: &[f32],
+        ld: usize,
+        k: usize,
+        panel: &[f32],
+        y: *mut f32,
+        ldy: usize,
+        b: *const f32,
+    ) {
         let (x, w) = (x.as_ptr(), panel.as_ptr());
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
+        let (b0, b1) = match b.is_null() {
+            true => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+            false => (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8))),
+        };
+        let mut lo = [b0; R];
+        let mut hi = [b1; R];
         for t in 0..k {
             let (w0, w1) = (_mm256_loadu_ps(w.add(t * 16)), _mm256_loadu_ps(w.add(t * 16 + 8)));
             for r in 0..R {
@@ -595,18 +648,30 @@ mod x86 {
             }
         }
         for r in 0..R {
-            _mm256_storeu_ps(tile.as_mut_ptr().add(r * 16), lo[r]);
-            _mm256_storeu_ps(tile.as_mut_ptr().add(r * 16 + 8), hi[r]);
+            _mm256_storeu_ps(y.add(r * ldy), lo[r]);
+            _mm256_storeu_ps(y.add(r * ldy + 8), hi[r]);
         }
     }
 
-    /// `R` rows x 32 columns in zmm registers; per step of `k`, two weight
-    /// loads feed `2 R` fused multiply-adds.
+    /// `R` rows x 32 columns in zmm registers, as `avx2` (the bias first,
+    /// two weight loads feeding `2 R` fused multiply-adds per step of `k`).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512<const R: usize>(x: &[f32], ld: usize, k: usize, panel: &[f32], tile: &mut [f32; TILE]) {
+    pub unsafe fn avx512<const R: usize>(
+        x: &[f32],
+        ld: usize,
+        k: usize,
+        panel: &[f32],
+        y: *mut f32,
+        ldy: usize,
+        b: *const f32,
+    ) {
         let (x, w) = (x.as_ptr(), panel.as_ptr());
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
+        let (b0, b1) = match b.is_null() {
+            true => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+            false => (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16))),
+        };
+        let mut lo = [b0; R];
+        let mut hi = [b1; R];
         for t in 0..k {
             let (w0, w1) = (_mm512_loadu_ps(w.add(t * 32)), _mm512_loadu_ps(w.add(t * 32 + 16)));
             for r in 0..R {
@@ -616,8 +681,8 @@ mod x86 {
             }
         }
         for r in 0..R {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(r * 32), lo[r]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(r * 32 + 16), hi[r]);
+            _mm512_storeu_ps(y.add(r * ldy), lo[r]);
+            _mm512_storeu_ps(y.add(r * ldy + 16), hi[r]);
         }
     }
 

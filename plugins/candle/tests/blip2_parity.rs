@@ -80,11 +80,15 @@ fn vision_qformer_and_language_model_match_transformers() {
     let logits = m.opt.forward(&embeds, &mut OptCache::default()).unwrap();
     let d = max_diff(&logits, &r["prompt_logits"]);
     assert!(d <= 1e-4, "language model logits differ by {d}");
-    // Decoding's head over the last position only: the same row.
+    // Decoding's head over the last position only: the same row, to a few
+    // ulps of the largest logit (a product over 1 row may sum in another
+    // order than one over s rows).
     let last = m.opt.forward_last(&embeds, &mut OptCache::default()).unwrap();
     let s = logits.dim(1).unwrap();
-    let d = max_diff(&last, &logits.narrow(1, s - 1, 1).unwrap().squeeze(1).unwrap());
-    assert!(d <= 1e-6, "last-position logits differ by {d}");
+    let row = logits.narrow(1, s - 1, 1).unwrap().squeeze(1).unwrap();
+    let d = max_diff(&last, &row);
+    let top = row.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d <= 4.0 * f32::EPSILON * top, "last-position logits differ by {d} (largest {top})");
 }
 
 #[test]
