@@ -66,6 +66,12 @@ pub struct Matrix {
     /// environment's `RAGAR_PYTHON` wins).
     #[serde(default)]
     pub python: Option<String>,
+    /// Times every job runs, round by round (all jobs of round 1, then all
+    /// of round 2, ...): a shared machine's speed drifts by tens of percent
+    /// over minutes, and interleaving lays that drift on every variant
+    /// alike. Stage tables give each variant its median round.
+    #[serde(default = "one")]
+    pub rounds: usize,
 }
 
 /// See [`Matrix::job`].
@@ -102,6 +108,9 @@ const BENCH_KEYS: [&str; 9] = [
 fn six() -> usize {
     6
 }
+fn one() -> usize {
+    1
+}
 fn ragar_only() -> BTreeMap<String, Vec<String>> {
     BTreeMap::from([("ragar".to_string(), Vec::new())])
 }
@@ -117,6 +126,9 @@ pub struct Job {
     pub params: BTreeMap<String, serde_json::Value>,
     /// Every override the job passes.
     pub overrides: Vec<String>,
+    /// Its round (see [`Matrix::rounds`]), from 1.
+    #[serde(default = "one")]
+    pub round: usize,
 }
 
 fn value_text(v: &serde_json::Value) -> String {
@@ -171,21 +183,27 @@ impl Matrix {
                 .collect();
         }
         let mut jobs = Vec::new();
-        for (method, base) in &self.methods {
-            for params in &combos {
-                let mut id = method.clone();
-                let mut overrides = base.clone();
-                for (k, v) in params {
-                    let short = k.rsplit('.').next().unwrap_or(k);
-                    id += &format!("__{short}={}", value_text(v));
-                    overrides.push(format!("{k}={}", value_text(v)));
+        for round in 1..=self.rounds {
+            for (method, base) in &self.methods {
+                for params in &combos {
+                    let mut id = method.clone();
+                    let mut overrides = base.clone();
+                    for (k, v) in params {
+                        let short = k.rsplit('.').next().unwrap_or(k);
+                        id += &format!("__{short}={}", value_text(v));
+                        overrides.push(format!("{k}={}", value_text(v)));
+                    }
+                    if self.rounds > 1 {
+                        id += &format!("__round={round}");
+                    }
+                    jobs.push(Job {
+                        id: crate::pipeline::file_safe(&id),
+                        method: method.clone(),
+                        params: params.clone(),
+                        overrides,
+                        round,
+                    });
                 }
-                jobs.push(Job {
-                    id: crate::pipeline::file_safe(&id),
-                    method: method.clone(),
-                    params: params.clone(),
-                    overrides,
-                });
             }
         }
         jobs
@@ -194,6 +212,9 @@ impl Matrix {
     /// Check every variant and sweep key against the base config: an
     /// unknown key is an error that lists the valid ones.
     pub fn check(&self) -> Result<()> {
+        if self.rounds == 0 {
+            return Err(Error::config("rounds: 0 runs nothing (at least 1)"));
+        }
         for job in self.jobs() {
             let (settings, overrides) = bench_settings(self, &job.overrides);
             let ctx = |e: Error| e.context(format!("job {} (overrides {})", job.id, job.overrides.join(" ")));
@@ -665,6 +686,8 @@ pub fn aggregate(out: &Path) -> Result<usize> {
 /// reference (ratios > 1 = faster).
 fn stage_table(list: &[&JobResult]) -> (String, String) {
     use crate::stage_bench::StageBenchResult;
+    let rounds = median_rounds(list);
+    let list: Vec<&JobResult> = rounds.iter().map(|m| m.result).collect();
     let key = |s: &StageBenchResult| {
         format!(
             "{:?}|{}|{}|{}|{}",
@@ -683,15 +706,15 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
         *e = e.max(s.items_per_s);
     }
     let mut csv = String::from(
-        "job,status,stage,component,runner,backend,device,dtype,batch,iters,items_per_s,p50_ms,p90_ms,p99_ms,peak_rss_mib,vs_fastest_ragar,vs_pytorch\n",
+        "job,status,stage,component,runner,backend,device,dtype,batch,iters,items_per_s,p50_ms,p90_ms,p99_ms,peak_rss_mib,vs_fastest_ragar,vs_pytorch,rounds,items_per_s_min,items_per_s_max\n",
     );
     let mut md = String::from(
         "| stage | component | backend | device | dtype | batch | items/s | p50 ms | p90 ms | p99 ms | peak MiB | / fastest ragar | / PyTorch |\n\
          |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for r in list {
+    for (r, m) in list.iter().zip(&rounds) {
         let Some(s) = &r.stage else {
-            csv += &format!("{},{},,,,,,,,,,,,,{:.1},,\n", r.job.id, r.status, r.peak_rss_mib);
+            csv += &format!("{},{},,,,,,,,,,,,,{:.1},,,0,,\n", r.job.id, r.status, r.peak_rss_mib);
             md += &format!("| {} ({}) | | | | | | | | | | | | |\n", r.job.id, r.status);
             continue;
         };
@@ -700,7 +723,7 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
         let ms = |v: f64| v * 1000.0;
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{:.3},{:.3},{:.3},{:.1},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{:.3},{:.3},{:.3},{:.1},{},{},{},{:.4},{:.4}\n",
             r.job.id,
             r.status,
             serde_json::to_value(s.stage).unwrap_or_default().as_str().unwrap_or(""),
@@ -717,7 +740,10 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
             ms(s.latency.p99),
             r.peak_rss_mib,
             f(vf),
-            f(vp)
+            f(vp),
+            m.ok,
+            m.min,
+            m.max
         );
         let na = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}x"));
         md += &format!(
@@ -737,7 +763,61 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
             na(vp)
         );
     }
+    if let Some(n) = rounds.iter().map(|m| m.ok).max().filter(|n| *n > 1) {
+        md += &format!(
+            "\nEach row is its variant's median of up to {n} interleaved rounds (every round's items/s in results.csv: \
+             items_per_s_min, items_per_s_max).\n"
+        );
+    }
     (csv, md)
+}
+
+/// A variant's rounds: the result of its median round by throughput, how
+/// many rounds went through, and their range of items/s.
+struct Rounds<'a> {
+    result: &'a JobResult,
+    ok: usize,
+    min: f64,
+    max: f64,
+}
+
+/// The jobs grouped by variant (method and sweep values; the round aside),
+/// each as its median ok round, or its first job if none went through.
+fn median_rounds<'a>(list: &[&'a JobResult]) -> Vec<Rounds<'a>> {
+    let mut groups: BTreeMap<String, Vec<&JobResult>> = BTreeMap::new();
+    for r in list {
+        let key = format!(
+            "{}|{}",
+            r.job.method,
+            serde_json::to_string(&r.job.params).unwrap_or_default()
+        );
+        groups.entry(key).or_default().push(r);
+    }
+    groups
+        .into_values()
+        .map(|g| {
+            let mut ok: Vec<(&JobResult, f64)> = g
+                .iter()
+                .filter(|r| r.status == "ok")
+                .filter_map(|r| r.stage.as_ref().map(|s| (*r, s.items_per_s)))
+                .collect();
+            ok.sort_by(|a, b| a.1.total_cmp(&b.1));
+            match ok.get(ok.len() / 2) {
+                Some(&(result, _)) => Rounds {
+                    result,
+                    ok: ok.len(),
+                    min: ok[0].1,
+                    max: ok[ok.len() - 1].1,
+                },
+                None => Rounds {
+                    result: g[0],
+                    ok: 0,
+                    min: f64::NAN,
+                    max: f64::NAN,
+                },
+            }
+        })
+        .collect()
 }
 
 /// Join shard folders into `out`: every job's folder is copied in; one job
@@ -777,4 +857,112 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage_bench::{BenchStage, StageBenchArgs, StageBenchResult};
+
+    fn matrix(rounds: usize) -> Matrix {
+        let mut m: Matrix = serde_norway::from_str(
+            "config: base.yaml\njob: stage\nmethods:\n  a: [encoder.backend=candle]\n  b: [encoder.backend=ort]\nsweep:\n  bench.batch: [1, 8]\n",
+        )
+        .unwrap();
+        m.rounds = rounds;
+        m
+    }
+
+    fn result(job: &Job, status: &str, items_per_s: f64) -> JobResult {
+        let stage = StageBenchResult {
+            runner: "ragar".into(),
+            stage: BenchStage::parse("encoder-text").unwrap(),
+            component: "clip".into(),
+            backend: job.method.clone(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            args: StageBenchArgs {
+                stage: BenchStage::parse("encoder-text").unwrap(),
+                batch: 1,
+                iters: 1,
+                min_time: 0.0,
+                warmup: 0,
+                steps: 4,
+                size: 224,
+                tokens: 20,
+            },
+            latency: Latency::of(&[1.0 / items_per_s]).unwrap(),
+            items_per_s,
+            threads: 2,
+        };
+        JobResult {
+            job: job.clone(),
+            status: status.into(),
+            error: None,
+            seconds: 1.0,
+            peak_rss_mib: 1.0,
+            metrics: BTreeMap::new(),
+            timing: serde_json::Value::Null,
+            latency: BTreeMap::new(),
+            table4: BTreeMap::new(),
+            stage: (status == "ok").then_some(stage),
+        }
+    }
+
+    /// Rounds run every job once per round, round after round, with the
+    /// round in the id; one round keeps the ids as they were.
+    #[test]
+    fn rounds_interleave_the_variants() {
+        let one = matrix(1).jobs();
+        let ids: Vec<&str> = one.iter().map(|j| j.id.as_str()).collect();
+        assert!(
+            ids[0].starts_with("a__batch_1-") && ids[3].starts_with("b__batch_8-"),
+            "{ids:?}"
+        );
+        assert!(one.iter().all(|j| j.round == 1 && !j.id.contains("round")));
+        let jobs = matrix(3).jobs();
+        assert_eq!(jobs.len(), 12);
+        assert!(jobs[0].id.starts_with("a__batch_1__round_1-"), "{}", jobs[0].id);
+        assert!(jobs[4].id.starts_with("a__batch_1__round_2-"), "{}", jobs[4].id);
+        assert!(jobs[11].id.starts_with("b__batch_8__round_3-"), "{}", jobs[11].id);
+        assert!(jobs.iter().enumerate().all(|(i, j)| j.round == i / 4 + 1));
+        let e = matrix(0).check().unwrap_err().to_string();
+        assert!(e.contains("rounds"), "{e}");
+    }
+
+    /// A stage table row per variant: its median round, the rounds that
+    /// went through and their range; a variant whose rounds all failed
+    /// keeps a failed row.
+    #[test]
+    fn stage_tables_take_each_variants_median_round() {
+        let jobs = matrix(3).jobs();
+        let speed = |j: &Job| match (j.method.as_str(), j.params["bench.batch"].as_u64(), j.round) {
+            ("a", Some(1), r) => [10.0, 30.0, 20.0][r - 1],
+            ("a", Some(8), r) => [5.0, 7.0, 6.0][r - 1],
+            (_, _, r) => [8.0, 9.0, 8.5][r - 1],
+        };
+        let results: Vec<JobResult> = jobs
+            .iter()
+            .map(
+                |j| match (j.method.as_str(), j.params["bench.batch"].as_u64(), j.round) {
+                    ("b", Some(8), _) => result(j, "failed", 1.0),
+                    ("b", Some(1), 2) => result(j, "failed", 1.0),
+                    _ => result(j, "ok", speed(j)),
+                },
+            )
+            .collect();
+        let list: Vec<&JobResult> = results.iter().collect();
+        let m = median_rounds(&list);
+        assert_eq!(m.len(), 4);
+        let a1 = &m[0];
+        assert_eq!((a1.result.job.round, a1.ok, a1.min, a1.max), (3, 3, 10.0, 30.0));
+        let b1 = &m[2];
+        assert_eq!((b1.ok, b1.min, b1.max), (2, 8.0, 8.5));
+        assert_eq!(b1.result.job.round, 3, "the upper of two middles");
+        assert_eq!((m[3].ok, m[3].result.status.as_str()), (0, "failed"));
+        let (csv, md) = stage_table(&list);
+        assert_eq!(csv.lines().count(), 5, "{csv}");
+        assert!(csv.lines().nth(1).unwrap().ends_with(",3,10.0000,30.0000"), "{csv}");
+        assert!(md.contains("median of up to 3 interleaved rounds"), "{md}");
+    }
 }

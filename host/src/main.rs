@@ -256,6 +256,10 @@ enum Command {
         /// Run the jobs i, i+N, ... of the matrix (0-based).
         #[arg(long, default_value = "0/1")]
         shard: String,
+        /// Run every job this many times, round after round (the matrix's
+        /// `rounds`); stage tables give each variant's median round.
+        #[arg(long)]
+        rounds: Option<usize>,
         /// Extra sweeps: key.path=a,b,c.
         sweeps: Vec<String>,
     },
@@ -596,12 +600,14 @@ fn run(cli: Cli) -> ragar_core::Result<ExitCode> {
             resume,
             fail_fast,
             shard,
+            rounds,
             sweeps,
         } => {
             let matrix = matrix.ok_or_else(|| {
                 ragar_core::Error::config("ragar bench: give a MATRIX.yaml (or `merge OUT SHARD...`)")
             })?;
-            let m = ragar_host::bench::Matrix::load(&matrix)?.with_sweeps(&sweeps)?;
+            let mut m = ragar_host::bench::Matrix::load(&matrix)?.with_sweeps(&sweeps)?;
+            m.rounds = rounds.unwrap_or(m.rounds);
             let args = ragar_host::bench::BenchArgs {
                 out: out.clone(),
                 resume,

@@ -207,6 +207,7 @@ mod tests {
                 method: method.into(),
                 params: BTreeMap::from([("method.retrieval.k".to_string(), serde_json::json!(k))]),
                 overrides: vec![],
+                round: 1,
             },
             status: "ok".into(),
             error: None,
