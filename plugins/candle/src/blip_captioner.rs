@@ -14,10 +14,10 @@
 
 use crate::blip::{Blip, DecoderCache};
 use crate::blip2::{Blip2, OptCache};
+use crate::checkpoint;
 use crate::decoding::{last_position, row_index, Host, Stepper};
 use crate::device::{device, dtype, model_err};
 use candle_core::{Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
 use ragar_core::blip::{caption, BlipDir, BlipParams};
 use ragar_core::component::Probe;
 use ragar_core::model::Fetch;
@@ -77,10 +77,8 @@ impl BlipCaptioner {
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, files) = files(spec, Fetch::IfMissing)?;
         let device = device(spec)?;
-        // Safety: read-only memory map of a file ragar does not modify.
         let what = files.weights[0].display().to_string();
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype(spec, &device)?, &device) }
-            .map_err(model_err(&what))?;
+        let vb = checkpoint::var_builder(&files.weights, dtype(spec, &device)?, &device)?;
         let model = match &files.arch {
             Arch::Blip(c) => Model::Blip(Blip::load(vb, c).map_err(model_err(&what))?),
             Arch::Blip2(c) => Model::Blip2(Blip2::load(vb, c).map_err(model_err(&what))?),

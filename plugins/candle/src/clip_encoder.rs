@@ -5,10 +5,10 @@
 //! mean/std) and normalisation are shared with the other backends
 //! (`ragar_core::clip`).
 
+use crate::checkpoint;
 use crate::clip::{ClipModel, Config};
 use crate::device::{device, dtype, model_err};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use ragar_core::clip::{ClipDir, ClipParams};
 use ragar_core::component::Probe;
 use ragar_core::files::read_json;
@@ -40,9 +40,7 @@ impl ClipEncoder {
         let (params, dir, config) = files(spec, Fetch::IfMissing)?;
         let device = device(spec)?;
         let weights = dir.root.join(WEIGHTS);
-        // Safety: read-only memory map of a file ragar does not modify.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype(spec, &device)?, &device) }
-            .map_err(model_err(weights.display()))?;
+        let vb = checkpoint::var_builder(&[&weights], dtype(spec, &device)?, &device)?;
         let model = ClipModel::load(vb, &config).map_err(model_err(weights.display()))?;
         Ok(ClipEncoder {
             model,

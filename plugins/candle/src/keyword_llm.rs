@@ -15,7 +15,6 @@ use crate::device::{device, model_err};
 use crate::llama::{Cache, Config, Llama};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
 use ragar_core::files::read_json;
 use ragar_core::llm::{self, LlmText};
 use ragar_core::model::{Fetch, ModelSource};
@@ -222,9 +221,7 @@ fn load_hf(dir: &Path, spec: &ComponentSpec, device: &Device) -> Result<Loaded> 
     let cfg: Config = serde_json::from_value(read_json::<serde_json::Value>(&cfg_path)?)
         .or_err(ErrorKind::Model, cfg_path.display())?;
     let weights = dir.join("model.safetensors");
-    // Safety: read-only memory map of a file ragar does not modify.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], crate::device::dtype(spec, device)?, device) }
-        .map_err(model_err(weights.display()))?;
+    let vb = crate::checkpoint::var_builder(&[&weights], crate::device::dtype(spec, device)?, device)?;
     let model = Llama::from_safetensors(vb, &cfg).map_err(model_err(weights.display()))?;
     let text = LlmText::from_hf_dir(dir, cfg.max_position_embeddings)?;
     Ok((model, text))

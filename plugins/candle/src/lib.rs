@@ -14,6 +14,7 @@ pub mod bert;
 pub mod blip;
 pub mod blip2;
 pub mod blip_captioner;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_encoder;
 pub mod content_ranker;

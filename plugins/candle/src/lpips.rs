@@ -17,6 +17,7 @@
 //! `weights/v0.1/{alex,vgg}.pth`). Both files are checked against the
 //! architecture, naming the tensor that disagrees.
 
+use crate::checkpoint::Checkpoint;
 use crate::conv::Conv2d;
 use crate::device::model_err;
 use candle_core::{DType, Device, Module, Tensor};
@@ -101,13 +102,7 @@ fn architecture(net: Net) -> (Vec<(usize, char, [usize; 5])>, Vec<usize>) {
     (spec, taps)
 }
 
-fn shape_checked(
-    st: &candle_core::safetensors::MmapedSafetensors,
-    name: &str,
-    want: &[usize],
-    file: &Path,
-    dev: &Device,
-) -> Result<Tensor> {
+fn shape_checked(st: &Checkpoint, name: &str, want: &[usize], file: &Path, dev: &Device) -> Result<Tensor> {
     let t = st
         .load(name, dev)
         .map_err(|_| Error::invalid_input(format!("{}: no tensor '{name}'", file.display())))?;
@@ -125,9 +120,7 @@ impl Lpips {
     /// Load a backbone and its linear heads.
     pub fn load(net: Net, backbone: &Path, heads: &Path, device: &Device) -> Result<Self> {
         let (spec, taps) = architecture(net);
-        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-        let bb = unsafe { candle_core::safetensors::MmapedSafetensors::new(backbone) }
-            .map_err(|e| Error::invalid_input(format!("{}: {e}", backbone.display())))?;
+        let bb = Checkpoint::open(&[backbone])?;
         let mut layers = Vec::new();
         for (i, kind, p) in spec {
             layers.push(match kind {
@@ -165,9 +158,7 @@ impl Lpips {
                     .expect("a conv before every tap")
             })
             .collect();
-        // SAFETY: as above.
-        let hd = unsafe { candle_core::safetensors::MmapedSafetensors::new(heads) }
-            .map_err(|e| Error::invalid_input(format!("{}: {e}", heads.display())))?;
+        let hd = Checkpoint::open(&[heads])?;
         let heads_t = channels
             .iter()
             .enumerate()

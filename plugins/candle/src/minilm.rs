@@ -4,9 +4,9 @@
 //! (`ragar_core::text`); this file only runs the transformer.
 
 use crate::bert::{BertModel, Config};
+use crate::checkpoint;
 use crate::device::{device, dtype, model_err};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
@@ -32,10 +32,7 @@ impl SentenceEncoder {
         let cfg: Config =
             serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?)
                 .or_err(ErrorKind::Model, cfg_path.display())?;
-        // Safety: the file is memory-mapped read-only; ragar never writes to a
-        // model file while it is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype(spec, &device)?, &device) }
-            .map_err(model_err(weights.display()))?;
+        let vb = checkpoint::var_builder(&[&weights], dtype(spec, &device)?, &device)?;
         let model = BertModel::load(vb, &cfg).map_err(model_err(weights.display()))?;
         let tokenizer = dir.tokenizer()?;
         Ok(SentenceEncoder {

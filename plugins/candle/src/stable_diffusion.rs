@@ -57,8 +57,7 @@ pub struct StableDiffusion {
 }
 
 fn load_vb(path: &Path, dtype: DType, dev: &Device) -> Result<VarBuilder<'static>> {
-    // Safety: read-only memory map of a file ragar does not modify.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, dev) }.map_err(model_err(path.display()))
+    crate::checkpoint::var_builder(&[path], dtype, dev)
 }
 
 impl StableDiffusion {
