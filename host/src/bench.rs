@@ -69,7 +69,7 @@ pub struct Matrix {
     /// Times every job runs, round by round (all jobs of round 1, then all
     /// of round 2, ...): a shared machine's speed drifts by tens of percent
     /// over minutes, and interleaving lays that drift on every variant
-    /// alike. Stage tables give each variant its median round.
+    /// alike. Tables (and sweep plots) give each variant its median round.
     #[serde(default = "one")]
     pub rounds: usize,
 }
@@ -606,13 +606,28 @@ pub fn aggregate(out: &Path) -> Result<usize> {
         crate::io::write_atomic(&out.join("results.md"), md.as_bytes())?;
         return Ok(list.len());
     }
+    let (csv, md, medians) = demo_table(&list);
+    crate::io::write_atomic(&out.join("results.csv"), csv.as_bytes())?;
+    crate::io::write_atomic(&out.join("results.md"), md.as_bytes())?;
+    let ok: Vec<&JobResult> = medians.into_iter().filter(|r| r.status == "ok").collect();
+    crate::plots::sweep_plots(&ok, &out.join("plots"))?;
+    Ok(list.len())
+}
+
+/// The demo matrix's table: a row per variant and run, from the variant's
+/// median round by wall seconds (rounds > 1; the metrics are the same in
+/// every round, the timings are what rounds are for), and those medians,
+/// for the sweep plots (one point per variant, not one per round).
+fn demo_table<'a>(list: &[&'a JobResult]) -> (String, String, Vec<&'a JobResult>) {
+    let mut rounds = median_rounds(list, |r| (r.seconds > 0.0).then(|| 1.0 / r.seconds));
+    rounds.sort_by(|a, b| a.result.job.id.cmp(&b.result.job.id));
     let mut csv = String::from(
         "job,method,run,status,seconds,peak_rss_mib,p50_s,p90_s,p99_s,images_per_s,table4_recall10,table4_ndcg10",
     );
     for (_, k, _) in COLUMNS {
         csv += &format!(",{k}");
     }
-    csv += "\n";
+    csv += ",rounds,seconds_min,seconds_max\n";
     let mut md = String::from("| job | run | status |");
     for (_, _, h) in COLUMNS {
         md += &format!(" {h} |");
@@ -620,7 +635,8 @@ pub fn aggregate(out: &Path) -> Result<usize> {
     md += " seconds | peak MiB | p50 s | p90 s | img/s | T4 R@10 | T4 N@10 |\n|---|---|---|";
     md += &"---:|".repeat(COLUMNS.len() + 7);
     md += "\n";
-    for r in &list {
+    for rr in &rounds {
+        let r = rr.result;
         let runs: Vec<&str> = if r.metrics.is_empty() {
             vec!["-"]
         } else {
@@ -661,7 +677,11 @@ pub fn aggregate(out: &Path) -> Result<usize> {
                     }
                 }
             }
-            csv += "\n";
+            // Seconds from the rounds' speeds (1 / seconds): max gives the least.
+            match rr.ok {
+                0 => csv += ",0,,\n",
+                n => csv += &format!(",{n},{:.3},{:.3}\n", 1.0 / rr.max, 1.0 / rr.min),
+            }
             let or_na = |v: String| if v.is_empty() { "n/a".to_string() } else { v };
             md += &format!(
                 " {:.1} | {:.0} | {} | {} | {} | {t4_md} |\n",
@@ -673,11 +693,14 @@ pub fn aggregate(out: &Path) -> Result<usize> {
             );
         }
     }
-    crate::io::write_atomic(&out.join("results.csv"), csv.as_bytes())?;
-    crate::io::write_atomic(&out.join("results.md"), md.as_bytes())?;
-    let ok: Vec<&JobResult> = list.iter().copied().filter(|r| r.status == "ok").collect();
-    crate::plots::sweep_plots(&ok, &out.join("plots"))?;
-    Ok(list.len())
+    if let Some(n) = rounds.iter().map(|m| m.ok).max().filter(|n| *n > 1) {
+        md += &format!(
+            "\nEach row is its variant's median by wall seconds of up to {n} interleaved rounds (every round's \
+             seconds in results.csv: rounds, seconds_min, seconds_max; every round's job in results.json).\n"
+        );
+    }
+    let medians = rounds.iter().map(|m| m.result).collect();
+    (csv, md, medians)
 }
 
 /// The stage matrix's table: one row per job, grouped by what is compared
@@ -686,7 +709,7 @@ pub fn aggregate(out: &Path) -> Result<usize> {
 /// reference (ratios > 1 = faster).
 fn stage_table(list: &[&JobResult]) -> (String, String) {
     use crate::stage_bench::StageBenchResult;
-    let rounds = median_rounds(list);
+    let rounds = median_rounds(list, |r| r.stage.as_ref().map(|s| s.items_per_s));
     let list: Vec<&JobResult> = rounds.iter().map(|m| m.result).collect();
     let key = |s: &StageBenchResult| {
         format!(
@@ -772,8 +795,8 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
     (csv, md)
 }
 
-/// A variant's rounds: the result of its median round by throughput, how
-/// many rounds went through, and their range of items/s.
+/// A variant's rounds: the result of its median round by speed, how many
+/// rounds went through, and their range of speeds.
 struct Rounds<'a> {
     result: &'a JobResult,
     ok: usize,
@@ -782,8 +805,9 @@ struct Rounds<'a> {
 }
 
 /// The jobs grouped by variant (method and sweep values; the round aside),
-/// each as its median ok round, or its first job if none went through.
-fn median_rounds<'a>(list: &[&'a JobResult]) -> Vec<Rounds<'a>> {
+/// each as its median ok round by `speed` (larger is faster), or its first
+/// job if none went through.
+fn median_rounds<'a>(list: &[&'a JobResult], speed: fn(&JobResult) -> Option<f64>) -> Vec<Rounds<'a>> {
     let mut groups: BTreeMap<String, Vec<&JobResult>> = BTreeMap::new();
     for r in list {
         let key = format!(
@@ -799,7 +823,7 @@ fn median_rounds<'a>(list: &[&'a JobResult]) -> Vec<Rounds<'a>> {
             let mut ok: Vec<(&JobResult, f64)> = g
                 .iter()
                 .filter(|r| r.status == "ok")
-                .filter_map(|r| r.stage.as_ref().map(|s| (*r, s.items_per_s)))
+                .filter_map(|r| speed(r).map(|v| (*r, v)))
                 .collect();
             ok.sort_by(|a, b| a.1.total_cmp(&b.1));
             match ok.get(ok.len() / 2) {
@@ -952,7 +976,7 @@ mod tests {
             )
             .collect();
         let list: Vec<&JobResult> = results.iter().collect();
-        let m = median_rounds(&list);
+        let m = median_rounds(&list, |r| r.stage.as_ref().map(|s| s.items_per_s));
         assert_eq!(m.len(), 4);
         let a1 = &m[0];
         assert_eq!((a1.result.job.round, a1.ok, a1.min, a1.max), (3, 3, 10.0, 30.0));
@@ -964,5 +988,45 @@ mod tests {
         assert_eq!(csv.lines().count(), 5, "{csv}");
         assert!(csv.lines().nth(1).unwrap().ends_with(",3,10.0000,30.0000"), "{csv}");
         assert!(md.contains("median of up to 3 interleaved rounds"), "{md}");
+    }
+
+    /// A demo matrix's rows and sweep points: each variant's median round
+    /// by wall seconds, a row per run, with the rounds' seconds range.
+    #[test]
+    fn demo_tables_and_plots_take_each_variants_median_round() {
+        let jobs = matrix(3).jobs();
+        let results: Vec<JobResult> = jobs
+            .iter()
+            .map(|j| {
+                let mut r = result(j, "ok", 1.0);
+                r.stage = None;
+                r.seconds = [4.0, 2.0, 3.0][j.round - 1] * j.params["bench.batch"].as_f64().unwrap();
+                for run in ["ragar", "untrained"] {
+                    r.metrics.insert(run.into(), BTreeMap::from([("cs".to_string(), 0.5)]));
+                }
+                if j.method == "b" && j.round == 1 {
+                    r.status = "failed".into();
+                }
+                r
+            })
+            .collect();
+        let list: Vec<&JobResult> = results.iter().collect();
+        let (csv, md, medians) = demo_table(&list);
+        assert_eq!(csv.lines().count(), 1 + 4 * 2, "4 variants x 2 runs: {csv}");
+        assert!(csv.lines().next().unwrap().ends_with(",rounds,seconds_min,seconds_max"));
+        let a1: Vec<&str> = csv.lines().filter(|l| l.starts_with("a__batch_1__")).collect();
+        assert_eq!(a1.len(), 2, "{csv}");
+        assert!(
+            a1[0].starts_with("a__batch_1__round_3-") && a1[0].ends_with(",3,2.000,4.000"),
+            "{csv}"
+        );
+        let b8 = csv.lines().find(|l| l.starts_with("b__batch_8__")).unwrap();
+        assert!(b8.ends_with(",2,16.000,24.000"), "two rounds went through: {b8}");
+        assert!(
+            md.contains("median by wall seconds of up to 3 interleaved rounds"),
+            "{md}"
+        );
+        assert_eq!(medians.len(), 4, "one sweep point per variant");
+        assert!(medians.iter().all(|r| r.status == "ok"));
     }
 }
