@@ -129,6 +129,23 @@ impl ComponentSpec {
         }
     }
 
+    /// For backends that run a model file in the precision it was exported
+    /// in (ONNX graphs, TorchScript modules; the export scripts write f32):
+    /// any other `dtype` is refused, naming the key, rather than run in f32
+    /// under another name (a benchmark row labelled f16 that ran f32).
+    pub fn require_exported_f32(&self, backend: &str) -> Result<()> {
+        match self.dtype {
+            DType::F32 => Ok(()),
+            d => Err(Error::unsupported(format!(
+                "{}.dtype: {} on {backend}: {backend} runs the exported model file in its own precision, \
+                 and the export scripts write f32; say `dtype: f32`, or run {} on candle",
+                self.key,
+                d.as_str(),
+                d.as_str()
+            ))),
+        }
+    }
+
     /// Parse `params` into the plugin's own struct; unknown keys are rejected
     /// when the struct says `#[serde(deny_unknown_fields)]`.
     pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T> {

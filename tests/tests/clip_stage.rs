@@ -214,3 +214,39 @@ fn cuda_without_a_gpu_is_an_error_on_every_backend_and_auto_runs_on_the_cpu() {
         assert!(o.status.success(), "{b} auto: {}", text(&o));
     }
 }
+
+#[test]
+fn a_dtype_the_export_does_not_have_is_refused_on_ort_and_tch() {
+    // ONNX graphs and TorchScript modules run in their exported precision
+    // (f32): `dtype: f16` there must fail naming the key, not run f32 under
+    // an f16 label; candle converts the weights and runs it.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("t.txt");
+    std::fs::write(&input, "a cat\n").unwrap();
+    for b in BACKENDS {
+        let o = run(Command::new(ragar()).current_dir(root()).args([
+            "stage",
+            "encoder",
+            "--config",
+            "configs/components/clip.yaml",
+            "--text-file",
+            input.to_str().unwrap(),
+            "--out",
+            dir.path().join(format!("{b}.json")).to_str().unwrap(),
+            &format!(
+                "encoder.params.model_dir={}",
+                cache().join("models/clip-tiny-e2e").display()
+            ),
+            &format!("encoder.backend={b}"),
+            "encoder.dtype=f16",
+        ]));
+        let t = text(&o);
+        match b {
+            "candle" => assert!(o.status.success(), "{b}: {t}"),
+            _ => assert!(
+                !o.status.success() && t.contains(&format!("encoder.dtype: f16 on {b}")) && t.contains("dtype: f32"),
+                "{b}: {t}"
+            ),
+        }
+    }
+}

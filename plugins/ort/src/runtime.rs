@@ -63,6 +63,7 @@ fn thread_pool() -> std::result::Result<GlobalThreadPoolOptions, ort::Error> {
 /// Open `model` on the spec's device; it runs on the process's shared
 /// intra-op thread pool.
 pub fn session(spec: &ComponentSpec, model: &Path) -> Result<Session> {
+    spec.require_exported_f32("ort")?;
     let env = environment(Path::new(spec.cache_dir.as_str()))?;
     if !model.is_file() {
         return Err(Error::not_found(format!(

@@ -114,8 +114,12 @@ pub fn components() -> Vec<Component> {
 ragar_core::register_static!("tch", components);
 
 /// The libtorch device a spec asks for; `cuda` without CUDA is an error,
-/// only `auto` falls back to the CPU.
+/// only `auto` falls back to the CPU. A `dtype` other than f32 is an
+/// error too: modules run in the precision they were exported in.
 pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
+    // Every stage asks for its device first: the place to refuse a dtype
+    // the TorchScript module was not exported in.
+    spec.require_exported_f32("tch")?;
     match spec.device()? {
         ragar_core::Device::Cpu => Ok(tch::Device::Cpu),
         ragar_core::Device::Auto => Ok(tch::Device::cuda_if_available()),
