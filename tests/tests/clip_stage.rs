@@ -26,6 +26,17 @@ fn run_stage_on(
     input: &std::path::Path,
     out: &std::path::Path,
 ) -> std::process::Output {
+    run_stage_with(backend, input_flag, input, out, &[])
+}
+
+/// The stage with further overrides (`encoder.device=...`).
+fn run_stage_with(
+    backend: &str,
+    input_flag: &str,
+    input: &std::path::Path,
+    out: &std::path::Path,
+    overrides: &[&str],
+) -> std::process::Output {
     let model = format!(
         "encoder.params.model_dir={}",
         cache().join("models/clip-tiny-e2e").display()
@@ -43,7 +54,8 @@ fn run_stage_on(
         .arg("--out")
         .arg(out)
         .arg(model)
-        .arg(format!("encoder.backend={backend}")))
+        .arg(format!("encoder.backend={backend}"))
+        .args(overrides))
 }
 
 fn stage(backend: &str, input_flag: &str, input: &std::path::Path, out: &std::path::Path) -> String {
@@ -189,24 +201,9 @@ fn cuda_without_a_gpu_is_an_error_on_every_backend_and_auto_runs_on_the_cpu() {
     let input = dir.path().join("t.txt");
     std::fs::write(&input, "a cat\n").unwrap();
     for b in BACKENDS {
-        let stage = |device: &str| {
-            run(Command::new(ragar()).current_dir(root()).args([
-                "stage",
-                "encoder",
-                "--config",
-                "configs/components/clip.yaml",
-                "--text-file",
-                input.to_str().unwrap(),
-                "--out",
-                dir.path().join(format!("{b}.json")).to_str().unwrap(),
-                &format!(
-                    "encoder.params.model_dir={}",
-                    cache().join("models/clip-tiny-e2e").display()
-                ),
-                &format!("encoder.backend={b}"),
-                &format!("encoder.device={device}"),
-            ]))
-        };
+        let out = dir.path().join(format!("{b}.json"));
+        let stage =
+            |device: &str| run_stage_with(b, "--text-file", &input, &out, &[&format!("encoder.device={device}")]);
         let o = stage("cuda:0");
         let t = text(&o);
         assert!(!o.status.success() && t.contains("CUDA was asked for"), "{b}: {t}");
@@ -224,22 +221,13 @@ fn a_dtype_the_export_does_not_have_is_refused_on_ort_and_tch() {
     let input = dir.path().join("t.txt");
     std::fs::write(&input, "a cat\n").unwrap();
     for b in BACKENDS {
-        let o = run(Command::new(ragar()).current_dir(root()).args([
-            "stage",
-            "encoder",
-            "--config",
-            "configs/components/clip.yaml",
+        let o = run_stage_with(
+            b,
             "--text-file",
-            input.to_str().unwrap(),
-            "--out",
-            dir.path().join(format!("{b}.json")).to_str().unwrap(),
-            &format!(
-                "encoder.params.model_dir={}",
-                cache().join("models/clip-tiny-e2e").display()
-            ),
-            &format!("encoder.backend={b}"),
-            "encoder.dtype=f16",
-        ]));
+            &input,
+            &dir.path().join(format!("{b}.json")),
+            &["encoder.dtype=f16"],
+        );
         let t = text(&o);
         match b {
             "candle" => assert!(o.status.success(), "{b}: {t}"),
