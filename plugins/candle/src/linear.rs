@@ -372,9 +372,10 @@ impl PackedWeights {
         let panels_n = n.div_ceil(self.isa.cols());
         if m >= 2 * MC * threads.min(2) {
             // Many rows: blocks of rows in parallel, each against every
-            // panel. As many blocks as make them at most MC rows, rounded up
+            // panel. As many blocks as would hold MC rows each, rounded up
             // to a multiple of the threads, with the kernel's row groups
-            // dealt out evenly: 400 rows (CLIP ViT-B/32 at batch 8) in
+            // dealt out evenly (a block holds at most one row group more
+            // than another, so about MC rows): 400 rows (CLIP ViT-B/32 at batch 8) in
             // blocks of 96 left one core 208 rows and the other 192, and
             // their products ran 4-8 % slower than with 204 and 196.
             let mr = self.isa.rows();
