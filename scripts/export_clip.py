@@ -8,22 +8,26 @@ encoders read, next to the weights candle reads (model.safetensors):
       pixel_values [batch, 3, size, size] f32 (CLIP-normalised) ->
       image_embeds [batch, projection_dim] f32 (projected, not normalised)
 
-ONNX opset 17 with dynamic batch (and sequence) axes; TorchScript traced.
+ONNX opset 17 with dynamic batch (and sequence) axes; TorchScript traced,
+running on the device its inputs are on. `--dtype f16` (or bf16) writes
+half-precision TorchScript modules instead (text_model.f16.ts,
+vision_model.f16.ts: pixel_values and the features in f16), which the tch
+backend reads for `dtype: f16`; ONNX exports stay f32.
 Tokenisation, image preprocessing and L2 normalisation stay in ragar, shared
 by all three backends. config.json, tokenizer.json and (optionally)
 preprocessor_config.json stay in the folder: ragar reads the projection
 size, the image size, the token limit and mean/std from them.
 
-Usage: python scripts/export_clip.py MODEL_DIR
+Usage: python scripts/export_clip.py MODEL_DIR [--dtype f32|f16|bf16]
 Real checkpoints work the same way, e.g. after
 `huggingface-cli download openai/clip-vit-base-patch32 --local-dir clip-b32`:
   python scripts/export_clip.py clip-b32
 """
 import json
 import os
-import sys
 
 import torch
+from ragar_export import DTYPES, cast, command_line, relative, save, trace, ts_name
 from transformers import CLIPModel
 
 
@@ -71,19 +75,16 @@ def text_example(batch, seq, eos, vocab):
     return ids, mask
 
 
-def save(path, write):
-    write(path + ".part")
-    os.replace(path + ".part", path)
-
-
-def main(model_dir):
+def main(model_dir, dtype):
     torch.manual_seed(0)
     clip = CLIPModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     eos = clip.config.text_config.eos_token_id
     vocab = clip.config.text_config.vocab_size
     size = clip.config.vision_config.image_size
-    text, vision = Text(clip).eval(), Vision(clip).eval()
+    # The exported copy in the export's precision; `clip` stays the f32 reference.
+    exported = CLIPModel.from_pretrained(model_dir, attn_implementation="eager").eval().to(DTYPES[dtype])
+    text, vision = Text(exported).eval(), Vision(exported).eval()
     t_in = text_example(2, 12, eos, vocab)
     v_in = (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5)),)
 
@@ -94,24 +95,28 @@ def main(model_dir):
         ("vision_model", vision, v_in, ["pixel_values"], "image_embeds",
          {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
     ]:
-        onnx_path = os.path.join(model_dir, name + ".onnx")
-        save(onnx_path, lambda p: torch.onnx.export(
-            module, inputs, p, dynamo=False, opset_version=17, input_names=in_names,
-            output_names=[out_name], dynamic_axes=axes))
-        with torch.no_grad():
-            traced = torch.jit.trace(module, inputs, check_trace=False)
-        save(os.path.join(model_dir, name + ".ts"), traced.save)
+        if dtype == "f32":
+            save(os.path.join(model_dir, name + ".onnx"), lambda p: torch.onnx.export(
+                module, inputs, p, dynamo=False, opset_version=17, input_names=in_names,
+                output_names=[out_name], dynamic_axes=axes))
+        trace(module, cast(inputs, dtype), os.path.join(model_dir, ts_name(name, dtype)))
 
-    # Both exports must generalise to other batch sizes and lengths.
+    # Both exports must generalise to other batch sizes and lengths: against
+    # transformers in f32, within 1e-4 (f32) or 1e-2 of the largest feature (half).
     import onnxruntime as ort
-    checks = [("text_model", text, text_example(1, 5, eos, vocab), ["input_ids", "attention_mask"]),
-              ("text_model", text, text_example(3, 30, eos, vocab), ["input_ids", "attention_mask"]),
-              ("vision_model", vision, (torch.randn(3, 3, size, size),), ["pixel_values"])]
-    for name, module, x, names in checks:
-        sess = ort.InferenceSession(os.path.join(model_dir, name + ".onnx"), providers=["CPUExecutionProvider"])
+    checks = [("text_model", text_example(1, 5, eos, vocab), ["input_ids", "attention_mask"]),
+              ("text_model", text_example(3, 30, eos, vocab), ["input_ids", "attention_mask"]),
+              ("vision_model", (torch.randn(3, 3, size, size),), ["pixel_values"])]
+    for name, x, names in checks:
         want = reference(clip, name, *x)
         with torch.no_grad():
-            got_ts = torch.jit.load(os.path.join(model_dir, name + ".ts"))(*x)
+            got_ts = torch.jit.load(os.path.join(model_dir, ts_name(name, dtype)))(*cast(x, dtype)).float()
+        if dtype != "f32":
+            d_ts = relative(want, got_ts)
+            print(f"{name} {tuple(x[0].shape)} {dtype}: max |torch f32 - torchscript {dtype}| / max |torch| = {d_ts:.2e}")
+            assert d_ts < 1e-2, "export does not reproduce the model"
+            continue
+        sess = ort.InferenceSession(os.path.join(model_dir, name + ".onnx"), providers=["CPUExecutionProvider"])
         got_onnx = sess.run(None, {n: v.numpy() for n, v in zip(names, x)})[0]
         d_ts = (want - got_ts).abs().max().item()
         d_onnx = abs(want.numpy() - got_onnx).max()
@@ -122,4 +127,5 @@ def main(model_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (model_dir,), dtype = command_line("python scripts/export_clip.py MODEL_DIR [--dtype f32|f16|bf16]")
+    main(model_dir, dtype)

@@ -23,6 +23,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ragar_export import save, trace  # noqa: E402
+
 
 class Content(nn.Module):
     def __init__(self, w, dv, dt):
@@ -52,11 +55,6 @@ class Content(nn.Module):
         p = (w.unsqueeze(1) @ x).squeeze(1)
         c = self.embed(cand_visual, cand_text)
         return (c * p.unsqueeze(1)).sum(-1)
-
-
-def save(path, write):
-    write(path + ".part")
-    os.replace(path + ".part", path)
 
 
 def main(state):
@@ -97,9 +95,7 @@ def main(state):
     save(stem + ".onnx", lambda p: torch.onnx.export(
         Onnx(m), ex_keep, p, dynamo=False, opset_version=17, input_names=keep, output_names=["scores"],
         dynamic_axes=axes))
-    with torch.no_grad():
-        traced = torch.jit.trace(m, ex, check_trace=False)
-    save(stem + ".ts", traced.save)
+    trace(m, ex, stem + ".ts")
 
     import onnxruntime as ort
     x = example(3, 50)

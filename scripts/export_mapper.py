@@ -22,12 +22,8 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ragar_export import save, trace  # noqa: E402
 from ragar_mapper import Mapper  # noqa: E402
-
-
-def save(path, write):
-    write(path + ".part")
-    os.replace(path + ".part", path)
 
 
 def main(ckpt):
@@ -52,9 +48,7 @@ def main(ckpt):
     save(stem + ".onnx", lambda p: torch.onnx.export(
         m, example, p, dynamo=False, opset_version=17, input_names=["x", "kw"],
         output_names=["mapped", "preference"], dynamic_axes=axes))
-    with torch.no_grad():
-        traced = torch.jit.trace(m, example, check_trace=False)
-    save(stem + ".ts", traced.save)
+    trace(m, example, stem + ".ts")
 
     import onnxruntime as ort
     x = (torch.randn(3, 1 + c["n_img_tokens"], c["input_dim"], generator=g),

@@ -3,7 +3,8 @@ tch backends read, from the same weights candle reads (model.safetensors):
 
   model.onnx  ONNX (opset 17): input_ids, attention_mask, token_type_ids
               [batch, seq] int64 -> last_hidden_state [batch, seq, hidden] f32
-  model.ts    TorchScript (traced), same inputs in that order, same output
+  model.ts    TorchScript (traced), same inputs in that order, same output,
+              on the device its inputs are on
 
 Usage: python scripts/export_minilm.py MODEL_DIR
 Real checkpoints work the same way: point it at any BERT sentence model folder.
@@ -12,6 +13,7 @@ import os
 import sys
 
 import torch
+from ragar_export import save, trace
 from transformers import AutoModel
 
 
@@ -41,20 +43,15 @@ def main(model_dir):
     trace_inputs = example(2, 16)
 
     onnx_path = os.path.join(model_dir, "model.onnx")
-    torch.onnx.export(
-        wrapper, trace_inputs, onnx_path + ".part", dynamo=False, opset_version=17,
+    save(onnx_path, lambda p: torch.onnx.export(
+        wrapper, trace_inputs, p, dynamo=False, opset_version=17,
         input_names=["input_ids", "attention_mask", "token_type_ids"],
         output_names=["last_hidden_state"],
         dynamic_axes={n: {0: "batch", 1: "sequence"} for n in
                       ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
-    )
-    os.replace(onnx_path + ".part", onnx_path)
-
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, trace_inputs, check_trace=False)
+    ))
     ts_path = os.path.join(model_dir, "model.ts")
-    traced.save(ts_path + ".part")
-    os.replace(ts_path + ".part", ts_path)
+    trace(wrapper, trace_inputs, ts_path)
 
     # The traced graph and the ONNX graph must generalise to other shapes.
     import onnxruntime as ort

@@ -11,22 +11,27 @@ tch generators read, next to the weights candle reads (Optimum-style names):
                                 [b, 3, 8h, 8w] in about [-1, 1]
   vae_decoder/config.json       a copy of vae/config.json
 
-ONNX opset 17 with dynamic batch and spatial axes; TorchScript traced. The
+ONNX opset 17 with dynamic batch and spatial axes; TorchScript traced,
+running on the device its inputs are on. `--dtype f16` (or bf16) writes
+half-precision TorchScript modules instead ({text_encoder,unet,vae_decoder}/
+model.f16.ts: float inputs and outputs in f16), which the tch backend reads
+for `dtype: f16`; ONNX exports stay f32. The
 tokenizer, the scheduler loop, guidance and post-processing stay in ragar,
 shared by all three backends (ragar_core::diffusion). Each export is checked
 against diffusers at shapes other than the traced ones.
 
-Usage: python scripts/export_sd.py PIPELINE_DIR
+Usage: python scripts/export_sd.py PIPELINE_DIR [--dtype f32|f16|bf16]
 Real checkpoints work the same way (e.g. after `huggingface-cli download
 stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd15`); ONNX files
 over 2 GB (the SD 1.5 UNet in float32) are written with external data.
 """
+import copy
 import os
 import shutil
-import sys
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from ragar_export import DTYPES, cast, command_line, relative, save, trace, ts_name
 from transformers import CLIPTextModel
 
 
@@ -57,42 +62,43 @@ class Decoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-def save(path, write):
-    write(path + ".part")
-    os.replace(path + ".part", path)
-
-
-def export(module, inputs, folder, in_names, out_name, axes, large):
+def export(module, inputs, folder, in_names, out_name, axes, large, dtype):
     os.makedirs(folder, exist_ok=True)
-    onnx_path = os.path.join(folder, "model.onnx")
-    kwargs = dict(dynamo=False, opset_version=17, input_names=in_names, output_names=[out_name],
-                  dynamic_axes=axes)
-    if large:
-        # > 2 GB does not fit one protobuf: weights go next to the graph.
-        torch.onnx.export(module, inputs, onnx_path, external_data=True, **kwargs)
-    else:
-        save(onnx_path, lambda p: torch.onnx.export(module, inputs, p, **kwargs))
-    with torch.no_grad():
-        traced = torch.jit.trace(module, inputs, check_trace=False)
-    save(os.path.join(folder, "model.ts"), traced.save)
+    if dtype == "f32":
+        onnx_path = os.path.join(folder, "model.onnx")
+        kwargs = dict(dynamo=False, opset_version=17, input_names=in_names, output_names=[out_name],
+                      dynamic_axes=axes)
+        if large:
+            # > 2 GB does not fit one protobuf: weights go next to the graph.
+            torch.onnx.export(module, inputs, onnx_path, external_data=True, **kwargs)
+        else:
+            save(onnx_path, lambda p: torch.onnx.export(module, inputs, p, **kwargs))
+    # A copy in the export's precision: `module` stays the f32 reference for `check`.
+    half = module if dtype == "f32" else copy.deepcopy(module).to(DTYPES[dtype])
+    trace(half, cast(inputs, dtype), os.path.join(folder, ts_name("model", dtype)))
 
 
-def check(folder, module, inputs, names):
-    import onnxruntime as ort
-    sess = ort.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
+def check(folder, module, inputs, names, dtype):
+    """The exports against diffusers / transformers in f32 at other shapes:
+    within 1e-4 (f32) or 1e-2 (half) of the largest output."""
     with torch.no_grad():
         want = module(*inputs)
-        got_ts = torch.jit.load(os.path.join(folder, "model.ts"))(*inputs)
-    got_onnx = sess.run(None, {n: v.numpy() for n, v in zip(names, inputs)})[0]
-    scale = want.abs().max().item() + 1e-12
-    d_ts = (want - got_ts).abs().max().item() / scale
-    d_onnx = abs(want.numpy() - got_onnx).max() / scale
-    print(f"{os.path.basename(folder)} {tuple(inputs[0].shape)}: max relative |diffusers - torchscript| = "
-          f"{d_ts:.2e}, |diffusers - onnx| = {d_onnx:.2e}")
+        got_ts = torch.jit.load(os.path.join(folder, ts_name("model", dtype)))(*cast(inputs, dtype)).float()
+    d_ts = relative(want, got_ts)
+    what = f"{os.path.basename(folder)} {tuple(inputs[0].shape)}"
+    if dtype != "f32":
+        print(f"{what} {dtype}: max relative |diffusers f32 - torchscript {dtype}| = {d_ts:.2e}")
+        assert d_ts < 1e-2, "export does not reproduce the model"
+        return
+    import onnxruntime as ort
+    sess = ort.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
+    got_onnx = torch.from_numpy(sess.run(None, {n: v.numpy() for n, v in zip(names, inputs)})[0])
+    d_onnx = relative(want, got_onnx)
+    print(f"{what}: max relative |diffusers - torchscript| = {d_ts:.2e}, |diffusers - onnx| = {d_onnx:.2e}")
     assert d_ts < 1e-4 and d_onnx < 1e-4, "export does not reproduce the model"
 
 
-def main(root):
+def main(root, dtype):
     torch.manual_seed(0)
     te = CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"), attn_implementation="eager").eval()
     unet = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet")).eval()
@@ -109,23 +115,24 @@ def main(root):
 
     vae_dir = os.path.join(root, "vae_decoder")
     export(text, (ids,), os.path.join(root, "text_encoder"), ["input_ids"], "last_hidden_state",
-           {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}, False)
+           {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}, False, dtype)
     export(u, (lat, t, ctx), os.path.join(root, "unet"), ["sample", "timestep", "encoder_hidden_states"],
            "out_sample", {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
                           "encoder_hidden_states": {0: "batch"},
-                          "out_sample": {0: "batch", 2: "height", 3: "width"}}, large)
+                          "out_sample": {0: "batch", 2: "height", 3: "width"}}, large, dtype)
     export(dec, (lat,), vae_dir, ["latent_sample"], "sample",
            {"latent_sample": {0: "batch", 2: "height", 3: "width"},
-            "sample": {0: "batch", 2: "height", 3: "width"}}, False)
+            "sample": {0: "batch", 2: "height", 3: "width"}}, False, dtype)
     shutil.copy(os.path.join(root, "vae", "config.json"), os.path.join(vae_dir, "config.json"))
 
     check(os.path.join(root, "text_encoder"), text,
-          (torch.randint(0, te.config.vocab_size, (3, length), generator=g),), ["input_ids"])
+          (torch.randint(0, te.config.vocab_size, (3, length), generator=g),), ["input_ids"], dtype)
     check(os.path.join(root, "unet"), u,
           (torch.randn(3, c, 16, 8, generator=g), torch.tensor([999.0, 1.0, 333.3]),
-           torch.randn(3, length, d, generator=g)), ["sample", "timestep", "encoder_hidden_states"])
-    check(vae_dir, dec, (torch.randn(1, c, 4, 12, generator=g),), ["latent_sample"])
+           torch.randn(3, length, d, generator=g)), ["sample", "timestep", "encoder_hidden_states"], dtype)
+    check(vae_dir, dec, (torch.randn(1, c, 4, 12, generator=g),), ["latent_sample"], dtype)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (pipeline_dir,), dtype = command_line("python scripts/export_sd.py PIPELINE_DIR [--dtype f32|f16|bf16]")
+    main(pipeline_dir, dtype)

@@ -40,4 +40,4 @@ def clip_b32(cache):
 
 
 if __name__ == "__main__":
-    export_clip.main(clip_b32(sys.argv[1]))
+    export_clip.main(clip_b32(sys.argv[1]), "f32")

@@ -1,10 +1,12 @@
 """What ragar's export scripts share: atomic writes of the ONNX graph and
-the TorchScript module of one wrapper, running the exported files back for
-the self-checks, and the flat key/value-cache layout the cached decoders
-take (`past_key_values.{i}.{key,value}` in, `present.{i}.{key,value}` out,
-layer by layer, key then value).
+the TorchScript module of one wrapper, TorchScript modules that run on any
+device (`trace`), half-precision TorchScript exports (`--dtype`), running
+the exported files back for the self-checks, and the flat key/value-cache
+layout the cached decoders take (`past_key_values.{i}.{key,value}` in,
+`present.{i}.{key,value}` out, layer by layer, key then value).
 """
 import os
+import sys
 
 import torch
 from transformers import DynamicCache
@@ -15,15 +17,94 @@ def save(path, write):
     os.replace(path + ".part", path)
 
 
+# The TorchScript precisions an export can be written in, and the suffix
+# ragar's tch plugin looks for (`dtype: f16` reads `model.f16.ts`).
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def command_line(usage):
+    """(positional arguments, dtype name) of `SCRIPT ARGS... [--dtype f32|f16|bf16]`."""
+    args, dtype = list(sys.argv[1:]), "f32"
+    if "--dtype" in args:
+        i = args.index("--dtype")
+        if i + 1 >= len(args) or args[i + 1] not in DTYPES:
+            sys.exit(f"--dtype takes one of {', '.join(DTYPES)}\nusage: {usage}")
+        dtype = args[i + 1]
+        del args[i:i + 2]
+    if not args or any(a.startswith("--") for a in args):
+        sys.exit(f"usage: {usage}")
+    return args, dtype
+
+
+def ts_name(name, dtype):
+    """`model` -> `model.ts` (f32) or `model.f16.ts`: the file the tch plugin opens for `dtype`."""
+    return f"{name}.ts" if dtype == "f32" else f"{name}.{dtype}.ts"
+
+
+def cast(inputs, dtype):
+    """The floating-point tensors of `inputs` in `dtype` (a DTYPES key); ids and masks stay."""
+    return tuple(x.to(DTYPES[dtype]) if x.is_floating_point() else x for x in inputs)
+
+
+def follow_input_device(traced):
+    """Make a traced module run on the device its inputs are on.
+
+    Tracing records every device argument it sees as a constant: diffusers'
+    timestep embedding (`torch.arange(..., device=timesteps.device)`) and
+    transformers' mask builders become `arange(..., device="cpu")` in a
+    module traced on the CPU, and that module then fails on CUDA with tensors
+    on two devices. Each such constant is replaced by the device of the
+    graph's first tensor input (`prim::device`), in every submodule's graph.
+    Returns how many constants were replaced.
+    """
+    replaced = 0
+    for module in traced.modules():
+        try:
+            graph = module.graph
+        except RuntimeError:  # containers (ModuleList) have no forward
+            continue
+        consts = [n for n in graph.nodes()
+                  if n.kind() == "prim::Constant" and n.output().type().kind() == "DeviceObjType"]
+        if not consts:
+            continue
+        tensors = [v for v in graph.inputs() if v.type().kind() == "TensorType"]
+        if not tensors:
+            raise RuntimeError(f"{module.original_name}: a device constant but no tensor input to take "
+                               "the device from")
+        device = graph.create("prim::device", [tensors[0]])
+        device.output().setType(torch._C.DeviceObjType.get())
+        device.insertBefore(next(iter(graph.nodes())))
+        for c in consts:
+            c.output().replaceAllUsesWith(device.output())
+            c.destroy()
+        replaced += len(consts)
+    return replaced
+
+
+def device_constants(path):
+    """How many device constants the TorchScript module at `path` holds (0 after `trace`)."""
+    return str(torch.jit.load(path).inlined_graph).count(": Device = prim::Constant")
+
+
+def trace(module, inputs, path):
+    """Trace `module` on `inputs` (no autograd) and save it atomically to
+    `path`, running on whatever device its inputs are on (`follow_input_device`)."""
+    with torch.no_grad():
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+    follow_input_device(traced)
+    save(path, traced.save)
+    left = device_constants(path)
+    if left:
+        raise RuntimeError(f"{path}: {left} device constants left after tracing")
+
+
 def export(root, name, module, inputs, names, outs, axes):
     """`root/name.onnx` (opset 17, dynamic `axes`) and `root/name.ts` (traced)."""
     path = os.path.join(root, name)
     save(path + ".onnx", lambda p: torch.onnx.export(
         module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
         dynamic_axes=axes))
-    with torch.no_grad():
-        traced = torch.jit.trace(module, inputs, check_trace=False)
-    save(path + ".ts", traced.save)
+    trace(module, inputs, path + ".ts")
 
 
 def runners(root, graphs):

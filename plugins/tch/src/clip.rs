@@ -4,8 +4,11 @@
 //! features) and `vision_model.ts` (`pixel_values` f32 `[batch, 3, size,
 //! size]` -> projected image features). Tokenisation, preprocessing and
 //! normalisation are shared with the other backends (`ragar_core::clip`).
+//! `dtype: f16` reads the half-precision exports (`text_model.f16.ts`,
+//! `vision_model.f16.ts`; `export_clip.py --dtype f16`) and feeds them f16
+//! pixels; features come back as f32.
 
-use crate::{device, forward, load_module, to_host};
+use crate::{forward, load_module_as, module_file, placement, to_host};
 use ragar_core::clip::ClipDir;
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
@@ -17,12 +20,19 @@ use tch::{CModule, Tensor};
 /// The modules this encoder reads.
 pub const GRAPHS: [&str; 2] = ["text_model.ts", "vision_model.ts"];
 
+/// The modules the spec's dtype reads: [`GRAPHS`], or their `.f16.ts` exports.
+pub fn graphs(spec: &ComponentSpec) -> [String; 2] {
+    GRAPHS.map(|g| module_file(spec, g))
+}
+
 /// The CLIP encoder on libtorch.
 pub struct ClipEncoder {
     // CModule is not Sync; the contract is `&self`.
     text: Mutex<CModule>,
     vision: Mutex<CModule>,
     device: tch::Device,
+    /// The modules' float kind (the config's dtype).
+    kind: tch::Kind,
     tokenizer: SentenceTokenizer,
     dir: ClipDir,
     batch_size: usize,
@@ -31,12 +41,15 @@ pub struct ClipEncoder {
 impl ClipEncoder {
     /// Build from `params: { model_dir, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, dir) = ClipDir::open(spec, &GRAPHS, Fetch::IfMissing)?;
-        let device = device(spec)?;
+        let graphs = graphs(spec);
+        let (params, dir) = ClipDir::open(spec, &[&graphs[0], &graphs[1]], Fetch::IfMissing)?;
+        let (device, kind) = placement(spec)?;
+        let load = |g: &str| load_module_as(&dir.root.join(g), device, kind).map(Mutex::new);
         Ok(ClipEncoder {
-            text: Mutex::new(load_module(&dir.root.join(GRAPHS[0]), device)?),
-            vision: Mutex::new(load_module(&dir.root.join(GRAPHS[1]), device)?),
+            text: load(&graphs[0])?,
+            vision: load(&graphs[1])?,
             device,
+            kind,
             tokenizer: dir.tokenizer()?,
             dir,
             batch_size: params.batch_size,
@@ -57,7 +70,8 @@ impl ClipEncoder {
         let s = self.dir.image_size as i64;
         let x = Tensor::from_slice(&pixels)
             .reshape([n as i64, 3, s, s])
-            .to_device(self.device);
+            .to_device(self.device)
+            .to_kind(self.kind);
         self.run(&self.vision, &[x], "image")
     }
 }

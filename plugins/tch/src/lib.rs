@@ -15,7 +15,7 @@ pub mod mapper;
 pub mod minilm;
 pub mod stable_diffusion;
 
-use ragar_core::{component, Component, ComponentSpec, Error, Result};
+use ragar_core::{component, Component, ComponentSpec, DType, Error, Result};
 
 /// Every component this plugin offers.
 pub fn components() -> Vec<Component> {
@@ -34,9 +34,13 @@ pub fn components() -> Vec<Component> {
             "clip",
             "tch",
             ["cpu", "cuda"],
-            "CLIP text + image encoder from TorchScript modules (text_model.ts, vision_model.ts; scripts/export_clip.py)",
+            "CLIP text + image encoder from TorchScript modules (text_model.ts, vision_model.ts; scripts/export_clip.py; \
+             dtype f16: the *.f16.ts exports)",
             clip::ClipEncoder::load,
-            |spec: &ComponentSpec| ragar_core::clip::ClipDir::probe(spec, &clip::GRAPHS)
+            |spec: &ComponentSpec| {
+                let [text, vision] = clip::graphs(spec);
+                ragar_core::clip::ClipDir::probe(spec, &[&text, &vision])
+            }
         ),
         component!(
             Mapper,
@@ -103,8 +107,8 @@ pub fn components() -> Vec<Component> {
             "stable-diffusion",
             "tch",
             ["cpu", "cuda"],
-            "Stable Diffusion 1.x/2.x from TorchScript modules ({text_encoder,unet,vae_decoder}/model.ts; scripts/export_sd.py), \
-             the shared seeded sampler loop",
+            "Stable Diffusion 1.x/2.x from TorchScript modules ({text_encoder,unet,vae_decoder}/model.ts; scripts/export_sd.py; \
+             dtype f16: the model.f16.ts exports), the shared seeded sampler loop",
             stable_diffusion::StableDiffusion::load,
             stable_diffusion::StableDiffusion::probe
         ),
@@ -113,16 +117,29 @@ pub fn components() -> Vec<Component> {
 
 ragar_core::register_static!("tch", components);
 
-/// The libtorch device a spec asks for; `cuda` without CUDA is an error,
-/// only `auto` falls back to the CPU. A `dtype` other than f32 is an
-/// error too: modules run in the precision they were exported in.
+/// The libtorch device a spec asks for, for stages whose export scripts
+/// write f32 modules only: a `dtype` other than f32 is an error.
 pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
-    // Every stage asks for its device first: the place to refuse a dtype
-    // the TorchScript module was not exported in.
+    // Every such stage asks for its device first: the place to refuse a
+    // dtype the TorchScript module was not exported in.
     spec.require_exported_f32("tch")?;
-    match spec.device()? {
-        ragar_core::Device::Cpu => Ok(tch::Device::Cpu),
-        ragar_core::Device::Auto => Ok(tch::Device::cuda_if_available()),
+    placement(spec).map(|(device, _)| device)
+}
+
+/// The device and precision a spec asks for, for stages whose export
+/// scripts also write half-precision modules (CLIP, Stable Diffusion:
+/// `--dtype f16` writes `model.f16.ts` next to `model.ts`): the stage then
+/// opens [`module_file`] and casts its float inputs to the kind. `cuda`
+/// without CUDA is an error; only `auto` falls back to the CPU.
+pub fn placement(spec: &ComponentSpec) -> Result<(tch::Device, tch::Kind)> {
+    let kind = match spec.dtype {
+        DType::F32 => tch::Kind::Float,
+        DType::F16 => tch::Kind::Half,
+        DType::BF16 => tch::Kind::BFloat16,
+    };
+    let device = match spec.device()? {
+        ragar_core::Device::Cpu => tch::Device::Cpu,
+        ragar_core::Device::Auto => tch::Device::cuda_if_available(),
         ragar_core::Device::Cuda(n) => {
             if !tch::Cuda::is_available() {
                 return Err(Error::device(
@@ -130,15 +147,29 @@ pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
                      whose libtorch lacks CUDA); say `device: auto` to allow the CPU",
                 ));
             }
-            Ok(tch::Device::Cuda(n))
+            tch::Device::Cuda(n)
         }
-    }
+    };
+    Ok((device, kind))
 }
 
-/// Load a TorchScript module onto `device` in eval mode; a file this
-/// libtorch cannot read (another torch version's, or not TorchScript) is an
-/// error naming the file and the libtorch it needs.
+/// The module a spec's `dtype` reads in place of `file`: `model.ts` (f32)
+/// or `model.f16.ts` / `model.bf16.ts`, as the export scripts name them.
+pub fn module_file(spec: &ComponentSpec, file: &str) -> String {
+    spec.dtype.exported_file(file)
+}
+
+/// Load a TorchScript module of f32 weights onto `device` (see [`load_module_as`]).
 pub fn load_module(path: &std::path::Path, device: tch::Device) -> Result<tch::CModule> {
+    load_module_as(path, device, tch::Kind::Float)
+}
+
+/// Load a TorchScript module onto `device` in eval mode and check that its
+/// weights are `kind` (a module traced in f16 saved under an f32 name, or
+/// the reverse, would otherwise fail deep inside the first forward). A file
+/// this libtorch cannot read (another torch version's, or not TorchScript)
+/// is an error naming the file and the libtorch it needs.
+pub fn load_module_as(path: &std::path::Path, device: tch::Device, kind: tch::Kind) -> Result<tch::CModule> {
     if !path.is_file() {
         return Err(Error::not_found(format!(
             "missing TorchScript module {}",
@@ -153,7 +184,31 @@ pub fn load_module(path: &std::path::Path, device: tch::Device) -> Result<tch::C
         ))
     })?;
     module.set_eval();
+    let params = module
+        .named_parameters()
+        .map_err(|e| Error::model(format!("{}: {}", path.display(), first_line(&e.to_string()))))?;
+    if let Some((name, p)) = params.iter().find(|(_, p)| p.is_floating_point()) {
+        if p.kind() != kind {
+            return Err(Error::model(format!(
+                "{}: its weights ({name}) are {}, the config's dtype is {} (the export scripts write \
+                 model.ts in f32 and model.f16.ts with --dtype f16)",
+                path.display(),
+                kind_name(p.kind()),
+                kind_name(kind)
+            )));
+        }
+    }
     Ok(module)
+}
+
+/// A float kind in the config's spelling (`f16`), other kinds as libtorch names them.
+fn kind_name(kind: tch::Kind) -> String {
+    match kind {
+        tch::Kind::Float => "f32".into(),
+        tch::Kind::Half => "f16".into(),
+        tch::Kind::BFloat16 => "bf16".into(),
+        k => format!("{k:?}"),
+    }
 }
 
 /// libtorch errors carry a C++ backtrace; the first line says what happened.

@@ -3,8 +3,11 @@
 //! `vae_decoder/model.ts`). Only the networks run here; the pipeline —
 //! tokenisation, seeded noise, sampler loop, guidance, post-processing — is
 //! [`ragar_core::diffusion`], the same code candle and ort run.
+//! `dtype: f16` reads the half-precision exports (`model.f16.ts`;
+//! `export_sd.py --dtype f16`): latents, timesteps and text states go in
+//! as f16, the sampler's arithmetic between steps stays f32.
 
-use crate::{device, forward, load_module, to_host};
+use crate::{forward, load_module_as, module_file, placement, to_host};
 use ragar_core::diffusion::{Denoiser, Pipeline, SdPipelineDir};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{GenerationRequest, Generator, GeneratorInfo};
@@ -23,26 +26,31 @@ pub struct StableDiffusion {
     unet: Mutex<CModule>,
     vae: Mutex<CModule>,
     device: tch::Device,
+    /// The modules' float kind (the config's dtype).
+    kind: tch::Kind,
     tokenizer: SentenceTokenizer,
     dir: SdPipelineDir,
     batch_size: usize,
 }
 
-fn graphs() -> Vec<String> {
-    GRAPHS.iter().map(|g| g.to_string()).collect()
+/// The modules the spec's dtype reads: [`GRAPHS`], or their `.f16.ts` exports.
+fn graphs(spec: &ComponentSpec) -> Vec<String> {
+    GRAPHS.iter().map(|g| module_file(spec, g)).collect()
 }
 
 impl StableDiffusion {
     /// Build from `params: { model_dir, scheduler, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, dir) = SdPipelineDir::open(spec, &graphs(), Fetch::IfMissing)?;
-        let device = device(spec)?;
-        let load = |rel: &str| load_module(&dir.root.join(rel), device).map(Mutex::new);
+        let graphs = graphs(spec);
+        let (params, dir) = SdPipelineDir::open(spec, &graphs, Fetch::IfMissing)?;
+        let (device, kind) = placement(spec)?;
+        let load = |rel: &str| load_module_as(&dir.root.join(rel), device, kind).map(Mutex::new);
         Ok(StableDiffusion {
-            text: load(GRAPHS[0])?,
-            unet: load(GRAPHS[1])?,
-            vae: load(GRAPHS[2])?,
+            text: load(&graphs[0])?,
+            unet: load(&graphs[1])?,
+            vae: load(&graphs[2])?,
             device,
+            kind,
             tokenizer: dir.tokenizer()?,
             dir,
             batch_size: params.batch_size,
@@ -51,7 +59,7 @@ impl StableDiffusion {
 
     /// Params, modules and the conditioning shape without loading them.
     pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-        SdPipelineDir::probe(spec, &graphs())
+        SdPipelineDir::probe(spec, &graphs(spec))
     }
 
     fn run(&self, module: &Mutex<CModule>, inputs: &[Tensor], what: &str) -> Result<Vec<f32>> {
@@ -60,7 +68,10 @@ impl StableDiffusion {
 
     fn tensor(&self, v: &[f32], shape: &[usize]) -> Tensor {
         let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        Tensor::from_slice(v).reshape(s).to_device(self.device)
+        Tensor::from_slice(v)
+            .reshape(s)
+            .to_device(self.device)
+            .to_kind(self.kind)
     }
 }
 
