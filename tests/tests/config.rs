@@ -40,8 +40,15 @@ fn precedence_and_provenance() {
     assert!(l.contains("= 32") && l.contains("c.yaml"), "{l}");
     assert!(line_of(&out, "encoder.device").contains("# default"), "{out}");
 
-    let env = [("RAGAR_ENCODER__PARAMS__BATCH_SIZE", "16")];
-    let (_, out) = print_config(&cfg, &env, &[]);
+    // The variables ragar reads for itself are not config keys: a bench's
+    // RAGAR_PYTHON reaches every stage-bench child's config load.
+    let env = [
+        ("RAGAR_ENCODER__PARAMS__BATCH_SIZE", "16"),
+        ("RAGAR_PYTHON", "/usr/bin/python3"),
+        ("RAGAR_LOG", "warn"),
+    ];
+    let (ok, out) = print_config(&cfg, &env, &[]);
+    assert!(ok, "{out}");
     let l = line_of(&out, "encoder.params.batch_size");
     assert!(l.contains("= 16") && l.contains("environment"), "{l}");
 
