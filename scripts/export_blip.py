@@ -42,7 +42,7 @@ import torch
 from transformers import BlipForConditionalGeneration, EncoderDecoderCache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import cache_of, export, flat_of, relative, runners  # noqa: E402
+from ragar_export import cache_of, cache_out, export, flat_of, relative, runners, with_cache  # noqa: E402
 
 
 class Vision(torch.nn.Module):
@@ -88,9 +88,10 @@ class Decoder(torch.nn.Module):
         # Only the shape of encoder_hidden_states is read once the cross
         # keys and values are cached: a [b, n, 1] stand-in.
         stand_in = cross[0].new_zeros(cross[0].shape[0], cross[0].shape[2], 1)
-        out = self.text_decoder(input_ids=input_ids, encoder_hidden_states=stand_in,
-                                cache=EncoderDecoderCache(self_cache, cross_cache), use_cache=True, return_dict=True)
-        return (out.logits, *flat_of(out.cache.self_attention_cache, self.n))
+        out = self.text_decoder(input_ids=input_ids, encoder_hidden_states=stand_in, use_cache=True,
+                                return_dict=True,
+                                **with_cache(self.text_decoder.forward, EncoderDecoderCache(self_cache, cross_cache)))
+        return (out.logits, *flat_of(cache_out(out).self_attention_cache, self.n))
 
 
 class Queries(torch.nn.Module):
@@ -128,9 +129,9 @@ class LanguageModel(torch.nn.Module):
         self.n = blip2.config.text_config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, *past):
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      past_key_values=cache_of(past, self.n, self.lm.config), use_cache=True, return_dict=True)
-        return (out.logits, *flat_of(out.past_key_values, self.n))
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, return_dict=True,
+                      **with_cache(self.lm.forward, cache_of(past, self.n, self.lm.config)))
+        return (out.logits, *flat_of(cache_out(out), self.n))
 
 
 def main_blip2(root):

@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import cache_of, export, flat_of, kv_names, relative, runners  # noqa: E402
+from ragar_export import cache_of, cache_out, export, flat_of, kv_names, relative, runners, with_cache  # noqa: E402
 
 
 class Decoder(torch.nn.Module):
@@ -45,9 +45,9 @@ class Decoder(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache_of(past, self.layers, self.model.config), use_cache=True,
-                         logits_to_keep=1, return_dict=True)
-        return (out.logits, *flat_of(out.past_key_values, self.layers))
+                         use_cache=True, logits_to_keep=1, return_dict=True,
+                         **with_cache(self.model.forward, cache_of(past, self.layers, self.model.config)))
+        return (out.logits, *flat_of(cache_out(out), self.layers))
 
 
 class Hidden(torch.nn.Module):

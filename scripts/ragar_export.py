@@ -131,6 +131,20 @@ def relative(want, got):
     return (want - got).abs().max().item() / (want.abs().max().item() + 1e-12)
 
 
+def with_cache(forward, cache):
+    """`{name: cache}` for `forward`'s key/value-cache argument: transformers
+    renames `past_key_values` to `cache` model by model (5.2x; the old name
+    goes in 5.40), and the GPU machines run older versions than setup pins."""
+    import inspect
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def cache_out(out):
+    """The cache a model output returns, under either name (see `with_cache`)."""
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def kv_names(layers, prefix):
     return [f"{prefix}.{i}.{k}" for i in range(layers) for k in ("key", "value")]
 
