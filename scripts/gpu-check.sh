@@ -15,7 +15,7 @@
 # numpy (PYTHON) for the comparison, and for the PyTorch rows torch,
 # transformers, sentence-transformers and diffusers.
 # With --bundle the binary, ort's library, the fixture inputs and diffusers
-# come from the bundle, and the test checkpoints and their exports are made
+# (and Pillow, where PYTHON lacks them) come from the bundle, and the test checkpoints and their exports are made
 # here by the fixture and export scripts with PYTHON's torch / transformers
 # (about a minute; all-MiniLM-L6-v2 gets random weights in its real
 # architecture: its real ones are too large to carry).
@@ -67,10 +67,14 @@ if [[ -n "$BUNDLE" ]]; then
   gunzip -c "$BUNDLE/ragar.gz" > "$BIN" && chmod +x "$BIN"
   gunzip -c "$BUNDLE/libonnxruntime.so.gz" > "$CACHE/lib/onnxruntime/libonnxruntime.so.1.32.0"
   tar -xzf "$BUNDLE/inputs.tar.gz" -C "$CACHE"
-  if ! "$PY" -c 'import diffusers' 2> /dev/null; then
+  wheels=()
+  "$PY" -c 'import diffusers' 2> /dev/null || wheels+=("$BUNDLE"/wheels/diffusers-*.whl)
+  "$PY" -c 'import PIL' 2> /dev/null || wheels+=("$BUNDLE"/wheels/pillow-*.whl)
+  if ((${#wheels[@]})); then
     "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
-      "$CACHE/py" "$BUNDLE"/wheels/*.whl
+      "$CACHE/py" "${wheels[@]}"
     export PYTHONPATH="$CACHE/py${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu-check: unpacked ${wheels[*]##*/} onto PYTHONPATH"
   fi
   F=scripts/fixtures
   Mo=$CACHE/models
