@@ -9,6 +9,12 @@
 #   bash scripts/gpu-check.sh --bundle DIR       # on a bare GPU machine, from what
 #                                                # scripts/gpu-bundle.sh packed
 #
+# On a lent device machine: here `bash scripts/build-cuda.sh && bash
+# scripts/gpu-bundle.sh`, then run `bash scripts/gpu-check.sh --bundle
+# target/gpu-bundle` there carrying target/gpu-bundle (54 MiB; a session
+# carries 64). The device sets OUT to the folder that comes back, and the
+# results are written into it.
+#
 # Needs: the CUDA build (scripts/build-cuda.sh -> target/cuda/release/ragar,
 # or RAGAR_BIN), the project cache with the test checkpoints and their
 # ONNX / TorchScript exports (RAGAR_CACHE, default .ragar), python3 with
