@@ -18,5 +18,8 @@ fn exported_modules_follow_their_inputs_device() {
         .arg(cache()));
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("with device constants []") && t.contains("ran on meta"), "{t}");
+    assert!(
+        t.contains("with device constants []") && t.contains("ran on meta"),
+        "{t}"
+    );
 }
