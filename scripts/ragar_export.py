@@ -98,30 +98,41 @@ def trace(module, inputs, path):
         raise RuntimeError(f"{path}: {left} device constants left after tracing")
 
 
-def export(root, name, module, inputs, names, outs, axes):
-    """`root/name.onnx` (opset 17, dynamic `axes`) and `root/name.ts` (traced)."""
+def export(root, name, module, inputs, names, outs, axes, dtype="f32"):
+    """`root/name.onnx` (opset 17, dynamic `axes`) and `root/name.ts`
+    (traced); for a half `dtype`, `root/name.f16.ts` alone from a half copy
+    of `module`, traced on `inputs` cast to it."""
     path = os.path.join(root, name)
+    if dtype != "f32":
+        import copy
+        trace(copy.deepcopy(module).to(DTYPES[dtype]), cast(inputs, dtype), os.path.join(root, ts_name(name, dtype)))
+        return
     save(path + ".onnx", lambda p: torch.onnx.export(
         module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
         dynamic_axes=axes))
     trace(module, inputs, path + ".ts")
 
 
-def runners(root, graphs):
-    """[("torchscript", run), ("onnx", run)]: run(graph, *inputs) -> list of outputs."""
+def runners(root, graphs, dtype="f32"):
+    """[("torchscript", run), ("onnx", run)]: run(graph, *inputs) -> list of
+    outputs. For a half `dtype`, the half TorchScript modules alone, fed
+    their float inputs in it, their outputs back in f32."""
+    modules = {m: torch.jit.load(os.path.join(root, ts_name(m, dtype))) for m in graphs}
+
+    def ts(m, *x):
+        with torch.no_grad():
+            o = modules[m](*cast(x, dtype))
+        return [t.float() if t.is_floating_point() else t for t in (o if isinstance(o, (tuple, list)) else [o])]
+
+    if dtype != "f32":
+        return [(f"torchscript {dtype}", ts)]
     import onnxruntime as ort
     sessions = {m: ort.InferenceSession(os.path.join(root, m + ".onnx"), providers=["CPUExecutionProvider"])
                 for m in graphs}
-    modules = {m: torch.jit.load(os.path.join(root, m + ".ts")) for m in graphs}
 
     def onnx(m, *x):
         names = [i.name for i in sessions[m].get_inputs()]
         return [torch.from_numpy(o) for o in sessions[m].run(None, {k: v.numpy() for k, v in zip(names, x)})]
-
-    def ts(m, *x):
-        with torch.no_grad():
-            o = modules[m](*x)
-        return list(o) if isinstance(o, (tuple, list)) else [o]
 
     return [("torchscript", ts), ("onnx", onnx)]
 

@@ -199,6 +199,7 @@ if ! stamp_ok "$CACHE/models/qwen2-tiny-chat/.stamp" "$want"; then
   say "building and exporting the tiny Qwen2 test LLM"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_llm_chat.py" "$CACHE/data/tokenizers/qwen3/tokenizer.json" "$CACHE/models/qwen2-tiny-chat"
   "$V/bin/python" "$ROOT/scripts/export_llm.py" "$CACHE/models/qwen2-tiny-chat"
+  "$V/bin/python" "$ROOT/scripts/export_llm.py" "$CACHE/models/qwen2-tiny-chat" --dtype f16
   echo "$want" > "$CACHE/models/qwen2-tiny-chat/.stamp"
 fi
 # 9c. SmolLM2-135M-Instruct (real weights) as an HF folder, dequantized

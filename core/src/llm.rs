@@ -11,7 +11,7 @@ use crate::files::read_json;
 use crate::model::{Fetch, ModelSource};
 use crate::stage::{GenerateOptions, Generation, KeywordLlm, LlmInfo, PreferenceStates};
 use crate::Tensor;
-use crate::{ComponentSpec, Error, ErrorKind, Result, ResultExt};
+use crate::{ComponentSpec, DType, Error, ErrorKind, Result, ResultExt};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -136,9 +136,10 @@ impl LlmDir {
         let path = self.root.join(graph);
         if !path.is_file() {
             return Err(Error::not_found(format!(
-                "missing {} (export it with: python scripts/export_llm.py {})",
+                "missing {} (export it with: python scripts/export_llm.py {}{})",
                 path.display(),
-                self.root.display()
+                self.root.display(),
+                DType::of_exported_file(graph).export_flag()
             )));
         }
         Ok(path)

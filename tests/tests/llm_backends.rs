@@ -10,6 +10,9 @@
 //! exactly as transformers does on every backend
 //! (tests/fixtures/smollm2_reference.json), and seeded sampling on it gives
 //! the same text on all three.
+//! In f16 (tch from export_llm.py --dtype f16's modules, candle converting
+//! the weights) the [IMG] states stay near transformers' f32 ones; ort,
+//! whose graphs are f32, refuses f16.
 //! A decoder graph of the wrong shape is refused with expected vs found
 //! names.
 
@@ -131,6 +134,41 @@ fn max_diff(a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<
             x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max)
         })
         .fold(0.0, f32::max)
+}
+
+#[test]
+fn f16_states_stay_near_transformers_on_tch_and_candle_and_ort_refuses() {
+    let want = tensors(&model().join("reference_states.safetensors"));
+    let rows = format!(
+        "keyword_llm.params.img_embeddings={}",
+        model().join("img_embeddings.safetensors").display()
+    );
+    for backend in ["tch", "candle"] {
+        // Measured: tch 8.3e-3, candle 1.1e-2 of states up to 3.25.
+        let d = max_diff(&states(backend, &[&rows, "keyword_llm.dtype=f16"]), &want);
+        assert!(
+            d > 0.0 && d < 5e-2,
+            "{backend} f16: max |ragar - transformers f32| = {d}"
+        );
+        let got = answers(backend, &["--max-tokens", "12", "keyword_llm.dtype=f16"]);
+        assert!(
+            got.iter().all(|g| g["tokens"].as_u64() > Some(0)),
+            "{backend} f16: {got:?}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = stage(
+        "ort",
+        &model(),
+        dir.path(),
+        &dir.path().join("k.json"),
+        &["keyword_llm.dtype=f16"],
+    );
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("keyword_llm.dtype: f16 on ort"),
+        "{t}"
+    );
 }
 
 #[test]

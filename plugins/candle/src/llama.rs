@@ -395,12 +395,14 @@ impl Llama {
         cache.kv.resize_with(self.layers.len(), || None);
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
+        // The model's dtype first: callers hand in f32 rows ([IMG] states),
+        // and the mask must match the scores it is added to.
+        let mut x = x.to_dtype(self.dtype)?;
         let mask = if t > 1 {
             Some(causal_mask(t, offset, x.dtype(), x.device())?)
         } else {
             None
         };
-        let mut x = x.to_dtype(self.dtype)?;
         for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
             x = self.layer(layer, &x, &cos, &sin, mask.as_ref(), kv, b, t)?;
         }

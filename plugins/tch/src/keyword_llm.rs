@@ -5,9 +5,11 @@
 //! value) and `hidden_states.ts` ((input_ids, img_embeddings) ->
 //! hidden_states). Chat template, sampling and the default [IMG] rows are
 //! shared with candle (`ragar_core::llm`). The cache stays on the device
-//! between steps.
+//! between steps. `dtype: f16` reads the half-precision exports
+//! (`model.f16.ts`, `hidden_states.f16.ts`; `export_llm.py --dtype f16`):
+//! the cache and the [IMG] rows in f16, logits and states back in f32.
 
-use crate::{device, forward, forward_tuple, load_module, to_host};
+use crate::{forward, forward_tuple, load_module_as, module_file, placement, to_host};
 use ragar_core::llm::{ExportedLlm, LlmDir, LlmGraphs};
 use ragar_core::model::Fetch;
 use ragar_core::{ComponentSpec, Error, Result};
@@ -26,24 +28,34 @@ pub struct TchGraphs {
     decoder: Mutex<CModule>,
     hidden: Mutex<CModule>,
     device: tch::Device,
+    /// The modules' float kind (the config's dtype): the cache's and the [IMG] rows'.
+    kind: Kind,
+}
+
+/// The modules the spec's dtype reads: [`GRAPHS`], or their `.f16.ts` exports.
+fn graphs(spec: &ComponentSpec) -> [String; 2] {
+    GRAPHS.map(|g| module_file(spec, g))
 }
 
 /// Build from `params: { model_dir, n_img_tokens, img_embeddings }`.
 pub fn load(spec: &ComponentSpec) -> Result<TchKeywordLlm> {
     let dir = LlmDir::open(spec, Fetch::IfMissing)?;
-    let device = device(spec)?;
-    let load = |g: &str| -> Result<Mutex<CModule>> { load_module(&dir.exported(g)?, device).map(Mutex::new) };
+    let (device, kind) = placement(spec)?;
+    let load = |g: &str| -> Result<Mutex<CModule>> { load_module_as(&dir.exported(g)?, device, kind).map(Mutex::new) };
+    let [decoder, hidden] = graphs(spec);
     let graphs = TchGraphs {
-        decoder: load(GRAPHS[0])?,
-        hidden: load(GRAPHS[1])?,
+        decoder: load(&decoder)?,
+        hidden: load(&hidden)?,
         device,
+        kind,
     };
     ExportedLlm::new(graphs, dir)
 }
 
 /// Params and modules without loading them.
 pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-    LlmDir::probe(spec, &GRAPHS)
+    let [decoder, hidden] = graphs(spec);
+    LlmDir::probe(spec, &[&decoder, &hidden])
 }
 
 impl TchGraphs {
@@ -61,7 +73,7 @@ impl LlmGraphs for TchGraphs {
     fn empty_cache(&self, dir: &LlmDir) -> Result<Vec<Tensor>> {
         let shape = [1, dir.kv_heads as i64, 0, dir.head_dim as i64];
         Ok((0..2 * dir.layers)
-            .map(|_| Tensor::zeros(shape, (Kind::Float, self.device)))
+            .map(|_| Tensor::zeros(shape, (self.kind, self.device)))
             .collect())
     }
 
@@ -90,7 +102,8 @@ impl LlmGraphs for TchGraphs {
     fn hidden_states(&self, ids: &[u32], img: &[f32], n: usize, h: usize) -> Result<Vec<f32>> {
         let img = Tensor::from_slice(img)
             .reshape([n as i64, h as i64])
-            .to_device(self.device);
+            .to_device(self.device)
+            .to_kind(self.kind);
         to_host(&forward(&self.hidden, &[self.ids(ids), img], "LLM hidden states")?)
     }
 }

@@ -68,7 +68,8 @@ pub fn components() -> Vec<Component> {
             "tch",
             ["cpu", "cuda"],
             "Llama-architecture LLM from TorchScript modules with a key/value cache (model.ts, hidden_states.ts; \
-             scripts/export_llm.py): keywords and [IMG] hidden states, sampling shared with candle",
+             scripts/export_llm.py; dtype f16: the *.f16.ts exports): keywords and [IMG] hidden states, sampling \
+             shared with candle",
             keyword_llm::load,
             keyword_llm::probe
         ),
@@ -78,7 +79,7 @@ pub fn components() -> Vec<Component> {
             "tch",
             ["cpu", "cuda"],
             "Qwen2/Qwen2.5 LLM from TorchScript modules with a key/value cache (model.ts, hidden_states.ts; \
-             scripts/export_llm.py): keywords and [IMG] hidden states",
+             scripts/export_llm.py; dtype f16: the *.f16.ts exports): keywords and [IMG] hidden states",
             keyword_llm::load,
             keyword_llm::probe
         ),
@@ -127,7 +128,8 @@ pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
 }
 
 /// The device and precision a spec asks for, for stages whose export
-/// scripts also write half-precision modules (CLIP, Stable Diffusion:
+/// scripts also write half-precision modules (CLIP, Stable Diffusion, the
+/// keyword LLM:
 /// `--dtype f16` writes `model.f16.ts` next to `model.ts`): the stage then
 /// opens [`module_file`] and casts its float inputs to the kind. `cuda`
 /// without CUDA is an error; only `auto` falls back to the CPU.
