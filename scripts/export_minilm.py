@@ -6,14 +6,17 @@ tch backends read, from the same weights candle reads (model.safetensors):
   model.ts    TorchScript (traced), same inputs in that order, same output,
               on the device its inputs are on
 
-Usage: python scripts/export_minilm.py MODEL_DIR
+`--dtype f16` (or bf16) writes model.f16.ts instead (last_hidden_state in
+f16), which the tch backend reads for `dtype: f16`; ONNX stays f32.
+
+Usage: python scripts/export_minilm.py MODEL_DIR [--dtype f32|f16|bf16]
 Real checkpoints work the same way: point it at any BERT sentence model folder.
 """
+import copy
 import os
-import sys
 
 import torch
-from ragar_export import save, trace
+from ragar_export import DTYPES, command_line, relative, save, trace, ts_name
 from transformers import AutoModel
 
 
@@ -35,13 +38,24 @@ def example(batch, seq):
     return ids, mask, torch.zeros(batch, seq, dtype=torch.long)
 
 
-def main(model_dir):
+def main(model_dir, dtype):
     torch.manual_seed(0)
     # Eager attention: the exported graph must not depend on SDPA kernels.
     bert = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     wrapper = LastHiddenState(bert).eval()
     trace_inputs = example(2, 16)
 
+    ts_path = os.path.join(model_dir, ts_name("model", dtype))
+    if dtype != "f32":
+        # A half copy traced (`wrapper` stays the f32 reference); no ONNX.
+        trace(copy.deepcopy(wrapper).to(DTYPES[dtype]), trace_inputs, ts_path)
+        for shape in [(1, 5), (3, 40)]:
+            x = example(*shape)
+            with torch.no_grad():
+                d = relative(wrapper(*x), torch.jit.load(ts_path)(*x).float())
+            print(f"shape {shape} {dtype}: max |torch f32 - torchscript {dtype}| / max |torch| = {d:.2e}")
+            assert d < 1e-2, "export does not reproduce the model"
+        return
     onnx_path = os.path.join(model_dir, "model.onnx")
     save(onnx_path, lambda p: torch.onnx.export(
         wrapper, trace_inputs, p, dynamo=False, opset_version=17,
@@ -50,7 +64,6 @@ def main(model_dir):
         dynamic_axes={n: {0: "batch", 1: "sequence"} for n in
                       ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
     ))
-    ts_path = os.path.join(model_dir, "model.ts")
     trace(wrapper, trace_inputs, ts_path)
 
     # The traced graph and the ONNX graph must generalise to other shapes.
@@ -70,4 +83,5 @@ def main(model_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (model_dir,), dtype = command_line("python scripts/export_minilm.py MODEL_DIR [--dtype f32|f16|bf16]")
+    main(model_dir, dtype)

@@ -100,8 +100,10 @@ if [[ -n "$BUNDLE" ]]; then
   step export-sd-f16 "$PY" scripts/export_sd.py "$Mo/sd-tiny" --dtype f16
   step make-blip "$PY" $F/make_blip.py "$Mo/all-MiniLM-L6-v2" "$I" "$Mo/blip-tiny"
   step export-blip "$PY" scripts/export_blip.py "$Mo/blip-tiny"
+  step export-blip-f16 "$PY" scripts/export_blip.py "$Mo/blip-tiny" --dtype f16
   step make-blip2 "$PY" $F/make_blip2.py "$CACHE/data/tokenizers/llama3/tokenizer.json" "$I" "$Mo/blip2-tiny"
   step export-blip2 "$PY" scripts/export_blip.py "$Mo/blip2-tiny"
+  step export-blip2-f16 "$PY" scripts/export_blip.py "$Mo/blip2-tiny" --dtype f16
   step make-llm "$PY" $F/make_llm_chat.py "$CACHE/data/tokenizers/qwen3/tokenizer.json" "$Mo/qwen2-tiny-chat"
   step export-llm "$PY" scripts/export_llm.py "$Mo/qwen2-tiny-chat"
   step export-llm-f16 "$PY" scripts/export_llm.py "$Mo/qwen2-tiny-chat" --dtype f16
@@ -109,6 +111,7 @@ if [[ -n "$BUNDLE" ]]; then
 BertModel(BertConfig.from_pretrained(sys.argv[1]), add_pooling_layer=False).save_pretrained(sys.argv[1])' \
     "$Mo/all-MiniLM-L6-v2"
   step export-minilm "$PY" scripts/export_minilm.py "$Mo/all-MiniLM-L6-v2"
+  step export-minilm-f16 "$PY" scripts/export_minilm.py "$Mo/all-MiniLM-L6-v2" --dtype f16
   echo "gpu-check: fixtures made in $(( $(date +%s) - start )) s"
 fi
 
@@ -146,11 +149,13 @@ for b in candle ort tch; do
   done
 done
 # f16 on the last device (cuda:0; the CPU in a rehearsal), where the exports
-# have it: CLIP, SD and the LLM's [IMG] states on candle and tch, compared
-# with their f32 CPU runs.
+# have it: MiniLM, CLIP, SD and the LLM's [IMG] states on candle and tch,
+# compared with their f32 CPU runs.
 dev=${DEVICES##* }
 d=${dev/:/}
 for b in candle tch; do
+  step "minilm-f16-$b-$d" "$BIN" stage encoder --config configs/minilm.yaml --text-file "$OUT/texts.txt" \
+    --out "$OUT/parity/minilm-f16-$b-$d.json" "$MINILM" encoder.backend=$b encoder.device=$dev encoder.dtype=f16
   step "clip-text-f16-$b-$d" "$BIN" stage encoder --config configs/components/clip.yaml --text-file "$OUT/texts.txt" \
     --out "$OUT/parity/clip-text-f16-$b-$d.json" "$CLIP" encoder.backend=$b encoder.device=$dev encoder.dtype=f16
   step "clip-image-f16-$b-$d" "$BIN" stage encoder --config configs/components/clip.yaml --image-file "$OUT/images.txt" \
@@ -186,7 +191,7 @@ def states(p):
     from safetensors.numpy import load_file
     t = load_file(p)
     return np.concatenate([t["img_states"].ravel(), t["text_embedding"].ravel()]).astype(np.float64)
-half = ["clip-text-f16", "clip-image-f16", "sd-f16", "llm-states-f16"]
+half = ["minilm-f16", "clip-text-f16", "clip-image-f16", "sd-f16", "llm-states-f16"]
 for what in ["clip-text", "clip-image", "minilm", "sd", "blip", "blip2", "llm", "llm-states"] + half:
     for b in (["candle", "tch"] if what in half else ["candle", "ort", "tch"]):
         # f16 on the GPU against f32 on the CPU.

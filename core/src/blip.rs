@@ -184,9 +184,10 @@ impl BlipDir {
         let path = self.root.join(graph);
         if !path.is_file() {
             return Err(Error::not_found(format!(
-                "missing {} (export it with: python scripts/export_blip.py {})",
+                "missing {} (export it with: python scripts/export_blip.py {}{})",
                 path.display(),
-                self.root.display()
+                self.root.display(),
+                crate::DType::of_exported_file(graph).export_flag()
             )));
         }
         Ok(path)

@@ -362,8 +362,10 @@ impl SentenceEncoderParams {
             Err(_) if matches!(source, ModelSource::Local(_)) => {
                 return Err(Error::not_found(format!(
                     "missing model file {} (run scripts/setup.sh; for other checkpoints export ONNX/TorchScript \
-                     with scripts/export_minilm.py)",
-                    root.join(file).display()
+                     with: python scripts/export_minilm.py {}{})",
+                    root.join(file).display(),
+                    root.display(),
+                    crate::DType::of_exported_file(file).export_flag()
                 )))
             }
             Err(e) => return Err(e),

@@ -5,8 +5,9 @@
 //! photo and a real RGBA PNG equal transformers' `generate`
 //! (scripts/fixtures/make_blip.py, make_blip2.py), word for word. The
 //! decode loops are one piece of code (`ragar_core::decoding`); ort and tch
-//! decode on the exported key/value caches. A folder without the graphs
-//! names the export script.
+//! decode on the exported key/value caches. In f16 on tch (export_blip.py
+//! --dtype f16's modules) the captions stay transformers' f32 ones on these
+//! images. A folder without the graphs names the export script.
 
 use ragar_tests::*;
 use std::process::Command;
@@ -17,6 +18,18 @@ fn captions(
     beams: u32,
     prompt: &str,
     max_tokens: u64,
+) -> (bool, String, Vec<String>) {
+    captions_with(backend, model, beams, prompt, max_tokens, &[])
+}
+
+/// `captions` with further overrides (`captioner.dtype=f16`).
+fn captions_with(
+    backend: &str,
+    model: &std::path::Path,
+    beams: u32,
+    prompt: &str,
+    max_tokens: u64,
+    overrides: &[&str],
 ) -> (bool, String, Vec<String>) {
     let tmp = tempfile::tempdir().unwrap();
     let list = tmp.path().join("images.txt");
@@ -31,24 +44,27 @@ fn captions(
     )
     .unwrap();
     let out = tmp.path().join("captions.json");
-    let o = run(Command::new(ragar()).current_dir(root()).args([
-        "stage",
-        "captioner",
-        "--config",
-        "configs/components/blip.yaml",
-        "--image-file",
-        list.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--beams",
-        &beams.to_string(),
-        "--max-tokens",
-        &max_tokens.to_string(),
-        "--prompt",
-        prompt,
-        &format!("captioner.params.model_dir={}", model.display()),
-        &format!("captioner.backend={backend}"),
-    ]));
+    let o = run(Command::new(ragar())
+        .current_dir(root())
+        .args([
+            "stage",
+            "captioner",
+            "--config",
+            "configs/components/blip.yaml",
+            "--image-file",
+            list.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--beams",
+            &beams.to_string(),
+            "--max-tokens",
+            &max_tokens.to_string(),
+            "--prompt",
+            prompt,
+            &format!("captioner.params.model_dir={}", model.display()),
+            &format!("captioner.backend={backend}"),
+        ])
+        .args(overrides));
     let got = std::fs::read_to_string(&out)
         .ok()
         .map(|t| serde_json::from_str(&t).unwrap())
@@ -83,6 +99,24 @@ fn every_backend_captions_like_transformers_generate() {
 #[test]
 fn every_backend_captions_like_transformers_generate_blip2() {
     captions_like_transformers_generate("blip2-tiny");
+}
+
+#[test]
+fn tch_in_f16_captions_like_transformers_in_f32() {
+    // Export self-checks bound the f16 modules' logits (2.4e-3 relative);
+    // on these two images no greedy or beam choice is close enough to flip.
+    for name in ["blip-tiny", "blip2-tiny"] {
+        let model = cache().join("models").join(name);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap()).unwrap();
+        let max_new = meta["max_new_tokens"].as_u64().unwrap();
+        for (run_name, beams) in [("greedy", 1), ("beam3", 3)] {
+            let want: Vec<String> = serde_json::from_value(meta["captions"][run_name]["text"].clone()).unwrap();
+            let (ok, log, got) = captions_with("tch", &model, beams, "", max_new, &["captioner.dtype=f16"]);
+            assert!(ok, "{name} {run_name} f16: {log}");
+            assert_eq!(got, want, "{name} {run_name} f16");
+        }
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The MiniLM encoder on candle, ONNX Runtime and libtorch, switched by one
 //! override on the same binary, against sentence-transformers' embeddings of
-//! the same real weights (tests/fixtures/minilm_reference.json).
+//! the same real weights (tests/fixtures/minilm_reference.json); in f16 on
+//! tch (export_minilm.py --dtype f16's module) and candle too.
 
 use ragar_tests::*;
 
@@ -50,6 +51,16 @@ fn fp32_backends_match_sentence_transformers_and_each_other() {
         for (ra, rb) in all[a].iter().zip(&all[b]) {
             assert!(cosine(ra, rb) >= 0.9999, "backends {a} and {b} disagree");
         }
+    }
+}
+
+#[test]
+fn f16_on_tch_and_candle_stays_near_sentence_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    for backend in ["tch", "candle"] {
+        let out = dir.path().join(format!("{backend}-f16.json"));
+        embed(backend, &["encoder.dtype=f16"], &out);
+        check_against_reference(&format!("{backend} f16"), &read_matrix(&out), 0.9995);
     }
 }
 

@@ -5,9 +5,11 @@
 //! `text_decoder_with_past.ts` ((input_ids, *past, *cross) -> (logits,
 //! *present)). Preprocessing, tokenizer and decode loops are shared with
 //! candle (`ragar_core::blip`, `ragar_core::decoding`); the caches stay on
-//! the device.
+//! the device. `dtype: f16` reads the `*.f16.ts` exports
+//! (`export_blip.py --dtype f16`): pixels in f16, the caches in the
+//! modules' kind, logits back in f32.
 
-use crate::{device, forward, forward_tuple, load_module, to_host};
+use crate::{forward, forward_tuple, load_module_as, module_file, placement, to_host};
 use ragar_core::blip::{caption_chunks, AnyBlip, BlipDir};
 use ragar_core::decoding::{generate, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
@@ -27,6 +29,8 @@ pub struct BlipCaptioner {
     cross: Mutex<CModule>,
     decoder: Mutex<CModule>,
     device: tch::Device,
+    /// The modules' float kind (the config's dtype).
+    kind: tch::Kind,
     tokenizer: Tokenizer,
     dir: BlipDir,
     batch_size: usize,
@@ -36,16 +40,17 @@ impl BlipCaptioner {
     /// Build from `params: { model_dir, batch_size }`.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        let device = device(spec)?;
+        let (device, kind) = placement(spec)?;
         let load = |g: &str| -> Result<Mutex<CModule>> {
-            let path = dir.exported(g)?;
-            load_module(&path, device).map(Mutex::new)
+            let path = dir.exported(&module_file(spec, g))?;
+            load_module_as(&path, device, kind).map(Mutex::new)
         };
         Ok(BlipCaptioner {
             vision: load(GRAPHS[0])?,
             cross: load(GRAPHS[1])?,
             decoder: load(GRAPHS[2])?,
             device,
+            kind,
             tokenizer: dir.tokenizer()?,
             dir,
             batch_size: params.batch_size,
@@ -54,16 +59,17 @@ impl BlipCaptioner {
 
     /// The processor's pixels of `images` on the device.
     fn pixels(&self, images: &[Image]) -> Result<Tensor> {
-        pixels(&self.dir, images, self.device)
+        pixels(&self.dir, images, self.device, self.kind)
     }
 }
 
-/// The processor's pixel values `[n, 3, h, w]` on `device`.
-pub(crate) fn pixels(dir: &BlipDir, images: &[Image], device: tch::Device) -> Result<Tensor> {
+/// The processor's pixel values `[n, 3, h, w]` on `device`, in `kind`.
+pub(crate) fn pixels(dir: &BlipDir, images: &[Image], device: tch::Device, kind: tch::Kind) -> Result<Tensor> {
     let (w, h) = dir.size;
     Ok(Tensor::from_slice(&dir.pixel_values(images)?)
         .reshape([images.len() as i64, 3, h as i64, w as i64])
-        .to_device(device))
+        .to_device(device)
+        .to_kind(kind))
 }
 
 /// One decode: the self-attention cache and the rows' cross-attention
@@ -178,5 +184,13 @@ pub fn load(spec: &ComponentSpec) -> Result<AnyBlipCaptioner> {
 
 /// Params and the architecture's graphs without loading them.
 pub fn probe(spec: &ComponentSpec) -> Result<ragar_core::component::Probe> {
-    BlipDir::probe(spec, &GRAPHS, &crate::blip2::GRAPHS)
+    let (blip, blip2) = (
+        GRAPHS.map(|g| module_file(spec, g)),
+        crate::blip2::GRAPHS.map(|g| module_file(spec, g)),
+    );
+    BlipDir::probe(
+        spec,
+        &blip.each_ref().map(String::as_str),
+        &blip2.each_ref().map(String::as_str),
+    )
 }

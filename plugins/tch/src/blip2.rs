@@ -10,7 +10,7 @@
 //! device.
 
 use crate::blip::{pixels, repeat_row};
-use crate::{device, forward, forward_tuple, load_module, to_host};
+use crate::{forward, forward_tuple, load_module_as, module_file, placement, to_host};
 use ragar_core::blip::{caption_chunks, BlipDir};
 use ragar_core::decoding::{generate, Cached, KvDecoder, Stepper};
 use ragar_core::model::Fetch;
@@ -33,6 +33,8 @@ pub struct Blip2Captioner {
     heads: usize,
     head_dim: usize,
     device: tch::Device,
+    /// The modules' float kind (the config's dtype): the pixels'.
+    kind: tch::Kind,
     tokenizer: Tokenizer,
     dir: BlipDir,
     batch_size: usize,
@@ -42,7 +44,7 @@ impl Blip2Captioner {
     /// Build from `params: { model_dir, batch_size }` (a BLIP-2 folder).
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
         let (params, dir) = BlipDir::open(spec, Fetch::IfMissing)?;
-        let device = device(spec)?;
+        let (device, kind) = placement(spec)?;
         let t = &dir.config["text_config"];
         let num = |k: &str| {
             t[k].as_u64()
@@ -54,7 +56,9 @@ impl Blip2Captioner {
             num("num_attention_heads")?,
             num("hidden_size")?,
         );
-        let load = |g: &str| -> Result<Mutex<CModule>> { load_module(&dir.exported(g)?, device).map(Mutex::new) };
+        let load = |g: &str| -> Result<Mutex<CModule>> {
+            load_module_as(&dir.exported(&module_file(spec, g))?, device, kind).map(Mutex::new)
+        };
         Ok(Blip2Captioner {
             queries: load(GRAPHS[0])?,
             embed: load(GRAPHS[1])?,
@@ -63,6 +67,7 @@ impl Blip2Captioner {
             heads,
             head_dim: hidden / heads.max(1),
             device,
+            kind,
             tokenizer: dir.tokenizer()?,
             dir,
             batch_size: params.batch_size,
@@ -143,7 +148,7 @@ impl Captioner for Blip2Captioner {
             .dir
             .prefix(&self.tokenizer, opts.prompt.as_str(), opts.max_tokens)?;
         caption_chunks(images, self.batch_size, &self.tokenizer, |chunk| {
-            let px = pixels(&self.dir, chunk, self.device)?;
+            let px = pixels(&self.dir, chunk, self.device, self.kind)?;
             let queries = forward(&self.queries, &[px], "BLIP-2 image queries")?;
             if queries.dim() != 3 {
                 return Err(Error::model(format!(

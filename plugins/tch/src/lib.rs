@@ -25,9 +25,9 @@ pub fn components() -> Vec<Component> {
             "minilm",
             "tch",
             ["cpu", "cuda"],
-            "sentence-transformers BERT text encoder from a TorchScript module (model.ts)",
+            "sentence-transformers BERT text encoder from a TorchScript module (model.ts; dtype f16: model.f16.ts)",
             minilm::SentenceEncoder::load,
-            |spec: &ComponentSpec| ragar_core::text::probe(spec, "model.ts")
+            |spec: &ComponentSpec| ragar_core::text::probe(spec, &module_file(spec, "model.ts"))
         ),
         component!(
             Encoder,
@@ -89,7 +89,7 @@ pub fn components() -> Vec<Component> {
             "tch",
             ["cpu", "cuda"],
             "BLIP or BLIP-2 (OPT) captioning from TorchScript modules with key/value caches (config.json's model_type \
-             decides; scripts/export_blip.py): greedy or beam search, shared with candle",
+             decides; scripts/export_blip.py; dtype f16: the *.f16.ts exports): greedy or beam search, shared with candle",
             blip::load,
             blip::probe
         ),
@@ -128,8 +128,8 @@ pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
 }
 
 /// The device and precision a spec asks for, for stages whose export
-/// scripts also write half-precision modules (CLIP, Stable Diffusion, the
-/// keyword LLM:
+/// scripts also write half-precision modules (MiniLM, CLIP, BLIP / BLIP-2,
+/// Stable Diffusion, the keyword LLM:
 /// `--dtype f16` writes `model.f16.ts` next to `model.ts`): the stage then
 /// opens [`module_file`] and casts its float inputs to the kind. `cuda`
 /// without CUDA is an error; only `auto` falls back to the CPU.

@@ -2,9 +2,10 @@
 //! module taking `(input_ids, attention_mask, token_type_ids)` int64
 //! `[batch, seq]` and returning `last_hidden_state` `[batch, seq, hidden]`
 //! (`scripts/export_minilm.py`). Tokenisation and pooling are shared
-//! (`ragar_core::text`).
+//! (`ragar_core::text`). `dtype: f16` reads `model.f16.ts`
+//! (`export_minilm.py --dtype f16`).
 
-use crate::{device, forward, load_module, to_host};
+use crate::{forward, load_module_as, module_file, placement, to_host};
 use ragar_core::model::Fetch;
 use ragar_core::stage::{Encoder, EncoderInfo, TextEmbeddings};
 use ragar_core::text::{
@@ -26,11 +27,12 @@ pub struct SentenceEncoder {
 
 impl SentenceEncoder {
     /// Build from a spec: `params: { model_dir, batch_size, file }`, the
-    /// module being `file` (default `model.ts`) inside the folder.
+    /// module being `file` (default `model.ts`, `model.f16.ts` for dtype
+    /// f16) inside the folder.
     pub fn load(spec: &ComponentSpec) -> Result<Self> {
-        let (params, dir, path) = SentenceEncoderParams::open(spec, "model.ts", Fetch::IfMissing)?;
-        let device = device(spec)?;
-        let module = load_module(&path, device)?;
+        let (params, dir, path) = SentenceEncoderParams::open(spec, &module_file(spec, "model.ts"), Fetch::IfMissing)?;
+        let (device, kind) = placement(spec)?;
+        let module = load_module_as(&path, device, kind)?;
         Ok(SentenceEncoder {
             module: Mutex::new(module),
             device,
