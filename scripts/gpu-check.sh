@@ -57,11 +57,12 @@ step() { # name, command...
   local name=$1; shift
   if "$@" > "$OUT/logs/$name.log" 2>&1; then echo "ok      $name"; else echo "FAILED  $name (see $OUT/logs/$name.log)"; status=1; fi
 }
-# libtorch and the CUDA libraries of PYTHON's torch wheel: the binary's
+# libtorch and the CUDA libraries of PYTHON's torch wheel (else the
+# system toolkit's, for candle's cuBLAS / cuRAND / NVRTC): the binary's
 # rpath names this build machine's venv, which the GPU machine lacks.
 TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null) || TORCH_LIB=
 CU_LIB=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null) || CU_LIB=
-for d in "$CU_LIB" "$TORCH_LIB"; do
+for d in /usr/local/cuda/lib64 "$CU_LIB" "$TORCH_LIB"; do
   [[ -n "$d" && -d "$d" ]] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 
