@@ -85,14 +85,12 @@ def main(model_dir, dtype, onnx=True):
     size = clip.config.vision_config.image_size
     # The TorchScript copy, in the export's precision, with PyTorch's fused
     # attention (aten::scaled_dot_product_attention: flash / memory-efficient
-    # kernels on CUDA, as transformers uses by default); the ONNX graphs keep
-    # the plain softmax(QK^T)V ops every runtime has. `clip` stays the f32 reference.
-    def towers(attn, dt):
-        m = CLIPModel.from_pretrained(model_dir, attn_implementation=attn).eval().to(DTYPES[dt])
-        return Text(m).eval(), Vision(m).eval()
-
-    ts_towers = towers("sdpa", dtype)
-    onnx_towers = towers("eager", "f32") if dtype == "f32" and onnx else None
+    # kernels on CUDA, as transformers uses by default). The ONNX graphs come
+    # from `clip` itself, the f32 eager reference: plain softmax(QK^T)V ops
+    # every runtime has.
+    ts_model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa").eval().to(DTYPES[dtype])
+    ts_towers = Text(ts_model).eval(), Vision(ts_model).eval()
+    onnx_towers = (Text(clip).eval(), Vision(clip).eval()) if dtype == "f32" and onnx else None
     t_in = text_example(2, 12, eos, vocab)
     v_in = (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5)),)
 
