@@ -46,8 +46,8 @@ import torch
 from transformers import BlipForConditionalGeneration, EncoderDecoderCache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import (cache_of, cache_out, command_line, export, flat_of, relative, runners,  # noqa: E402
-                          with_cache)
+from ragar_export import (HALF_LIMIT, cache_of, cache_out, command_line, export, flat_of, relative,  # noqa: E402
+                          runners, with_cache)
 
 
 class Vision(torch.nn.Module):
@@ -177,7 +177,7 @@ def main_blip2(root, dtype):
         x = torch.cat([want_q, blip2.get_input_embeddings()(ids3)], dim=1)
         want = blip2.language_model(inputs_embeds=x, return_dict=True).logits
     total = x.shape[1]
-    limit = 1e-5 if dtype == "f32" else 1e-2
+    limit = 1e-5 if dtype == "f32" else HALF_LIMIT[dtype]
     for label, run in runners(root, ["image_queries", "embed_tokens", "language_model_with_past"], dtype):
         got_q = run("image_queries", px3)[0]
         x = torch.cat([got_q, run("embed_tokens", ids3)[0]], dim=1)
@@ -232,7 +232,7 @@ def main(root, dtype):
     with torch.no_grad():
         want_emb = vision(px3)
         want = blip.text_decoder(input_ids=ids3, encoder_hidden_states=want_emb, return_dict=True).logits
-    limit = 1e-5 if dtype == "f32" else 1e-2
+    limit = 1e-5 if dtype == "f32" else HALF_LIMIT[dtype]
     for label, run in runners(root, ["vision_model", "text_decoder_cross", "text_decoder_with_past"], dtype):
         got_emb = run("vision_model", px3)[0]
         c = run("text_decoder_cross", got_emb)

@@ -16,7 +16,7 @@ import copy
 import os
 
 import torch
-from ragar_export import DTYPES, command_line, relative, save, trace, ts_name
+from ragar_export import DTYPES, HALF_LIMIT, command_line, relative, save, trace, ts_name
 from transformers import AutoModel
 
 
@@ -54,7 +54,7 @@ def main(model_dir, dtype):
             with torch.no_grad():
                 d = relative(wrapper(*x), torch.jit.load(ts_path)(*x).float())
             print(f"shape {shape} {dtype}: max |torch f32 - torchscript {dtype}| / max |torch| = {d:.2e}")
-            assert d < 1e-2, "export does not reproduce the model"
+            assert d < HALF_LIMIT[dtype], "export does not reproduce the model"
         return
     onnx_path = os.path.join(model_dir, "model.onnx")
     save(onnx_path, lambda p: torch.onnx.export(

@@ -31,7 +31,7 @@ import shutil
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from ragar_export import DTYPES, cast, command_line, relative, save, trace, ts_name
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name
 from transformers import CLIPTextModel
 
 
@@ -80,7 +80,7 @@ def export(module, inputs, folder, in_names, out_name, axes, large, dtype, onnx)
 
 def check(folder, module, inputs, names, dtype, onnx):
     """The exports against diffusers / transformers in f32 at other shapes:
-    within 1e-4 (f32) or 1e-2 (half) of the largest output."""
+    within 1e-4 (f32) or HALF_LIMIT (half) of the largest output."""
     with torch.no_grad():
         want = module(*inputs)
         got_ts = torch.jit.load(os.path.join(folder, ts_name("model", dtype)))(*cast(inputs, dtype)).float()
@@ -88,7 +88,7 @@ def check(folder, module, inputs, names, dtype, onnx):
     what = f"{os.path.basename(folder)} {tuple(inputs[0].shape)}"
     if dtype != "f32" or not onnx:
         print(f"{what} {dtype}: max relative |diffusers f32 - torchscript {dtype}| = {d_ts:.2e}")
-        assert d_ts < (1e-2 if dtype != "f32" else 1e-4), "export does not reproduce the model"
+        assert d_ts < HALF_LIMIT.get(dtype, 1e-4), "export does not reproduce the model"
         return
     import onnxruntime as ort
     sess = ort.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
