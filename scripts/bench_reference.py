@@ -178,7 +178,9 @@ def main(request_path):
         sync()
         seconds.append(time.perf_counter() - t)
     lat = latency(seconds)
-    result = {"runner": "pytorch", "stage": stage, "component": comp, "backend": "pytorch",
+    # The weights by folder name, as ragar's rows (stage_bench::model_name): rows compare on the same weights.
+    model = os.path.basename(os.path.normpath(req["model_dir"])) if req.get("model_dir") else ""
+    result = {"runner": "pytorch", "stage": stage, "component": comp, "model": model, "backend": "pytorch",
               "device": req["device"], "dtype": req["dtype"], "args": args, "latency": lat,
               "items_per_s": lat["per_second"] * batch, "threads": torch.get_num_threads()}
     tmp = req["out"] + ".part"

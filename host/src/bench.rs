@@ -704,7 +704,7 @@ fn demo_table<'a>(list: &[&'a JobResult]) -> (String, String, Vec<&'a JobResult>
 }
 
 /// The stage matrix's table: one row per job, grouped by what is compared
-/// (stage, component, device, dtype, batch); in each group every row's
+/// (stage, component, weights, device, dtype, batch); in each group every row's
 /// throughput against the fastest ragar backend and against the PyTorch
 /// reference (ratios > 1 = faster).
 fn stage_table(list: &[&JobResult]) -> (String, String) {
@@ -713,8 +713,8 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
     let list: Vec<&JobResult> = rounds.iter().map(|m| m.result).collect();
     let key = |s: &StageBenchResult| {
         format!(
-            "{:?}|{}|{}|{}|{}",
-            s.stage, s.component, s.device, s.dtype, s.args.batch
+            "{:?}|{}|{}|{}|{}|{}",
+            s.stage, s.component, s.model, s.device, s.dtype, s.args.batch
         )
     };
     let mut fastest: BTreeMap<String, f64> = BTreeMap::new();
@@ -729,16 +729,16 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
         *e = e.max(s.items_per_s);
     }
     let mut csv = String::from(
-        "job,status,stage,component,runner,backend,device,dtype,batch,iters,items_per_s,p50_ms,p90_ms,p99_ms,peak_rss_mib,vs_fastest_ragar,vs_pytorch,rounds,items_per_s_min,items_per_s_max\n",
+        "job,status,stage,component,model,runner,backend,device,dtype,batch,iters,items_per_s,p50_ms,p90_ms,p99_ms,peak_rss_mib,vs_fastest_ragar,vs_pytorch,rounds,items_per_s_min,items_per_s_max\n",
     );
     let mut md = String::from(
-        "| stage | component | backend | device | dtype | batch | items/s | p50 ms | p90 ms | p99 ms | peak MiB | / fastest ragar | / PyTorch |\n\
-         |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| stage | component | model | backend | device | dtype | batch | items/s | p50 ms | p90 ms | p99 ms | peak MiB | / fastest ragar | / PyTorch |\n\
+         |---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (r, m) in list.iter().zip(&rounds) {
         let Some(s) = &r.stage else {
-            csv += &format!("{},{},,,,,,,,,,,,,{:.1},,,0,,\n", r.job.id, r.status, r.peak_rss_mib);
-            md += &format!("| {} ({}) | | | | | | | | | | | | |\n", r.job.id, r.status);
+            csv += &format!("{},{},,,,,,,,,,,,,,{:.1},,,0,,\n", r.job.id, r.status, r.peak_rss_mib);
+            md += &format!("| {} ({}) | | | | | | | | | | | | | |\n", r.job.id, r.status);
             continue;
         };
         let ratio = |m: &BTreeMap<String, f64>| m.get(&key(s)).filter(|v| **v > 0.0).map(|v| s.items_per_s / v);
@@ -746,11 +746,12 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
         let ms = |v: f64| v * 1000.0;
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{:.3},{:.3},{:.3},{:.1},{},{},{},{:.4},{:.4}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.3},{:.3},{:.3},{:.1},{},{},{},{:.4},{:.4}\n",
             r.job.id,
             r.status,
             serde_json::to_value(s.stage).unwrap_or_default().as_str().unwrap_or(""),
             s.component,
+            s.model,
             s.runner,
             s.backend,
             s.device,
@@ -770,9 +771,10 @@ fn stage_table(list: &[&JobResult]) -> (String, String) {
         );
         let na = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}x"));
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} |\n",
             serde_json::to_value(s.stage).unwrap_or_default().as_str().unwrap_or(""),
             s.component,
+            s.model,
             s.backend,
             s.device,
             s.dtype,
@@ -902,6 +904,7 @@ mod tests {
             runner: "ragar".into(),
             stage: BenchStage::parse("encoder-text").unwrap(),
             component: "clip".into(),
+            model: "clip-tiny".into(),
             backend: job.method.clone(),
             device: "cpu".into(),
             dtype: "f32".into(),
@@ -988,6 +991,33 @@ mod tests {
         assert_eq!(csv.lines().count(), 5, "{csv}");
         assert!(csv.lines().nth(1).unwrap().ends_with(",3,10.0000,30.0000"), "{csv}");
         assert!(md.contains("median of up to 3 interleaved rounds"), "{md}");
+    }
+
+    /// Rows are compared on the same weights only: a component's tiny
+    /// checkpoint and its full-size one are two groups, each with its own
+    /// fastest backend (they were one group, and the full-size rows read
+    /// 0.01x against the tiny ones).
+    #[test]
+    fn stage_tables_compare_rows_on_the_same_weights() {
+        let jobs = matrix(1).jobs();
+        // jobs: a b1, a b8, b b1, b b8 (the helper times every one at batch 1).
+        let mut results = vec![result(&jobs[0], "ok", 100.0), result(&jobs[2], "ok", 50.0)];
+        let mut big = result(&jobs[1], "ok", 2.0);
+        big.stage.as_mut().unwrap().model = "clip-vit-b32".into();
+        results.push(big);
+        let list: Vec<&JobResult> = results.iter().collect();
+        let (csv, md) = stage_table(&list);
+        let ratio = |model: &str, items: &str| {
+            let row = csv
+                .lines()
+                .find(|l| l.contains(&format!(",clip,{model},")) && l.contains(&format!(",{items},")))
+                .unwrap_or_else(|| panic!("{model} {items}: {csv}"));
+            row.split(',').nth(16).unwrap().to_string()
+        };
+        assert_eq!(ratio("clip-tiny", "100.0000"), "1.000", "{csv}");
+        assert_eq!(ratio("clip-tiny", "50.0000"), "0.500", "{csv}");
+        assert_eq!(ratio("clip-vit-b32", "2.0000"), "1.000", "{csv}");
+        assert!(md.contains("| clip | clip-vit-b32 | a |"), "{md}");
     }
 
     /// A demo matrix's rows and sweep points: each variant's median round

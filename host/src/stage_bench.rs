@@ -107,6 +107,11 @@ pub struct StageBenchResult {
     pub stage: BenchStage,
     /// Component name (`clip`, `minilm`, `stable-diffusion`).
     pub component: String,
+    /// The weights: the name of the component's `model_dir` folder
+    /// (`clip-tiny-e2e`, `clip-vit-b32-random`), empty for a component
+    /// without one. Two rows compare only on the same weights.
+    #[serde(default)]
+    pub model: String,
     /// Backend (`candle`, `ort`, `tch`; the reference: `pytorch`).
     pub backend: String,
     /// Device as configured.
@@ -278,6 +283,7 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
         runner: "ragar".into(),
         stage: args.stage,
         component: block.name.clone(),
+        model: model_name(&block.params),
         backend: block.backend.clone(),
         device: block.device.clone(),
         dtype: block.dtype.clone(),
@@ -288,11 +294,26 @@ pub fn run(loaded: &Loaded, registry: &Registry, args: &StageBenchArgs) -> Resul
     })
 }
 
+/// The weights' name for a table row: the last part of `params.model_dir`
+/// (scripts/bench_reference.py names the PyTorch row the same way).
+pub fn model_name(params: &serde_json::Map<String, serde_json::Value>) -> String {
+    params
+        .get("model_dir")
+        .and_then(|v| v.as_str())
+        .and_then(|d| std::path::Path::new(d.trim_end_matches('/')).file_name())
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+}
+
 impl StageBenchResult {
-    /// A row label: `stage component backend device dtype batch`.
+    /// A row label: `stage component[:model] backend device dtype batch`.
     pub fn label(&self) -> String {
+        let model = if self.model.is_empty() {
+            String::new()
+        } else {
+            format!(":{}", self.model)
+        };
         format!(
-            "{} {} {} {} {} b{}",
+            "{} {}{model} {} {} {} b{}",
             self.stage.name(),
             self.component,
             self.backend,

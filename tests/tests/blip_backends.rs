@@ -158,7 +158,7 @@ fn the_captioner_stage_is_timed_like_the_others() {
     ]));
     let t = text(&o);
     assert!(
-        o.status.success() && t.contains("captioner blip ort cpu f32 b2:"),
+        o.status.success() && t.contains("captioner blip:blip-tiny ort cpu f32 b2:"),
         "{t}"
     );
 }
