@@ -13,6 +13,15 @@ fn main() {
         let lib = lib.canonicalize().unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
+    // The `ragar` executable answers MKL's vendor check (ragar-tch's mkl.rs):
+    // pull the definition in and put it in the dynamic symbol table, where
+    // libtorch_cpu.so's call finds it before MKL's own.
+    if host {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--undefined=mkl_serv_intel_cpu_true,\
+             --export-dynamic-symbol=mkl_serv_intel_cpu_true"
+        );
+    }
     // With `cuda`, keep libtorch_cuda.so: nothing references its symbols
     // directly, so `--as-needed` would drop it and libtorch would then see
     // no CUDA device (notes/native-backends.md).

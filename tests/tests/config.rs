@@ -46,6 +46,7 @@ fn precedence_and_provenance() {
         ("RAGAR_ENCODER__PARAMS__BATCH_SIZE", "16"),
         ("RAGAR_PYTHON", "/usr/bin/python3"),
         ("RAGAR_LOG", "warn"),
+        ("RAGAR_MKL_VENDOR_CHECK", "1"),
     ];
     let (ok, out) = print_config(&cfg, &env, &[]);
     assert!(ok, "{out}");

@@ -13,6 +13,7 @@ pub mod content_ranker;
 pub mod keyword_llm;
 pub mod mapper;
 pub mod minilm;
+pub mod mkl;
 pub mod stable_diffusion;
 
 use ragar_core::{component, Component, ComponentSpec, DType, Error, Result};
