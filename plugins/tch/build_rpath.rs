@@ -2,7 +2,7 @@
 // find libtorch at run time without LD_LIBRARY_PATH, by an rpath to
 // $LIBTORCH/lib (LIBTORCH is set by .cargo/config.toml to the cache's link),
 // and with the `cuda` feature link libtorch's CUDA library for real.
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let host = std::env::var("CARGO_PKG_NAME").is_ok_and(|n| n == "ragar-host");
     if host && std::env::var_os("CARGO_FEATURE_TCH").is_none() {

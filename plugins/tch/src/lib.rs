@@ -229,18 +229,45 @@ pub fn to_host(t: &tch::Tensor) -> Result<Vec<f32>> {
     Vec::<f32>::try_from(&t).map_err(|e| Error::model(format!("reading TorchScript output: {e}")))
 }
 
-/// Run a stage's module (behind `&self`: CModule is not Sync) without
-/// autograd; errors name `what`.
+extern "C" {
+    fn ragar_inference_mode_enter() -> *mut std::ffi::c_void;
+    fn ragar_inference_mode_exit(guard: *mut std::ffi::c_void);
+}
+
+/// Run `f` in libtorch's inference mode (`c10::InferenceMode`, through
+/// `shim/inference_mode.cpp`): no autograd, and none of the version counters
+/// and view tracking that `no_grad` still keeps per op. Every module call of
+/// this plugin runs in it; the tensors it returns are inference tensors,
+/// which the plugin only reads, copies to the host or feeds back in.
+pub fn inference_mode<T>(f: impl FnOnce() -> T) -> T {
+    struct Guard(*mut std::ffi::c_void);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // SAFETY: the guard this thread's `enter` made, released once.
+            unsafe { ragar_inference_mode_exit(self.0) }
+        }
+    }
+    // SAFETY: `enter` only allocates the guard and sets this thread's
+    // autograd state; it returns null where the allocation failed.
+    let guard = Guard(unsafe { ragar_inference_mode_enter() });
+    if guard.0.is_null() {
+        return tch::no_grad(f);
+    }
+    f()
+}
+
+/// Run a stage's module (behind `&self`: CModule is not Sync) in inference
+/// mode; errors name `what`.
 pub fn forward(module: &std::sync::Mutex<tch::CModule>, inputs: &[tch::Tensor], what: &str) -> Result<tch::Tensor> {
     let m = module
         .lock()
         .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-    tch::no_grad(|| m.forward_ts(inputs))
+    inference_mode(|| m.forward_ts(inputs))
         .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))
 }
 
 /// Run a module whose output is a tuple of tensors (the cache-carrying
-/// decoders), without autograd; errors name `what`.
+/// decoders), in inference mode; errors name `what`.
 pub fn forward_tuple(
     module: &std::sync::Mutex<tch::CModule>,
     inputs: Vec<tch::Tensor>,
@@ -250,7 +277,7 @@ pub fn forward_tuple(
         .lock()
         .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
     let inputs: Vec<tch::IValue> = inputs.into_iter().map(tch::IValue::Tensor).collect();
-    let out = tch::no_grad(|| m.forward_is(&inputs))
+    let out = inference_mode(|| m.forward_is(&inputs))
         .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))?;
     let tch::IValue::Tuple(out) = out else {
         return Err(Error::model(format!(
@@ -263,4 +290,24 @@ pub fn forward_tuple(
             _ => Err(Error::model(format!("{what} (TorchScript): an output is not a tensor"))),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inside, libtorch makes inference tensors; after, autograd is back as it
+    /// was (a product of a tensor that requires grad requires grad again).
+    #[test]
+    fn inference_mode_holds_for_the_call_only() {
+        let x = tch::Tensor::ones([2, 3], (tch::Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let inside = inference_mode(|| &x * 2.0);
+        assert!(inside.is_inference() && !inside.requires_grad());
+        let after = &x * 2.0;
+        assert!(!after.is_inference() && after.requires_grad());
+        // A panic inside still leaves inference mode.
+        let r = std::panic::catch_unwind(|| inference_mode(|| panic!("inside")));
+        assert!(r.is_err());
+        assert!((&x * 2.0).requires_grad());
+    }
 }

@@ -60,7 +60,7 @@ impl Mapper for TchMapper {
             .module
             .lock()
             .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-        let out = tch::no_grad(|| m.forward_is(&[IValue::Tensor(x), IValue::Tensor(kw)]))
+        let out = crate::inference_mode(|| m.forward_is(&[IValue::Tensor(x), IValue::Tensor(kw)]))
             .map_err(|e| Error::model(format!("Mapper (TorchScript): {}", first_line(&e.to_string()))))?;
         let (mapped, pref) = match out {
             IValue::Tuple(v) if v.len() == 2 => match (&v[0], &v[1]) {
