@@ -1,6 +1,7 @@
 // c10::InferenceMode for ragar-tch: tch 0.24 offers only no_grad. Inference
 // mode also skips the version counters and view tracking that no_grad
-// keeps, which is most of libtorch's per-op cost on small models.
+// keeps per op (measured: 6-28 % on the tiny test models, level on
+// full-size ones).
 #include <c10/core/InferenceMode.h>
 
 #include <new>
