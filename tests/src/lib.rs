@@ -101,22 +101,22 @@ pub fn cdylib(package: &str, features: &[&str]) -> PathBuf {
     copy
 }
 
+/// `BIN stage STAGE --config CONFIG --out OUT`, from the workspace root;
+/// callers add the input file, flags and `key=value` overrides.
+pub fn stage_command(bin: &Path, stage: &str, config: &str, out: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(root())
+        .args(["stage", stage, "--config", config, "--out"])
+        .arg(out);
+    cmd
+}
+
 /// `BIN stage encoder --config configs/minilm.yaml --text-file
 /// tests/fixtures/sentences.txt --out OUT`, from the workspace root; add
 /// overrides and environment to taste.
 pub fn minilm_stage(bin: &Path, out: &Path) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.current_dir(root())
-        .args([
-            "stage",
-            "encoder",
-            "--config",
-            "configs/minilm.yaml",
-            "--text-file",
-            "tests/fixtures/sentences.txt",
-        ])
-        .arg("--out")
-        .arg(out);
+    let mut cmd = stage_command(bin, "encoder", "configs/minilm.yaml", out);
+    cmd.args(["--text-file", "tests/fixtures/sentences.txt"]);
     cmd
 }
 

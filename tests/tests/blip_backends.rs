@@ -44,27 +44,22 @@ fn captions_with(
     )
     .unwrap();
     let out = tmp.path().join("captions.json");
-    let o = run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "captioner",
-            "--config",
-            "configs/components/blip.yaml",
-            "--image-file",
-            list.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--beams",
-            &beams.to_string(),
-            "--max-tokens",
-            &max_tokens.to_string(),
-            "--prompt",
-            prompt,
-            &format!("captioner.params.model_dir={}", model.display()),
-            &format!("captioner.backend={backend}"),
-        ])
-        .args(overrides));
+    let o = run(
+        stage_command(&ragar(), "captioner", "configs/components/blip.yaml", &out)
+            .args([
+                "--image-file",
+                list.to_str().unwrap(),
+                "--beams",
+                &beams.to_string(),
+                "--max-tokens",
+                &max_tokens.to_string(),
+                "--prompt",
+                prompt,
+                &format!("captioner.params.model_dir={}", model.display()),
+                &format!("captioner.backend={backend}"),
+            ])
+            .args(overrides),
+    );
     let got = std::fs::read_to_string(&out)
         .ok()
         .map(|t| serde_json::from_str(&t).unwrap())

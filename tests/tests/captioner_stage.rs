@@ -4,26 +4,18 @@
 //! image is named with its list line.
 
 use ragar_tests::*;
-use std::process::Command;
 
 fn captioner(list: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "captioner",
-            "--config",
-            "configs/components/blip.yaml",
-            "--image-file",
-        ])
-        .arg(list)
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .arg(format!(
-            "captioner.params.model_dir={}",
-            cache().join("models/blip-tiny").display()
-        )))
+    run(
+        stage_command(&ragar(), "captioner", "configs/components/blip.yaml", out)
+            .arg("--image-file")
+            .arg(list)
+            .args(extra)
+            .arg(format!(
+                "captioner.params.model_dir={}",
+                cache().join("models/blip-tiny").display()
+            )),
+    )
 }
 
 #[test]

@@ -7,7 +7,6 @@
 //! (scripts/fixtures/make_clip_e2e.py), and with each other.
 
 use ragar_tests::*;
-use std::process::Command;
 
 fn reference() -> serde_json::Value {
     let p = cache().join("models/clip-tiny-e2e/reference.json");
@@ -41,18 +40,9 @@ fn run_stage_with(
         "encoder.params.model_dir={}",
         cache().join("models/clip-tiny-e2e").display()
     );
-    run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "encoder",
-            "--config",
-            "configs/components/clip.yaml",
-            input_flag,
-        ])
+    run(stage_command(&ragar(), "encoder", "configs/components/clip.yaml", out)
+        .arg(input_flag)
         .arg(input)
-        .arg("--out")
-        .arg(out)
         .arg(model)
         .arg(format!("encoder.backend={backend}"))
         .args(overrides))
@@ -165,18 +155,15 @@ fn a_graph_of_another_stage_is_refused_with_expected_and_found_names() {
     .unwrap();
     let input = dir.path().join("t.txt");
     std::fs::write(&input, "a cat\n").unwrap();
-    let o = run(Command::new(ragar()).current_dir(root()).args([
-        "stage",
-        "encoder",
-        "--config",
-        "configs/components/clip.yaml",
-        "--text-file",
-        input.to_str().unwrap(),
-        "--out",
-        dir.path().join("o.json").to_str().unwrap(),
-        &format!("encoder.params.model_dir={}", dir.path().display()),
-        "encoder.backend=ort",
-    ]));
+    let out = dir.path().join("o.json");
+    let o = run(
+        stage_command(&ragar(), "encoder", "configs/components/clip.yaml", &out).args([
+            "--text-file",
+            input.to_str().unwrap(),
+            &format!("encoder.params.model_dir={}", dir.path().display()),
+            "encoder.backend=ort",
+        ]),
+    );
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(

@@ -14,20 +14,13 @@ fn sd_dir() -> std::path::PathBuf {
 }
 
 fn generator(out: &Path, extra: &[&str]) -> std::process::Output {
-    run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "generator",
-            "--config",
-            "configs/components/sd15.yaml",
-            "--out",
-        ])
-        .arg(out)
-        .args(["--steps", "2", "--width", "64", "--height", "64", "--seed", "42"])
-        .args(extra)
-        .arg(format!("generator.params.model_dir={}", sd_dir().display()))
-        .arg("generator.params.scheduler=ddim"))
+    run(
+        stage_command(&ragar(), "generator", "configs/components/sd15.yaml", out)
+            .args(["--steps", "2", "--width", "64", "--height", "64", "--seed", "42"])
+            .args(extra)
+            .arg(format!("generator.params.model_dir={}", sd_dir().display()))
+            .arg("generator.params.scheduler=ddim"),
+    )
 }
 
 /// The reference image `key` of reference.safetensors as 8-bit RGB.
@@ -134,27 +127,20 @@ fn bad_inputs_are_named() {
     std::fs::write(&prompts, "a cat\n").unwrap();
     let out = dir.path().join("images");
 
-    let o = run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "generator",
-            "--config",
-            "configs/components/sd15.yaml",
-            "--out",
-        ])
-        .arg(&out)
-        .args([
-            "--text-file",
-            prompts.to_str().unwrap(),
-            "--steps",
-            "1",
-            "--width",
-            "60",
-            "--height",
-            "64",
-        ])
-        .arg(format!("generator.params.model_dir={}", sd_dir().display())));
+    let o = run(
+        stage_command(&ragar(), "generator", "configs/components/sd15.yaml", &out)
+            .args([
+                "--text-file",
+                prompts.to_str().unwrap(),
+                "--steps",
+                "1",
+                "--width",
+                "60",
+                "--height",
+                "64",
+            ])
+            .arg(format!("generator.params.model_dir={}", sd_dir().display())),
+    );
     assert!(!o.status.success());
     assert!(
         text(&o).contains("request 0: size 60x64 must be a positive multiple of 8"),

@@ -2,7 +2,6 @@
 //! keyword generation to JSON and the [IMG] hidden states to safetensors.
 
 use ragar_tests::*;
-use std::process::Command;
 
 fn stage(args: &[&str], out: &std::path::Path) -> String {
     cache();
@@ -14,19 +13,12 @@ fn stage(args: &[&str], out: &std::path::Path) -> String {
          Give three comma-separated keywords for this movie: Toy Story (1995)\n",
     )
     .unwrap();
-    let o = run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "keyword-llm",
-            "--config",
-            "configs/components/smollm2.yaml",
-            "--text-file",
-        ])
-        .arg(&prompts)
-        .arg("--out")
-        .arg(out)
-        .args(args));
+    let o = run(
+        stage_command(&ragar(), "keyword-llm", "configs/components/smollm2.yaml", out)
+            .arg("--text-file")
+            .arg(&prompts)
+            .args(args),
+    );
     assert!(o.status.success(), "{}", text(&o));
     text(&o)
 }

@@ -18,7 +18,7 @@
 
 use ragar_tests::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 const BACKENDS: [&str; 3] = ["candle", "ort", "tch"];
 
@@ -48,21 +48,14 @@ fn stage(backend: &str, model: &Path, dir: &Path, out: &Path, args: &[&str]) -> 
     } else {
         prompts(dir)
     };
-    run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "keyword-llm",
-            "--config",
-            "configs/components/qwen2.yaml",
-            "--text-file",
-        ])
-        .arg(prompts)
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .arg(format!("keyword_llm.backend={backend}"))
-        .arg(format!("keyword_llm.params.model_dir={}", model.display())))
+    run(
+        stage_command(&ragar(), "keyword-llm", "configs/components/qwen2.yaml", out)
+            .arg("--text-file")
+            .arg(prompts)
+            .args(args)
+            .arg(format!("keyword_llm.backend={backend}"))
+            .arg(format!("keyword_llm.params.model_dir={}", model.display())),
+    )
 }
 
 fn answers(backend: &str, args: &[&str]) -> Vec<serde_json::Value> {

@@ -35,37 +35,32 @@ fn generate(backend: &str, scheduler: &str, out: &Path) -> Vec<u8> {
 fn generate_with(backend: &str, scheduler: &str, out: &Path, overrides: &[&str]) -> Vec<u8> {
     let prompts = out.with_extension("txt");
     std::fs::write(&prompts, "a red apple on a wooden table\n").unwrap();
-    let o = run(Command::new(ragar())
-        .current_dir(root())
-        .args([
-            "stage",
-            "generator",
-            "--config",
-            "configs/components/sd15.yaml",
-            "--text-file",
-            prompts.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--seed",
-            "42",
-            "--steps",
-            "2",
-            "--guidance",
-            "7.5",
-            "--negative",
-            "blurry, low quality",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            &format!(
-                "generator.params.model_dir={}",
-                cache().join("models/sd-tiny").display()
-            ),
-            &format!("generator.params.scheduler={scheduler}"),
-            &format!("generator.backend={backend}"),
-        ])
-        .args(overrides));
+    let o = run(
+        stage_command(&ragar(), "generator", "configs/components/sd15.yaml", out)
+            .args([
+                "--text-file",
+                prompts.to_str().unwrap(),
+                "--seed",
+                "42",
+                "--steps",
+                "2",
+                "--guidance",
+                "7.5",
+                "--negative",
+                "blurry, low quality",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                &format!(
+                    "generator.params.model_dir={}",
+                    cache().join("models/sd-tiny").display()
+                ),
+                &format!("generator.params.scheduler={scheduler}"),
+                &format!("generator.backend={backend}"),
+            ])
+            .args(overrides),
+    );
     assert!(o.status.success(), "{backend} {scheduler} {overrides:?}: {}", text(&o));
     image::open(out.join("000000.png")).unwrap().to_rgb8().into_raw()
 }
@@ -227,18 +222,15 @@ fn a_pipeline_without_exported_graphs_names_the_export_script() {
     let prompts = tmp.path().join("p.txt");
     std::fs::write(&prompts, "a cat\n").unwrap();
     for backend in ["ort", "tch"] {
-        let o = run(Command::new(ragar()).current_dir(root()).args([
-            "stage",
-            "generator",
-            "--config",
-            "configs/components/sd15.yaml",
-            "--text-file",
-            prompts.to_str().unwrap(),
-            "--out",
-            tmp.path().join("out").to_str().unwrap(),
-            &format!("generator.params.model_dir={}", tmp.path().display()),
-            &format!("generator.backend={backend}"),
-        ]));
+        let out = tmp.path().join("out");
+        let o = run(
+            stage_command(&ragar(), "generator", "configs/components/sd15.yaml", &out).args([
+                "--text-file",
+                prompts.to_str().unwrap(),
+                &format!("generator.params.model_dir={}", tmp.path().display()),
+                &format!("generator.backend={backend}"),
+            ]),
+        );
         let t = text(&o);
         assert!(
             !o.status.success() && t.contains("unet/model.") && t.contains("scripts/export_sd.py"),

@@ -7,7 +7,6 @@
 
 use ragar_tests::*;
 use std::path::Path;
-use std::process::Command;
 
 const SYMBOL: &str = "`mkl_serv_intel_cpu_true'";
 
