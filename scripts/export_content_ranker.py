@@ -13,8 +13,13 @@ x = W_v v + W_t t; the user the attention-pooled history with a recency
 embedding (row 0 = most recent); score = p . x. Training stays on candle.
 Checked against the eager module at another batch and candidate count.
 
-Usage: python scripts/export_content_ranker.py STATE.safetensors
+`--dtype f16` (or bf16) writes the half-precision TorchScript module alone
+(<stem>.f16.ts: every input and the scores in f16), which the tch ranker
+reads for `ranker.dtype: f16`; checked against the f32 eager module.
+
+Usage: python scripts/export_content_ranker.py STATE.safetensors [--dtype f32|f16|bf16]
 """
+import copy
 import json
 import os
 import sys
@@ -24,13 +29,15 @@ from safetensors import safe_open
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import save, trace  # noqa: E402
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name  # noqa: E402
 
 
 class Content(nn.Module):
-    def __init__(self, w, dv, dt):
+    def __init__(self, w, dv, dt, masked=1e9):
         super().__init__()
-        self.dv, self.dt = dv, dt
+        # `masked`: how far below the others a padded slot's logit goes (as
+        # candle's 1e9 in f32; f16 overflows at 65504, and 0 * inf is NaN).
+        self.dv, self.dt, self.masked = dv, dt, masked
         self.visual = nn.Parameter(w["visual.weight"]) if dv else None
         self.text = nn.Parameter(w["text.weight"]) if dt else None
         self.recency = nn.Parameter(w["recency"])
@@ -50,14 +57,14 @@ class Content(nn.Module):
         length = x.shape[1]
         h = x + self.recency[:length].flip(0)[None]
         a = torch.tanh(h @ self.att_w.T)
-        logits = (a @ self.att_q.T).squeeze(2) + (mask - 1.0) * 1e9
+        logits = (a @ self.att_q.T).squeeze(2) + (mask - 1.0) * self.masked
         w = torch.softmax(logits, dim=-1)
         p = (w.unsqueeze(1) @ x).squeeze(1)
         c = self.embed(cand_visual, cand_text)
         return (c * p.unsqueeze(1)).sum(-1)
 
 
-def main(state):
+def main(state, dtype):
     with safe_open(state, "pt") as f:
         meta = json.loads((f.metadata() or {}).get("ragar.content", "{}"))
         if "params" not in meta:
@@ -91,6 +98,22 @@ def main(state):
             return self.inner(*full)
 
     ex = example(2, 7)
+    x = example(3, 50)
+    with torch.no_grad():
+        want = m(*x)
+    scale = want.abs().max().item() + 1e-12
+    if dtype != "f32":
+        # A half copy traced (`m` stays the f32 reference); no ONNX.
+        path = ts_name(stem, dtype)
+        half = copy.deepcopy(m).to(DTYPES[dtype])
+        half.masked = torch.finfo(DTYPES[dtype]).max / 2
+        trace(half, cast(ex, dtype), path)
+        with torch.no_grad():
+            d = relative(want, torch.jit.load(path)(*cast(x, dtype)).float())
+        print(f"scores (3 x 50): max |torch f32 - torchscript {dtype}| / max |torch| = {d:.2e}")
+        assert d < HALF_LIMIT[dtype], "export does not reproduce the model"
+        print("wrote", path)
+        return
     ex_keep = tuple(x for n, x in zip(names, ex) if n in keep)
     save(stem + ".onnx", lambda p: torch.onnx.export(
         Onnx(m), ex_keep, p, dynamo=False, opset_version=17, input_names=keep, output_names=["scores"],
@@ -98,13 +121,10 @@ def main(state):
     trace(m, ex, stem + ".ts")
 
     import onnxruntime as ort
-    x = example(3, 50)
     with torch.no_grad():
-        want = m(*x)
         got_ts = torch.jit.load(stem + ".ts")(*x)
     sess = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"])
     got_onnx = sess.run(None, {n: v.numpy() for n, v in zip(names, x) if n in keep})[0]
-    scale = want.abs().max().item() + 1e-12
     d_ts = (want - got_ts).abs().max().item() / scale
     d_onnx = abs(want.numpy() - got_onnx).max() / scale
     print(f"scores (3 x 50): max relative |torch - torchscript| = {d_ts:.2e}, |torch - onnx| = {d_onnx:.2e}")
@@ -113,4 +133,6 @@ def main(state):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (state,), dtype = command_line(
+        "python scripts/export_content_ranker.py STATE.safetensors [--dtype f32|f16|bf16]")
+    main(state, dtype)

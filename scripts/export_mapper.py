@@ -12,8 +12,13 @@ candle's Mapper is parity-tested against; training stays on candle
 (autograd and the optimiser state live there). Checked against the eager
 model at another batch size.
 
-Usage: python scripts/export_mapper.py CHECKPOINT.safetensors
+`--dtype f16` (or bf16) writes the half-precision TorchScript module alone
+(<stem>.f16.ts: x, kw and both outputs in f16), which the tch Mapper reads
+for `mapper.dtype: f16`; checked against the f32 eager model.
+
+Usage: python scripts/export_mapper.py CHECKPOINT.safetensors [--dtype f32|f16|bf16]
 """
+import copy
 import json
 import os
 import sys
@@ -22,11 +27,11 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import save, trace  # noqa: E402
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name  # noqa: E402
 from ragar_mapper import Mapper  # noqa: E402
 
 
-def main(ckpt):
+def main(ckpt, dtype):
     with safe_open(ckpt, "pt") as f:
         meta = json.loads((f.metadata() or {}).get("ragar.mapper", "{}"))
         if "mapper_config" not in meta:
@@ -41,20 +46,33 @@ def main(ckpt):
     example = (torch.randn(2, 1 + c["n_img_tokens"], c["input_dim"], generator=g),
                torch.randn(2, c["keyword_dim"], generator=g))
     stem = os.path.splitext(ckpt)[0]
-    axes = {n: {0: "batch"} for n in ["x", "kw", "mapped", "preference"]}
     # The fast path of nn.MultiheadAttention (eval, no grad) is not what the
     # exporters should see: export the plain math.
     torch.backends.mha.set_fastpath_enabled(False)
+    x = (torch.randn(3, 1 + c["n_img_tokens"], c["input_dim"], generator=g),
+         torch.randn(3, c["keyword_dim"], generator=g))
+    with torch.no_grad():
+        want = m(*x)
+    if dtype != "f32":
+        # A half copy traced (`m` stays the f32 reference); no ONNX.
+        path = ts_name(stem, dtype)
+        trace(copy.deepcopy(m).to(DTYPES[dtype]), cast(example, dtype), path)
+        with torch.no_grad():
+            got = torch.jit.load(path)(*cast(x, dtype))
+        for i, name in enumerate(["mapped", "preference"]):
+            d = relative(want[i], got[i].float())
+            print(f"{name} (batch 3): max |torch f32 - torchscript {dtype}| / max |torch| = {d:.2e}")
+            assert d < HALF_LIMIT[dtype], "export does not reproduce the model"
+        print("wrote", path)
+        return
+    axes = {n: {0: "batch"} for n in ["x", "kw", "mapped", "preference"]}
     save(stem + ".onnx", lambda p: torch.onnx.export(
         m, example, p, dynamo=False, opset_version=17, input_names=["x", "kw"],
         output_names=["mapped", "preference"], dynamic_axes=axes))
     trace(m, example, stem + ".ts")
 
     import onnxruntime as ort
-    x = (torch.randn(3, 1 + c["n_img_tokens"], c["input_dim"], generator=g),
-         torch.randn(3, c["keyword_dim"], generator=g))
     with torch.no_grad():
-        want = m(*x)
         got_ts = torch.jit.load(stem + ".ts")(*x)
     got_onnx = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"]).run(
         None, {"x": x[0].numpy(), "kw": x[1].numpy()})
@@ -67,4 +85,5 @@ def main(ckpt):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (ckpt,), dtype = command_line("python scripts/export_mapper.py CHECKPOINT.safetensors [--dtype f32|f16|bf16]")
+    main(ckpt, dtype)

@@ -173,10 +173,12 @@ pub fn checkpoint(spec: &crate::ComponentSpec, backend: &str) -> Result<std::pat
     }
 }
 
-/// The probe: the state and its exported graph (`ext`) exist.
-pub fn probe(spec: &crate::ComponentSpec, backend: &str, ext: &str) -> Result<crate::component::Probe> {
+/// The probe: the state and its exported graph (`graph_of(state)`) exist.
+pub fn probe(
+    spec: &crate::ComponentSpec,
+    backend: &str,
+    graph_of: impl Fn(&std::path::Path) -> std::path::PathBuf,
+) -> Result<crate::component::Probe> {
     let state = checkpoint(spec, backend)?;
-    crate::component::Probe::default()
-        .file(&state)?
-        .file(&state.with_extension(ext))
+    crate::component::Probe::default().file(&state)?.file(&graph_of(&state))
 }

@@ -2,7 +2,8 @@
 //! scripts/export_content_ranker.py, scores on ort and tch as on candle:
 //! `ragar evaluate`'s ranks of the reference and of the generated image
 //! (among every catalogue item outside the history: over 1,300 candidates)
-//! are the same on the three backends.
+//! are the same on the three backends; with the f16 export on tch, within
+//! 2 places.
 
 use ragar_tests::*;
 use std::process::Command;
@@ -31,11 +32,14 @@ fn content_ranker_ranks_alike_on_every_backend() {
         .chain(common[..3].iter().cloned())
         .collect();
     ragar_ok(&train);
-    let o = run(Command::new(cache().join("venv/bin/python"))
-        .current_dir(root())
-        .arg("scripts/export_content_ranker.py")
-        .arg(p("content.safetensors")));
-    assert!(o.status.success(), "{}", text(&o));
+    for dtype in ["f32", "f16"] {
+        let o = run(Command::new(cache().join("venv/bin/python"))
+            .current_dir(root())
+            .arg("scripts/export_content_ranker.py")
+            .arg(p("content.safetensors"))
+            .args(["--dtype", dtype]));
+        assert!(o.status.success(), "{}", text(&o));
+    }
     ragar_ok(&with(&[
         "run",
         "configs/demo.yaml",
@@ -47,8 +51,8 @@ fn content_ranker_ranks_alike_on_every_backend() {
         &p("run"),
     ]));
     let mut ranks = Vec::new();
-    for b in ["candle", "ort", "tch"] {
-        let dir = p(&format!("run-{b}"));
+    for (b, dtype) in [("candle", "f32"), ("ort", "f32"), ("tch", "f32"), ("tch", "f16")] {
+        let dir = p(&format!("run-{b}-{dtype}"));
         std::fs::create_dir_all(&dir).unwrap();
         for f in ["samples.jsonl", "config.yaml"] {
             std::fs::copy(tmp.path().join("run").join(f), format!("{dir}/{f}")).unwrap();
@@ -61,6 +65,7 @@ fn content_ranker_ranks_alike_on_every_backend() {
         }
         let mut args = with(&["evaluate", "configs/demo.yaml", "--run", &dir]);
         args.push(format!("ranker.backend={b}"));
+        args.push(format!("ranker.dtype={dtype}"));
         ragar_ok(&args);
         let lines: Vec<(f64, f64)> = std::fs::read_to_string(format!("{dir}/metrics.jsonl"))
             .unwrap()
@@ -74,9 +79,17 @@ fn content_ranker_ranks_alike_on_every_backend() {
                 )
             })
             .collect();
-        assert_eq!(lines.len(), 2, "{b}");
+        assert_eq!(lines.len(), 2, "{b} {dtype}");
         ranks.push(lines);
     }
     assert_eq!(ranks[0], ranks[1], "ort ranks differ from candle's");
     assert_eq!(ranks[0], ranks[2], "tch ranks differ from candle's");
+    // f16 scores keep 11 bits: items scored within ~1e-3 of the reference
+    // may swap. Measured: one rank of four moved by 1 (766 -> 767 of 1,340).
+    let moved = ranks[0]
+        .iter()
+        .zip(&ranks[3])
+        .flat_map(|(a, b)| [(a.0 - b.0).abs(), (a.1 - b.1).abs()])
+        .fold(0.0, f64::max);
+    assert!(moved <= 2.0, "tch f16 ranks {:?} vs candle's {:?}", ranks[3], ranks[0]);
 }

@@ -154,13 +154,17 @@ fn a_pipeline_mixes_backends_across_stages() {
     );
     assert!(out.join("ragar/metrics.json").is_file() && out.join("report.html").is_file());
 
-    // The trained Mapper exported, then on ort and tch in the same pipeline.
+    // The trained Mapper exported (f32, and f16 for tch), then on ort and
+    // tch in the same pipeline.
     let ckpt = out.join("train/mapper.safetensors");
-    let o = run(Command::new(cache().join("venv/bin/python"))
-        .current_dir(root())
-        .arg("scripts/export_mapper.py")
-        .arg(&ckpt));
-    assert!(o.status.success(), "{}", text(&o));
+    for dtype in ["f32", "f16"] {
+        let o = run(Command::new(cache().join("venv/bin/python"))
+            .current_dir(root())
+            .arg("scripts/export_mapper.py")
+            .arg(&ckpt)
+            .args(["--dtype", dtype]));
+        assert!(o.status.success(), "{}", text(&o));
+    }
     let candle_image = std::fs::read_dir(out.join("ragar/images"))
         .unwrap()
         .next()
@@ -168,8 +172,8 @@ fn a_pipeline_mixes_backends_across_stages() {
         .unwrap()
         .path();
     let want = image::open(&candle_image).unwrap().to_rgb8().into_raw();
-    for backend in ["ort", "tch"] {
-        let dir = tmp.path().join(format!("mapper-{backend}"));
+    for (backend, dtype) in [("ort", "f32"), ("tch", "f32"), ("tch", "f16")] {
+        let dir = tmp.path().join(format!("mapper-{backend}-{dtype}"));
         let o = run(Command::new(ragar()).current_dir(root()).args([
             "run",
             "configs/demo.yaml",
@@ -189,19 +193,31 @@ fn a_pipeline_mixes_backends_across_stages() {
             ),
             &format!("mapper.params.checkpoint={}", ckpt.display()),
             &format!("mapper.backend={backend}"),
+            &format!("mapper.dtype={dtype}"),
         ]));
-        assert!(o.status.success(), "{backend}: {}", text(&o));
+        assert!(o.status.success(), "{backend} {dtype}: {}", text(&o));
         let got = image::open(dir.join("images").join(candle_image.file_name().unwrap()))
             .unwrap()
             .to_rgb8()
             .into_raw();
-        let worst = got
+        let off: Vec<i32> = got
             .iter()
             .zip(&want)
             .map(|(&a, &b)| (a as i32 - b as i32).abs())
-            .max()
-            .unwrap();
-        assert!(worst <= 1, "mapper on {backend}: {worst} levels from candle's image");
+            .collect();
+        let worst = *off.iter().max().unwrap();
+        let mean = off.iter().sum::<i32>() as f64 / off.len() as f64;
+        eprintln!("mapper on {backend} {dtype}: mean {mean:.3} levels, worst {worst} from candle's image");
+        if dtype == "f32" {
+            assert!(worst <= 1, "mapper on {backend}: {worst} levels from candle's image");
+        } else {
+            // The f16 module's features carry ~1e-3 relative error into the
+            // generator. Measured: mean 0.005 levels, worst 1.
+            assert!(
+                mean <= 0.25 && worst <= 4,
+                "mapper on {backend} {dtype}: mean {mean:.3} levels, worst {worst}"
+            );
+        }
     }
 }
 

@@ -58,7 +58,7 @@ pub fn components() -> Vec<Component> {
             "The content-based sequential ranker trained on candle, scoring from its ONNX graph \
              (<state>.onnx; scripts/export_content_ranker.py)",
             content_ranker::OrtContentRanker::load_component,
-            |spec: &ComponentSpec| ragar_core::content::probe(spec, "ort", "onnx")
+            |spec: &ComponentSpec| ragar_core::content::probe(spec, "ort", |s| s.with_extension("onnx"))
         ),
         component!(
             KeywordLlm,

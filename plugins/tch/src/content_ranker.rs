@@ -2,12 +2,14 @@
 //! module that `scripts/export_content_ranker.py` writes next to its state
 //! (`content.safetensors` -> `content.ts`). The state's item features and
 //! the query layout are `ragar_core::content`, the same as candle's.
+//! `dtype: f16` reads the half-precision export (`content.f16.ts`;
+//! `export_content_ranker.py --dtype f16`) and feeds it f16.
 
-use crate::{device, forward, load_module, to_host};
+use crate::{forward, load_module_as, module_file, placement, to_host};
 use ragar_core::content::{checkpoint, ContentState};
 use ragar_core::stage::{RankQuery, Ranker};
 use ragar_core::{ComponentSpec, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tch::{CModule, Tensor};
 
@@ -16,17 +18,27 @@ pub struct TchContentRanker {
     // CModule is not Sync; the contract is `&self`.
     module: Mutex<CModule>,
     device: tch::Device,
+    kind: tch::Kind,
+    spec: ComponentSpec,
     state: ContentState,
+}
+
+/// The exported module of a state: same folder and stem, `.ts` (`.f16.ts`
+/// for an f16 spec).
+pub fn module_of(spec: &ComponentSpec, state: &Path) -> PathBuf {
+    PathBuf::from(module_file(spec, &state.with_extension("ts").to_string_lossy()))
 }
 
 impl TchContentRanker {
     /// Build from the params' `checkpoint` (the trained state).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
         let state = checkpoint(spec, "tch")?;
-        let device = device(spec)?;
+        let (device, kind) = placement(spec)?;
         Ok(TchContentRanker {
-            module: Mutex::new(load_module(&state.with_extension("ts"), device)?),
+            module: Mutex::new(load_module_as(&module_of(spec, &state), device, kind)?),
             device,
+            kind,
+            spec: spec.clone(),
             state: ContentState::open(&state)?,
         })
     }
@@ -35,6 +47,7 @@ impl TchContentRanker {
         Tensor::from_slice(v)
             .reshape(shape.map(|d| d as i64))
             .to_device(self.device)
+            .to_kind(self.kind)
     }
 }
 
@@ -49,7 +62,8 @@ impl Ranker for TchContentRanker {
                 let x = self.state.inputs(qi, q)?;
                 let mask = Tensor::from_slice(&x.mask)
                     .reshape([1, l as i64])
-                    .to_device(self.device);
+                    .to_device(self.device)
+                    .to_kind(self.kind);
                 let inputs = [
                     self.tensor(&x.hist_visual, [1, l, dv]),
                     self.tensor(&x.hist_text, [1, l, dt]),
@@ -64,7 +78,7 @@ impl Ranker for TchContentRanker {
 
     fn load(&mut self, path: &str) -> Result<()> {
         let p = Path::new(path);
-        self.module = Mutex::new(load_module(&p.with_extension("ts"), self.device)?);
+        self.module = Mutex::new(load_module_as(&module_of(&self.spec, p), self.device, self.kind)?);
         self.state = ContentState::open(p)?;
         Ok(())
     }

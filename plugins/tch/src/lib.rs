@@ -49,9 +49,9 @@ pub fn components() -> Vec<Component> {
             "tch",
             ["cpu", "cuda"],
             "RAGAR's Mapper for inference from the TorchScript module of a trained checkpoint (<checkpoint>.ts; \
-             scripts/export_mapper.py)",
+             scripts/export_mapper.py; dtype f16: <checkpoint>.f16.ts)",
             mapper::TchMapper::load_component,
-            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, mapper::module_of)
+            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, |c| mapper::module_of(spec, c))
         ),
         component!(
             Ranker,
@@ -59,9 +59,11 @@ pub fn components() -> Vec<Component> {
             "tch",
             ["cpu", "cuda"],
             "The content-based sequential ranker trained on candle, scoring from its TorchScript module \
-             (<state>.ts; scripts/export_content_ranker.py)",
+             (<state>.ts; scripts/export_content_ranker.py; dtype f16: <state>.f16.ts)",
             content_ranker::TchContentRanker::load_component,
-            |spec: &ComponentSpec| ragar_core::content::probe(spec, "tch", "ts")
+            |spec: &ComponentSpec| {
+                ragar_core::content::probe(spec, "tch", |s| content_ranker::module_of(spec, s))
+            }
         ),
         component!(
             KeywordLlm,
@@ -119,20 +121,10 @@ pub fn components() -> Vec<Component> {
 
 ragar_core::register_static!("tch", components);
 
-/// The libtorch device a spec asks for, for stages whose export scripts
-/// write f32 modules only: a `dtype` other than f32 is an error.
-pub fn device(spec: &ComponentSpec) -> Result<tch::Device> {
-    // Every such stage asks for its device first: the place to refuse a
-    // dtype the TorchScript module was not exported in.
-    spec.require_exported_f32("tch")?;
-    placement(spec).map(|(device, _)| device)
-}
-
-/// The device and precision a spec asks for, for stages whose export
-/// scripts also write half-precision modules (MiniLM, CLIP, BLIP / BLIP-2,
-/// Stable Diffusion, the keyword LLM:
-/// `--dtype f16` writes `model.f16.ts` next to `model.ts`): the stage then
-/// opens [`module_file`] and casts its float inputs to the kind. `cuda`
+/// The device and precision a spec asks for. Every stage's export script
+/// also writes half-precision modules (`--dtype f16` writes `model.f16.ts`
+/// next to `model.ts`): the stage opens [`module_file`] and casts its float
+/// inputs to the kind. `cuda`
 /// without CUDA is an error; only `auto` falls back to the CPU.
 pub fn placement(spec: &ComponentSpec) -> Result<(tch::Device, tch::Kind)> {
     let kind = match spec.dtype {
@@ -160,11 +152,6 @@ pub fn placement(spec: &ComponentSpec) -> Result<(tch::Device, tch::Kind)> {
 /// or `model.f16.ts` / `model.bf16.ts`, as the export scripts name them.
 pub fn module_file(spec: &ComponentSpec, file: &str) -> String {
     spec.dtype.exported_file(file)
-}
-
-/// Load a TorchScript module of f32 weights onto `device` (see [`load_module_as`]).
-pub fn load_module(path: &std::path::Path, device: tch::Device) -> Result<tch::CModule> {
-    load_module_as(path, device, tch::Kind::Float)
 }
 
 /// Load a TorchScript module onto `device` in eval mode and check that its

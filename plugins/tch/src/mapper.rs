@@ -2,37 +2,45 @@
 //! `scripts/export_mapper.py` writes next to a `ragar train` checkpoint
 //! (`mapper.safetensors` -> `mapper.ts`: `(x, kw)` -> `(mapped,
 //! preference)`). The params are candle's (`mapper.backend=tch` switches
-//! nothing else); training stays on candle, where autograd is.
+//! nothing else); training stays on candle, where autograd is. `dtype: f16`
+//! reads the half-precision export (`mapper.f16.ts`; `export_mapper.py
+//! --dtype f16`) and feeds it f16.
 
-use crate::{device, first_line, load_module, to_host};
+use crate::{forward_tuple, load_module_as, module_file, placement, to_host};
 use ragar_core::mapper::{exported_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
 use ragar_core::{ComponentSpec, Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use tch::{CModule, IValue, Tensor};
+use tch::{CModule, Tensor};
 
 /// The Mapper on libtorch.
 pub struct TchMapper {
     // CModule is not Sync; the contract is `&self`.
     module: Mutex<CModule>,
     device: tch::Device,
+    kind: tch::Kind,
+    spec: ComponentSpec,
     cfg: MapperConfig,
 }
 
-/// The exported module of a checkpoint: same folder and stem, `.ts`.
-pub fn module_of(checkpoint: &str) -> PathBuf {
-    Path::new(checkpoint).with_extension("ts")
+/// The exported module of a checkpoint: same folder and stem, `.ts`
+/// (`.f16.ts` for an f16 spec).
+pub fn module_of(spec: &ComponentSpec, checkpoint: &str) -> PathBuf {
+    let file = Path::new(checkpoint).with_extension("ts");
+    PathBuf::from(module_file(spec, &file.to_string_lossy()))
 }
 
 impl TchMapper {
     /// Build from candle's params; `checkpoint` is required (its `.ts`).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
         let (cfg, ckpt) = exported_params(spec, "tch")?;
-        let device = device(spec)?;
+        let (device, kind) = placement(spec)?;
         Ok(TchMapper {
-            module: Mutex::new(load_module(&module_of(&ckpt), device)?),
+            module: Mutex::new(load_module_as(&module_of(spec, &ckpt), device, kind)?),
             device,
+            kind,
+            spec: spec.clone(),
             cfg,
         })
     }
@@ -52,24 +60,15 @@ impl Mapper for TchMapper {
         let b = inputs.len() as i64;
         let x = Tensor::from_slice(&xs)
             .reshape([b, 1 + c.n_img_tokens as i64, c.input_dim as i64])
-            .to_device(self.device);
+            .to_device(self.device)
+            .to_kind(self.kind);
         let kw = Tensor::from_slice(&kws)
             .reshape([b, c.keyword_dim as i64])
-            .to_device(self.device);
-        let m = self
-            .module
-            .lock()
-            .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-        let out = crate::inference_mode(|| m.forward_is(&[IValue::Tensor(x), IValue::Tensor(kw)]))
-            .map_err(|e| Error::model(format!("Mapper (TorchScript): {}", first_line(&e.to_string()))))?;
-        let (mapped, pref) = match out {
-            IValue::Tuple(v) if v.len() == 2 => match (&v[0], &v[1]) {
-                (IValue::Tensor(a), IValue::Tensor(p)) => (to_host(a)?, to_host(p)?),
-                _ => return Err(Error::model("Mapper module: expected a tuple of two tensors")),
-            },
-            _ => return Err(Error::model("Mapper module: expected (mapped, preference)")),
-        };
-        split_outputs(c, inputs.len(), &mapped, &pref)
+            .to_device(self.device)
+            .to_kind(self.kind);
+        let [mapped, pref] = <[Tensor; 2]>::try_from(forward_tuple(&self.module, vec![x, kw], "Mapper")?)
+            .map_err(|_| Error::model("Mapper (TorchScript): expected (mapped, preference)"))?;
+        split_outputs(c, inputs.len(), &to_host(&mapped)?, &to_host(&pref)?)
     }
 
     fn train_step(&mut self, _: &[ReflectionSample], _: &LossConfig) -> Result<TrainStats> {
@@ -85,7 +84,7 @@ impl Mapper for TchMapper {
     }
 
     fn load(&mut self, path: &str) -> Result<()> {
-        self.module = Mutex::new(load_module(&module_of(path), self.device)?);
+        self.module = Mutex::new(load_module_as(&module_of(&self.spec, path), self.device, self.kind)?);
         Ok(())
     }
 }
