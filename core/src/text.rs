@@ -192,20 +192,26 @@ impl SentenceTokenizer {
         self.max_len
     }
 
-    /// Tokenise each text on its own (no padding).
+    /// Tokenise each text on its own (no padding), one after another on the
+    /// calling thread. tokenizers' `encode_batch` would run them on rayon's
+    /// pool, whose workers then spin on the cores that ONNX Runtime's and
+    /// libtorch's own worker threads need next; a text takes microseconds
+    /// to tokenise and milliseconds to encode.
     pub fn encode_each(&self, texts: &[String]) -> Result<Vec<Encoded>> {
-        let enc = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::invalid_input(format!("tokenising: {e}")))?;
-        Ok(enc
+        texts
             .iter()
-            .map(|e| Encoded {
-                ids: e.get_ids().iter().map(|&x| x as i64).collect(),
-                type_ids: e.get_type_ids().iter().map(|&x| x as i64).collect(),
-                truncated: !e.get_overflowing().is_empty(),
+            .map(|t| {
+                let e = self
+                    .inner
+                    .encode(t.as_str(), true)
+                    .map_err(|e| Error::invalid_input(format!("tokenising: {e}")))?;
+                Ok(Encoded {
+                    ids: e.get_ids().iter().map(|&x| x as i64).collect(),
+                    type_ids: e.get_type_ids().iter().map(|&x| x as i64).collect(),
+                    truncated: !e.get_overflowing().is_empty(),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Tokenise a batch of texts, padded to its longest.
