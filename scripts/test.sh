@@ -6,3 +6,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash scripts/setup.sh
 cargo test --workspace "$@"
+# ort's CUDA provider code (a feature the workspace build leaves off): on
+# this CPU-only ONNX Runtime, `cuda:0` must fail rather than run on the CPU.
+cargo test -p ragar-ort --features cuda --lib "$@"

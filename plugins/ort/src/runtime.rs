@@ -91,13 +91,98 @@ fn with_cuda(
     builder: ort::session::builder::SessionBuilder,
     spec: &ComponentSpec,
 ) -> Result<ort::session::builder::SessionBuilder> {
-    let id = match spec.device()? {
-        ragar_core::Device::Cuda(n) => n as i32,
-        _ => 0,
+    let (id, required) = match spec.device()? {
+        ragar_core::Device::Cuda(n) => (n as i32, true),
+        _ => (0, false),
     };
+    let ep = ort::ep::CUDA::default().with_device_id(id).build();
+    // ort's default, when the provider cannot start (a CPU-only
+    // libonnxruntime, no driver, missing CUDA libraries), is to log it and
+    // run on the CPU: a `cuda:N` run would then report CPU figures under a
+    // CUDA label. `cuda:N` fails instead; `auto` may fall back.
+    let ep = if required { ep.error_on_failure() } else { ep };
+    let failed = |e: String| {
+        Error::device(format!(
+            "{}.device: {}: ONNX Runtime's CUDA execution provider did not start: {e} (it needs \
+             onnxruntime-gpu's library as ORT_DYLIB_PATH, CUDA 13's and cuDNN 9's libraries on \
+             LD_LIBRARY_PATH, and the NVIDIA driver; say `device: auto` to allow the CPU)",
+            spec.key, spec.device
+        ))
+    };
+    if required {
+        cuda_preflight(id).map_err(failed)?;
+    }
     builder
-        .with_execution_providers([ort::ep::CUDA::default().with_device_id(id).build()])
-        .map_err(|e| Error::device(e.to_string()))
+        .with_execution_providers([ep])
+        .map_err(|e| failed(e.to_string()))
+}
+
+/// Whether ONNX Runtime's CUDA provider really runs on device `id`, asked
+/// once per device and process. Even with `error_on_failure`, a GPU build of
+/// the library whose provider cannot load (a CUDA library or the driver
+/// missing) only logs that and places every node on the CPU. A one-node
+/// graph committed with the CPU fallback disabled fails then. The real
+/// sessions keep the fallback: ONNX Runtime puts shape arithmetic on the CPU
+/// on purpose.
+#[cfg(feature = "cuda")]
+fn cuda_preflight(id: i32) -> std::result::Result<(), String> {
+    static CHECKED: std::sync::Mutex<Vec<(i32, std::result::Result<(), String>)>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = checked.iter().find(|(d, _)| *d == id) {
+        return r.clone();
+    }
+    let env = ENV
+        .get()
+        .and_then(|e| e.as_ref().ok())
+        .ok_or("ONNX Runtime is not loaded")?;
+    let attempt = || -> std::result::Result<(), String> {
+        let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+        Session::builder(env)
+            .map_err(|e| e.to_string())?
+            .with_execution_providers([cuda])
+            .map_err(|e| e.to_string())?
+            .with_disable_cpu_fallback()
+            .map_err(|e| e.to_string())?
+            .commit_from_memory(&relu_graph())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    let r =
+        attempt().map_err(|e| format!("a one-node graph ran on the CPU, not on CUDA device {id} (ONNX Runtime: {e})"));
+    checked.push((id, r.clone()));
+    r
+}
+
+/// `y = Relu(x)` on f32 `[1]` as an ONNX model (protobuf, IR 8, opset 17):
+/// the smallest graph every execution provider takes.
+#[cfg(feature = "cuda")]
+fn relu_graph() -> Vec<u8> {
+    // A protobuf field: key (number << 3 | wire type), then the value;
+    // type 0 varint (all values here < 128), type 2 length-delimited.
+    fn int(n: u8, v: u8) -> Vec<u8> {
+        vec![n << 3, v]
+    }
+    fn bytes(n: u8, v: &[u8]) -> Vec<u8> {
+        [&[n << 3 | 2, v.len() as u8][..], v].concat()
+    }
+    // ValueInfoProto { name, type: TypeProto { tensor_type { elem_type:
+    // FLOAT, shape { dim { dim_value: 1 } } } } }
+    let value = |name: &[u8]| {
+        let tensor = [int(1, 1), bytes(2, &bytes(1, &int(1, 1)))].concat();
+        [bytes(1, name), bytes(2, &bytes(1, &tensor))].concat()
+    };
+    // NodeProto { input, output, op_type }
+    let node = [bytes(1, b"x"), bytes(2, b"y"), bytes(4, b"Relu")].concat();
+    // GraphProto { node, name, input, output }
+    let graph = [
+        bytes(1, &node),
+        bytes(2, b"probe"),
+        bytes(11, &value(b"x")),
+        bytes(12, &value(b"y")),
+    ]
+    .concat();
+    // ModelProto { ir_version, graph, opset_import { domain "", version } }
+    [int(1, 8), bytes(7, &graph), bytes(8, &int(2, 17))].concat()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -196,4 +281,60 @@ pub fn take_rows(v: &ort::value::DynValue, rows: &[u32]) -> Result<ort::value::D
     Ok(ort::value::Tensor::from_array((shape, picked))
         .map_err(ort_err)?
         .into_dyn())
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    fn spec(device: &str) -> ComponentSpec {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut spec = ComponentSpec::new("encoder", serde_json::json!({}));
+        spec.device = device.into();
+        spec.cache_dir = std::env::var("RAGAR_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join(".ragar"))
+            .display()
+            .to_string()
+            .into();
+        spec
+    }
+
+    /// The library scripts/setup.sh installs is ONNX Runtime's CPU build:
+    /// its CUDA provider cannot start, and `cuda:0` must say so rather than
+    /// run on the CPU; `auto` runs there.
+    #[test]
+    fn cuda_fails_loudly_where_the_provider_cannot_start_and_auto_falls_back() {
+        if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+            // Another library (onnxruntime-gpu on a GPU machine may start).
+            eprintln!("skipped: ORT_DYLIB_PATH names another ONNX Runtime than scripts/setup.sh's");
+            return;
+        }
+        let s = spec("cuda:0");
+        let model = Path::new(s.cache_dir.as_str()).join("models/all-MiniLM-L6-v2/model.onnx");
+        let Err(err) = session(&s, &model) else {
+            panic!("cuda:0 on a CPU-only ONNX Runtime opened a session")
+        };
+        let err = err.to_string();
+        eprintln!("{err}");
+        assert!(
+            err.contains("encoder.device: cuda:0") && err.contains("CUDA execution provider did not start"),
+            "{err}"
+        );
+        assert!(session(&spec("auto"), &model).is_ok());
+    }
+
+    /// The preflight's graph is a model ONNX Runtime opens and runs.
+    #[test]
+    fn the_preflight_graph_is_a_valid_onnx_model() {
+        let env = environment(Path::new(spec("cpu").cache_dir.as_str())).unwrap();
+        let mut s = Session::builder(env)
+            .unwrap()
+            .commit_from_memory(&relu_graph())
+            .unwrap();
+        let x = ort::value::Tensor::from_array((vec![1i64], vec![-2.0f32])).unwrap();
+        let out = s.run(ort::inputs!["x" => x]).unwrap();
+        let (_, y) = out["y"].try_extract_tensor::<f32>().unwrap();
+        assert_eq!(y, &[0.0]);
+    }
 }
