@@ -5,11 +5,11 @@
 //! `dtype: f16` reads the half-precision export (`content.f16.ts`;
 //! `export_content_ranker.py --dtype f16`) and feeds it f16.
 
-use crate::{forward, load_module_as, module_file, placement, to_host};
+use crate::{forward, load_module_as, module_beside, placement, to_host};
 use ragar_core::content::{checkpoint, ContentState};
 use ragar_core::stage::{RankQuery, Ranker};
-use ragar_core::{ComponentSpec, Result};
-use std::path::{Path, PathBuf};
+use ragar_core::{ComponentSpec, DType, Result};
+use std::path::Path;
 use std::sync::Mutex;
 use tch::{CModule, Tensor};
 
@@ -19,14 +19,8 @@ pub struct TchContentRanker {
     module: Mutex<CModule>,
     device: tch::Device,
     kind: tch::Kind,
-    spec: ComponentSpec,
+    dtype: DType,
     state: ContentState,
-}
-
-/// The exported module of a state: same folder and stem, `.ts` (`.f16.ts`
-/// for an f16 spec).
-pub fn module_of(spec: &ComponentSpec, state: &Path) -> PathBuf {
-    PathBuf::from(module_file(spec, &state.with_extension("ts").to_string_lossy()))
 }
 
 impl TchContentRanker {
@@ -35,10 +29,10 @@ impl TchContentRanker {
         let state = checkpoint(spec, "tch")?;
         let (device, kind) = placement(spec)?;
         Ok(TchContentRanker {
-            module: Mutex::new(load_module_as(&module_of(spec, &state), device, kind)?),
+            module: Mutex::new(load_module_as(&module_beside(spec.dtype, &state), device, kind)?),
             device,
             kind,
-            spec: spec.clone(),
+            dtype: spec.dtype,
             state: ContentState::open(&state)?,
         })
     }
@@ -78,7 +72,7 @@ impl Ranker for TchContentRanker {
 
     fn load(&mut self, path: &str) -> Result<()> {
         let p = Path::new(path);
-        self.module = Mutex::new(load_module_as(&module_of(&self.spec, p), self.device, self.kind)?);
+        self.module = Mutex::new(load_module_as(&module_beside(self.dtype, p), self.device, self.kind)?);
         self.state = ContentState::open(p)?;
         Ok(())
     }

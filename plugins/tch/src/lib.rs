@@ -51,7 +51,7 @@ pub fn components() -> Vec<Component> {
             "RAGAR's Mapper for inference from the TorchScript module of a trained checkpoint (<checkpoint>.ts; \
              scripts/export_mapper.py; dtype f16: <checkpoint>.f16.ts)",
             mapper::TchMapper::load_component,
-            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, |c| mapper::module_of(spec, c))
+            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, |c| module_beside(spec.dtype, c.as_ref()))
         ),
         component!(
             Ranker,
@@ -62,7 +62,7 @@ pub fn components() -> Vec<Component> {
              (<state>.ts; scripts/export_content_ranker.py; dtype f16: <state>.f16.ts)",
             content_ranker::TchContentRanker::load_component,
             |spec: &ComponentSpec| {
-                ragar_core::content::probe(spec, "tch", |s| content_ranker::module_of(spec, s))
+                ragar_core::content::probe(spec, "tch", |s| module_beside(spec.dtype, s))
             }
         ),
         component!(
@@ -146,6 +146,15 @@ pub fn placement(spec: &ComponentSpec) -> Result<(tch::Device, tch::Kind)> {
         }
     };
     Ok((device, kind))
+}
+
+/// The module exported beside a trained state (`mapper.safetensors` ->
+/// `mapper.ts`, or `mapper.f16.ts` for `dtype: f16`), as the export
+/// scripts name it.
+pub fn module_beside(dtype: DType, state: &std::path::Path) -> std::path::PathBuf {
+    dtype
+        .exported_file(&state.with_extension("ts").to_string_lossy())
+        .into()
 }
 
 /// The module a spec's `dtype` reads in place of `file`: `model.ts` (f32)

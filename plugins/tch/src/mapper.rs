@@ -6,11 +6,11 @@
 //! reads the half-precision export (`mapper.f16.ts`; `export_mapper.py
 //! --dtype f16`) and feeds it f16.
 
-use crate::{forward_tuple, load_module_as, module_file, placement, to_host};
+use crate::{forward_tuple, load_module_as, module_beside, placement, to_host};
 use ragar_core::mapper::{exported_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
-use ragar_core::{ComponentSpec, Error, Result};
-use std::path::{Path, PathBuf};
+use ragar_core::{ComponentSpec, DType, Error, Result};
+use std::path::Path;
 use std::sync::Mutex;
 use tch::{CModule, Tensor};
 
@@ -20,15 +20,8 @@ pub struct TchMapper {
     module: Mutex<CModule>,
     device: tch::Device,
     kind: tch::Kind,
-    spec: ComponentSpec,
+    dtype: DType,
     cfg: MapperConfig,
-}
-
-/// The exported module of a checkpoint: same folder and stem, `.ts`
-/// (`.f16.ts` for an f16 spec).
-pub fn module_of(spec: &ComponentSpec, checkpoint: &str) -> PathBuf {
-    let file = Path::new(checkpoint).with_extension("ts");
-    PathBuf::from(module_file(spec, &file.to_string_lossy()))
 }
 
 impl TchMapper {
@@ -37,10 +30,14 @@ impl TchMapper {
         let (cfg, ckpt) = exported_params(spec, "tch")?;
         let (device, kind) = placement(spec)?;
         Ok(TchMapper {
-            module: Mutex::new(load_module_as(&module_of(spec, &ckpt), device, kind)?),
+            module: Mutex::new(load_module_as(
+                &module_beside(spec.dtype, Path::new(&ckpt)),
+                device,
+                kind,
+            )?),
             device,
             kind,
-            spec: spec.clone(),
+            dtype: spec.dtype,
             cfg,
         })
     }
@@ -84,7 +81,11 @@ impl Mapper for TchMapper {
     }
 
     fn load(&mut self, path: &str) -> Result<()> {
-        self.module = Mutex::new(load_module_as(&module_of(&self.spec, path), self.device, self.kind)?);
+        self.module = Mutex::new(load_module_as(
+            &module_beside(self.dtype, Path::new(path)),
+            self.device,
+            self.kind,
+        )?);
         Ok(())
     }
 }
