@@ -251,6 +251,17 @@ impl Probe {
         self.files.push(path.to_string_lossy().as_ref().into());
         Ok(self)
     }
+    /// Record an exported model file; a missing one is an error that names
+    /// the command writing it (`export`).
+    pub fn exported(self, path: &Path, export: &str) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::not_found(format!(
+                "missing model file {} (export it with: {export})",
+                path.display()
+            )));
+        }
+        self.file(path)
+    }
     /// Add a shape fact.
     pub fn fact(mut self, name: &str, value: u64) -> Self {
         self.facts.push(Tuple2(name.into(), value));

@@ -180,5 +180,12 @@ pub fn probe(
     graph_of: impl Fn(&std::path::Path) -> std::path::PathBuf,
 ) -> Result<crate::component::Probe> {
     let state = checkpoint(spec, backend)?;
-    crate::component::Probe::default().file(&state)?.file(&graph_of(&state))
+    let export = format!(
+        "python scripts/export_content_ranker.py {}{}",
+        state.display(),
+        spec.dtype.export_flag()
+    );
+    crate::component::Probe::default()
+        .file(&state)?
+        .exported(&graph_of(&state), &export)
 }

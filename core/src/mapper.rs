@@ -208,7 +208,13 @@ pub fn probe(spec: &ComponentSpec, file_of: impl Fn(&str) -> std::path::PathBuf)
         p = p.fact("semantic_dim", c.semantic_dim as u64);
     }
     if let Some(path) = ckpt {
-        p = p.file(&file_of(&path))?;
+        let file = file_of(&path);
+        p = if file == std::path::Path::new(&path) {
+            p.file(&file)?
+        } else {
+            let export = format!("python scripts/export_mapper.py {path}{}", spec.dtype.export_flag());
+            p.exported(&file, &export)?
+        };
     }
     Ok(p)
 }

@@ -50,19 +50,22 @@ fn content_ranker_ranks_alike_on_every_backend() {
         "--out",
         &p("run"),
     ]));
-    let mut ranks = Vec::new();
-    for (b, dtype) in [("candle", "f32"), ("ort", "f32"), ("tch", "f32"), ("tch", "f16")] {
-        let dir = p(&format!("run-{b}-{dtype}"));
-        std::fs::create_dir_all(&dir).unwrap();
+    // A copy of the run's samples and images, not yet evaluated.
+    let copy_run = |name: &str| -> String {
+        let dir = p(name);
+        std::fs::create_dir_all(format!("{dir}/images")).unwrap();
         for f in ["samples.jsonl", "config.yaml"] {
             std::fs::copy(tmp.path().join("run").join(f), format!("{dir}/{f}")).unwrap();
         }
-        let images = tmp.path().join("run/images");
-        std::fs::create_dir_all(format!("{dir}/images")).unwrap();
-        for e in std::fs::read_dir(&images).unwrap() {
+        for e in std::fs::read_dir(tmp.path().join("run/images")).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), format!("{dir}/images/{}", e.file_name().to_string_lossy())).unwrap();
         }
+        dir
+    };
+    let mut ranks = Vec::new();
+    for (b, dtype) in [("candle", "f32"), ("ort", "f32"), ("tch", "f32"), ("tch", "f16")] {
+        let dir = copy_run(&format!("run-{b}-{dtype}"));
         let mut args = with(&["evaluate", "configs/demo.yaml", "--run", &dir]);
         args.push(format!("ranker.backend={b}"));
         args.push(format!("ranker.dtype={dtype}"));
@@ -92,4 +95,18 @@ fn content_ranker_ranks_alike_on_every_backend() {
         .flat_map(|(a, b)| [(a.0 - b.0).abs(), (a.1 - b.1).abs()])
         .fold(0.0, f64::max);
     assert!(moved <= 2.0, "tch f16 ranks {:?} vs candle's {:?}", ranks[3], ranks[0]);
+
+    // A precision never exported: evaluate leaves the rank change out, with
+    // a note naming the file and the command that writes it.
+    let mut args = with(&["evaluate", "configs/demo.yaml", "--run", &copy_run("run-tch-bf16")]);
+    args.extend(["ranker.backend=tch".to_string(), "ranker.dtype=bf16".to_string()]);
+    let o = run(Command::new(ragar()).current_dir(root()).args(&args));
+    let t = text(&o);
+    assert!(
+        t.contains("ΔR left out")
+            && t.contains("content.bf16.ts")
+            && t.contains("export_content_ranker.py")
+            && t.contains("--dtype bf16"),
+        "{t}"
+    );
 }

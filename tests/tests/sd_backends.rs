@@ -172,9 +172,9 @@ fn a_pipeline_mixes_backends_across_stages() {
         .unwrap()
         .path();
     let want = image::open(&candle_image).unwrap().to_rgb8().into_raw();
-    for (backend, dtype) in [("ort", "f32"), ("tch", "f32"), ("tch", "f16")] {
-        let dir = tmp.path().join(format!("mapper-{backend}-{dtype}"));
-        let o = run(Command::new(ragar()).current_dir(root()).args([
+    // The demo pipeline with the exported Mapper on `backend` in `dtype`.
+    let run_mapper = |dir: &Path, backend: &str, dtype: &str| {
+        run(Command::new(ragar()).current_dir(root()).args([
             "run",
             "configs/demo.yaml",
             "--split",
@@ -194,7 +194,21 @@ fn a_pipeline_mixes_backends_across_stages() {
             &format!("mapper.params.checkpoint={}", ckpt.display()),
             &format!("mapper.backend={backend}"),
             &format!("mapper.dtype={dtype}"),
-        ]));
+        ]))
+    };
+    // A precision never exported: the error names the file and the command.
+    let o = run_mapper(&tmp.path().join("mapper-bf16"), "tch", "bf16");
+    let t = text(&o);
+    assert!(
+        !o.status.success()
+            && t.contains("mapper.bf16.ts")
+            && t.contains("export_mapper.py")
+            && t.contains("--dtype bf16"),
+        "{t}"
+    );
+    for (backend, dtype) in [("ort", "f32"), ("tch", "f32"), ("tch", "f16")] {
+        let dir = tmp.path().join(format!("mapper-{backend}-{dtype}"));
+        let o = run_mapper(&dir, backend, dtype);
         assert!(o.status.success(), "{backend} {dtype}: {}", text(&o));
         let got = image::open(dir.join("images").join(candle_image.file_name().unwrap()))
             .unwrap()

@@ -6,6 +6,7 @@
 use crate::runtime::{check_io, ort_err as err, run_f32, session};
 use ort::session::Session;
 use ort::value::Tensor;
+use ragar_core::component::Probe;
 use ragar_core::content::{checkpoint, ContentState};
 use ragar_core::stage::{RankQuery, Ranker};
 use ragar_core::{ComponentSpec, Result};
@@ -39,6 +40,7 @@ fn open(spec: &ComponentSpec, state: &Path) -> Result<(Session, ContentState)> {
 impl OrtContentRanker {
     /// Build from the params' `checkpoint` (the trained state).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        probe(spec)?;
         let (session, state) = open(spec, &checkpoint(spec, "ort")?)?;
         Ok(OrtContentRanker {
             session: Mutex::new(session),
@@ -46,6 +48,12 @@ impl OrtContentRanker {
             spec: spec.clone(),
         })
     }
+}
+
+/// The probe: the state and its exported graph (a missing one is named with
+/// its export command; loading asks it first for that message).
+pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
+    ragar_core::content::probe(spec, "ort", |s| s.with_extension("onnx"))
 }
 
 impl Ranker for OrtContentRanker {

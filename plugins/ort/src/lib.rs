@@ -48,7 +48,7 @@ pub fn components() -> Vec<Component> {
             "RAGAR's Mapper for inference from the ONNX graph of a trained checkpoint (<checkpoint>.onnx; \
              scripts/export_mapper.py)",
             mapper::OrtMapper::load_component,
-            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, mapper::graph_of)
+            mapper::probe
         ),
         component!(
             Ranker,
@@ -58,7 +58,7 @@ pub fn components() -> Vec<Component> {
             "The content-based sequential ranker trained on candle, scoring from its ONNX graph \
              (<state>.onnx; scripts/export_content_ranker.py)",
             content_ranker::OrtContentRanker::load_component,
-            |spec: &ComponentSpec| ragar_core::content::probe(spec, "ort", |s| s.with_extension("onnx"))
+            content_ranker::probe
         ),
         component!(
             KeywordLlm,

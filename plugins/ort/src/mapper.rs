@@ -7,6 +7,7 @@
 use crate::runtime::{check_io, lock, ort_err as err, session};
 use ort::session::Session;
 use ort::value::Tensor;
+use ragar_core::component::Probe;
 use ragar_core::mapper::{exported_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
 use ragar_core::{ComponentSpec, Error, Result};
@@ -37,6 +38,7 @@ fn open(spec: &ComponentSpec, graph: &Path) -> Result<Session> {
 impl OrtMapper {
     /// Build from candle's params; `checkpoint` is required (its `.onnx`).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        probe(spec)?;
         let (cfg, ckpt) = exported_params(spec, "ort")?;
         Ok(OrtMapper {
             session: Mutex::new(open(spec, &graph_of(&ckpt))?),
@@ -44,6 +46,12 @@ impl OrtMapper {
             spec: spec.clone(),
         })
     }
+}
+
+/// The probe: the shapes, and the exported graph (a missing one is named
+/// with its export command; loading asks it first for that message).
+pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
+    ragar_core::mapper::probe(spec, graph_of)
 }
 
 impl Mapper for OrtMapper {

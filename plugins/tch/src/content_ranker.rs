@@ -6,6 +6,7 @@
 //! `export_content_ranker.py --dtype f16`) and feeds it f16.
 
 use crate::{forward, load_module_as, module_beside, placement, to_host};
+use ragar_core::component::Probe;
 use ragar_core::content::{checkpoint, ContentState};
 use ragar_core::stage::{RankQuery, Ranker};
 use ragar_core::{ComponentSpec, DType, Result};
@@ -26,6 +27,7 @@ pub struct TchContentRanker {
 impl TchContentRanker {
     /// Build from the params' `checkpoint` (the trained state).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        probe(spec)?;
         let state = checkpoint(spec, "tch")?;
         let (device, kind) = placement(spec)?;
         Ok(TchContentRanker {
@@ -43,6 +45,12 @@ impl TchContentRanker {
             .to_device(self.device)
             .to_kind(self.kind)
     }
+}
+
+/// The probe: the state and the module the dtype reads (a missing one is
+/// named with its export command; loading asks it first for that message).
+pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
+    ragar_core::content::probe(spec, "tch", |s| module_beside(spec.dtype, s))
 }
 
 impl Ranker for TchContentRanker {

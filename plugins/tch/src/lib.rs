@@ -51,7 +51,7 @@ pub fn components() -> Vec<Component> {
             "RAGAR's Mapper for inference from the TorchScript module of a trained checkpoint (<checkpoint>.ts; \
              scripts/export_mapper.py; dtype f16: <checkpoint>.f16.ts)",
             mapper::TchMapper::load_component,
-            |spec: &ComponentSpec| ragar_core::mapper::probe(spec, |c| module_beside(spec.dtype, c.as_ref()))
+            mapper::probe
         ),
         component!(
             Ranker,
@@ -61,9 +61,7 @@ pub fn components() -> Vec<Component> {
             "The content-based sequential ranker trained on candle, scoring from its TorchScript module \
              (<state>.ts; scripts/export_content_ranker.py; dtype f16: <state>.f16.ts)",
             content_ranker::TchContentRanker::load_component,
-            |spec: &ComponentSpec| {
-                ragar_core::content::probe(spec, "tch", |s| module_beside(spec.dtype, s))
-            }
+            content_ranker::probe
         ),
         component!(
             KeywordLlm,

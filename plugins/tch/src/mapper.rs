@@ -7,6 +7,7 @@
 //! --dtype f16`) and feeds it f16.
 
 use crate::{forward_tuple, load_module_as, module_beside, placement, to_host};
+use ragar_core::component::Probe;
 use ragar_core::mapper::{exported_params, split_outputs, stack_inputs, MapperConfig};
 use ragar_core::stage::{LossConfig, Mapper, MapperInfo, MapperInput, MapperOutput, ReflectionSample, TrainStats};
 use ragar_core::{ComponentSpec, DType, Error, Result};
@@ -27,6 +28,7 @@ pub struct TchMapper {
 impl TchMapper {
     /// Build from candle's params; `checkpoint` is required (its `.ts`).
     pub fn load_component(spec: &ComponentSpec) -> Result<Self> {
+        probe(spec)?;
         let (cfg, ckpt) = exported_params(spec, "tch")?;
         let (device, kind) = placement(spec)?;
         Ok(TchMapper {
@@ -41,6 +43,12 @@ impl TchMapper {
             cfg,
         })
     }
+}
+
+/// The probe: the shapes, and the module the dtype reads (a missing one is
+/// named with its export command; loading asks it first for that message).
+pub fn probe(spec: &ComponentSpec) -> Result<Probe> {
+    ragar_core::mapper::probe(spec, |c| module_beside(spec.dtype, c.as_ref()))
 }
 
 impl Mapper for TchMapper {
