@@ -216,8 +216,15 @@ impl Provider for Overrides {
 /// Environment variables read by ragar that are not config keys
 /// (`RAGAR_PYTHON`: the reference rows' Python in `ragar bench`, which its
 /// `stage-bench` children inherit; `RAGAR_MKL_VENDOR_CHECK`: ragar-tch's
-/// `mkl` module).
-const NON_CONFIG_ENV: [&str; 5] = ["CACHE", "PLUGIN_PATH", "LOG", "PYTHON", "MKL_VENDOR_CHECK"];
+/// `mkl` module; `RAGAR_TCH_UNFROZEN`: ragar-tch's `load_module_as`).
+const NON_CONFIG_ENV: [&str; 6] = [
+    "CACHE",
+    "PLUGIN_PATH",
+    "LOG",
+    "PYTHON",
+    "MKL_VENDOR_CHECK",
+    "TCH_UNFROZEN",
+];
 
 /// A loaded configuration and where each value came from.
 pub struct Loaded {

@@ -195,7 +195,50 @@ pub fn load_module_as(path: &std::path::Path, device: tch::Device, kind: tch::Ki
             )));
         }
     }
+    if device == tch::Device::Cpu && !keeps_modules_unfrozen() {
+        if let Err(why) = freeze_for_cpu(&mut module) {
+            // A module freezing cannot handle (one that changes its own
+            // attributes in forward) still runs as loaded, only slower.
+            eprintln!("note: {}: runs unfrozen ({})", path.display(), first_line(&why));
+        }
+    }
     Ok(module)
+}
+
+/// The environment variable that keeps CPU modules as loaded (unfrozen), for
+/// comparing or for a module whose frozen form misbehaves.
+pub const UNFROZEN_ENV: &str = "RAGAR_TCH_UNFROZEN";
+
+/// Whether [`UNFROZEN_ENV`] is set to `1`.
+fn keeps_modules_unfrozen() -> bool {
+    std::env::var(UNFROZEN_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+extern "C" {
+    fn ragar_freeze_for_cpu(module: *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+}
+
+/// Freeze `module` in place (`shim/freeze.cpp`): its weights become graph
+/// constants and every Linear's weight is stored pre-transposed, the layout
+/// MKL multiplies fastest for the few-row products of batch-1 encoding and
+/// decoding steps. On an error the module is unchanged.
+fn freeze_for_cpu(module: &mut tch::CModule) -> std::result::Result<(), String> {
+    // tch keeps the `torch::jit::Module*` as the struct's only field and
+    // offers no accessor; the size check makes a tch that changes that a
+    // build error rather than a wrong pointer.
+    const _: () = assert!(std::mem::size_of::<tch::CModule>() == std::mem::size_of::<*mut std::ffi::c_void>());
+    // SAFETY: CModule is exactly its module pointer (checked above); the shim
+    // replaces the module it points to only when freezing succeeded, and the
+    // pointer itself (owned by `module`) does not change.
+    let raw: *mut std::ffi::c_void = unsafe { std::mem::transmute_copy(module) };
+    let err = unsafe { ragar_freeze_for_cpu(raw) };
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a NUL-terminated message the shim allocated with strdup.
+    let msg = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { libc::free(err.cast()) };
+    Err(msg)
 }
 
 /// A float kind in the config's spelling (`f16`), other kinds as libtorch names them.
@@ -303,5 +346,59 @@ mod tests {
         let r = std::panic::catch_unwind(|| inference_mode(|| panic!("inside")));
         assert!(r.is_err());
         assert!((&x * 2.0).requires_grad());
+    }
+
+    /// The tiny CLIP text tower scripts/setup.sh exports (a transformer with
+    /// every kind of Linear a stage has: attention, MLP, projection).
+    fn clip_text_module() -> std::path::PathBuf {
+        let cache = std::env::var_os("RAGAR_CACHE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ragar"));
+        let path = cache.join("models/clip-tiny-e2e/text_model.ts");
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/setup.sh first",
+            path.display()
+        );
+        path
+    }
+
+    fn text_inputs() -> Vec<tch::Tensor> {
+        let ids = tch::Tensor::from_slice(&[49406i64, 320, 1125, 539, 320, 2368, 49407, 0]).view([1, 8]);
+        let mask = tch::Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0]).view([1, 8]);
+        vec![ids, mask]
+    }
+
+    /// On the CPU a loaded module is frozen (its weights are graph constants,
+    /// no longer parameters) and computes what the module as saved computes.
+    #[test]
+    fn cpu_modules_are_frozen_and_compute_the_same() {
+        let path = clip_text_module();
+        let frozen = load_module_as(&path, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        assert!(frozen.named_parameters().unwrap().is_empty());
+        let mut saved = tch::CModule::load_on_device(&path, tch::Device::Cpu).unwrap();
+        saved.set_eval();
+        assert!(!saved.named_parameters().unwrap().is_empty());
+        let (a, b) = inference_mode(|| {
+            (
+                frozen.forward_ts(&text_inputs()).unwrap(),
+                saved.forward_ts(&text_inputs()).unwrap(),
+            )
+        });
+        let diff = (&a - &b).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "frozen vs saved: max |diff| {diff}");
+    }
+
+    /// A module freezing refuses (here: one in training mode) comes back
+    /// unchanged with libtorch's reason, and still runs.
+    #[test]
+    fn a_module_that_cannot_be_frozen_is_left_as_loaded() {
+        let mut m = tch::CModule::load_on_device(clip_text_module(), tch::Device::Cpu).unwrap();
+        m.set_train();
+        let err = freeze_for_cpu(&mut m).unwrap_err();
+        assert!(err.contains("eval"), "{err}");
+        assert!(!m.named_parameters().unwrap().is_empty());
+        m.set_eval();
+        assert!(inference_mode(|| m.forward_ts(&text_inputs())).is_ok());
     }
 }
