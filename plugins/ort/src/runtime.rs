@@ -67,7 +67,7 @@ pub fn session(spec: &ComponentSpec, model: &Path) -> Result<Session> {
     let env = environment(Path::new(spec.cache_dir.as_str()))?;
     if !model.is_file() {
         return Err(Error::not_found(format!(
-            "missing ONNX model {} (run scripts/setup.sh, or export it with scripts/export_minilm.py)",
+            "missing ONNX model {} (each stage's export script writes it: README, \"Using it\")",
             model.display()
         )));
     }
