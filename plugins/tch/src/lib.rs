@@ -195,6 +195,10 @@ pub fn load_module_as(path: &std::path::Path, device: tch::Device, kind: tch::Ki
             )));
         }
     }
+    // The handles above keep every weight alive; freezing swaps each Linear's
+    // weight for a transposed copy and frees the original only if nothing
+    // else holds it.
+    drop(params);
     if device == tch::Device::Cpu && !keeps_modules_unfrozen() {
         if let Err(why) = freeze_for_cpu(&mut module) {
             // A module freezing cannot handle (one that changes its own
@@ -216,6 +220,35 @@ fn keeps_modules_unfrozen() -> bool {
 
 extern "C" {
     fn ragar_freeze_for_cpu(module: *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+    fn ragar_forward_graph(module: *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+}
+
+/// The `torch::jit::Module*` a CModule wraps.
+fn module_ptr(module: &tch::CModule) -> *mut std::ffi::c_void {
+    // tch keeps the pointer as the struct's only field and offers no
+    // accessor; the size check makes a tch that changes that a build error
+    // rather than a wrong pointer.
+    const _: () = assert!(std::mem::size_of::<tch::CModule>() == std::mem::size_of::<*mut std::ffi::c_void>());
+    // SAFETY: CModule is exactly its module pointer (checked above).
+    unsafe { std::mem::transmute_copy(module) }
+}
+
+/// Take ownership of a message the shim allocated with strdup.
+fn shim_string(s: *mut std::ffi::c_char) -> Option<String> {
+    if s.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string from strdup, freed once here.
+    let text = unsafe { std::ffi::CStr::from_ptr(s) }.to_string_lossy().into_owned();
+    unsafe { libc::free(s.cast()) };
+    Some(text)
+}
+
+/// A module's forward graph in TorchScript's IR text (what freezing made of
+/// it: constants, `aten::matmul` in place of `aten::linear`).
+pub fn forward_graph(module: &tch::CModule) -> Option<String> {
+    // SAFETY: the shim only reads the module.
+    shim_string(unsafe { ragar_forward_graph(module_ptr(module)) })
 }
 
 /// Freeze `module` in place (`shim/freeze.cpp`): its weights become graph
@@ -223,22 +256,12 @@ extern "C" {
 /// MKL multiplies fastest for the few-row products of batch-1 encoding and
 /// decoding steps. On an error the module is unchanged.
 fn freeze_for_cpu(module: &mut tch::CModule) -> std::result::Result<(), String> {
-    // tch keeps the `torch::jit::Module*` as the struct's only field and
-    // offers no accessor; the size check makes a tch that changes that a
-    // build error rather than a wrong pointer.
-    const _: () = assert!(std::mem::size_of::<tch::CModule>() == std::mem::size_of::<*mut std::ffi::c_void>());
-    // SAFETY: CModule is exactly its module pointer (checked above); the shim
-    // replaces the module it points to only when freezing succeeded, and the
-    // pointer itself (owned by `module`) does not change.
-    let raw: *mut std::ffi::c_void = unsafe { std::mem::transmute_copy(module) };
-    let err = unsafe { ragar_freeze_for_cpu(raw) };
-    if err.is_null() {
-        return Ok(());
+    // SAFETY: the shim replaces the module the pointer points to (the
+    // pointer itself, owned by `module`, does not change).
+    match shim_string(unsafe { ragar_freeze_for_cpu(module_ptr(module)) }) {
+        None => Ok(()),
+        Some(why) => Err(why),
     }
-    // SAFETY: a NUL-terminated message the shim allocated with strdup.
-    let msg = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    unsafe { libc::free(err.cast()) };
-    Err(msg)
 }
 
 /// A float kind in the config's spelling (`f16`), other kinds as libtorch names them.
@@ -387,6 +410,10 @@ mod tests {
         });
         let diff = (&a - &b).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "frozen vs saved: max |diff| {diff}");
+        // Every Linear became a product with a pre-transposed constant.
+        let graph = forward_graph(&frozen).unwrap();
+        assert!(!graph.contains("aten::linear"), "{graph}");
+        assert!(graph.matches("aten::matmul").count() >= 12, "{graph}");
     }
 
     /// A module freezing refuses (here: one in training mode) comes back
