@@ -258,10 +258,7 @@ pub fn forward_graph(module: &tch::CModule) -> Option<String> {
 fn freeze_for_cpu(module: &mut tch::CModule) -> std::result::Result<(), String> {
     // SAFETY: the shim replaces the module the pointer points to (the
     // pointer itself, owned by `module`, does not change).
-    match shim_string(unsafe { ragar_freeze_for_cpu(module_ptr(module)) }) {
-        None => Ok(()),
-        Some(why) => Err(why),
-    }
+    shim_string(unsafe { ragar_freeze_for_cpu(module_ptr(module)) }).map_or(Ok(()), Err)
 }
 
 /// A float kind in the config's spelling (`f16`), other kinds as libtorch names them.
