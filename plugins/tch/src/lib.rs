@@ -245,16 +245,18 @@ fn shim_string(s: *mut std::ffi::c_char) -> Option<String> {
 }
 
 /// A module's forward graph in TorchScript's IR text (what freezing made of
-/// it: constants, `aten::matmul` in place of `aten::linear`).
+/// it: constants, `ragar::packed_linear` in place of `aten::linear`).
 pub fn forward_graph(module: &tch::CModule) -> Option<String> {
     // SAFETY: the shim only reads the module.
     shim_string(unsafe { ragar_forward_graph(module_ptr(module)) })
 }
 
 /// Freeze `module` in place (`shim/freeze.cpp`): its weights become graph
-/// constants and every Linear's weight is stored pre-transposed, the layout
-/// MKL multiplies fastest for the few-row products of batch-1 encoding and
-/// decoding steps. On an error the module is unchanged.
+/// constants and every f32 Linear's weight is stored packed for MKL's
+/// sgemm_compute (pre-transposed where MKL cannot pack it), which spares
+/// each product the packing an ordinary sgemm redoes per call: the cost
+/// that dominates the few-row products of batch-1 encoding. On an error
+/// the module is unchanged.
 fn freeze_for_cpu(module: &mut tch::CModule) -> std::result::Result<(), String> {
     // SAFETY: the shim replaces the module the pointer points to (the
     // pointer itself, owned by `module`, does not change).
@@ -313,13 +315,35 @@ pub fn inference_mode<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+extern "C" {
+    fn ragar_set_graph_executor_optimize(on: bool) -> bool;
+}
+
+/// Run `f`, a call of a module whose inputs start with `first`: in
+/// inference mode, and for a frozen (CPU) module with TorchScript's graph
+/// executor optimizations off on this thread (`shim/freeze.cpp` says why).
+fn call_module<T>(first: Option<&tch::Tensor>, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: sets a thread-local flag of libtorch's.
+            unsafe { ragar_set_graph_executor_optimize(self.0) };
+        }
+    }
+    let frozen = first.is_some_and(|t| t.device() == tch::Device::Cpu) && !keeps_modules_unfrozen();
+    // SAFETY: as above; the guard puts the previous setting back, also on a
+    // panic.
+    let _restore = frozen.then(|| Restore(unsafe { ragar_set_graph_executor_optimize(false) }));
+    inference_mode(f)
+}
+
 /// Run a stage's module (behind `&self`: CModule is not Sync) in inference
 /// mode; errors name `what`.
 pub fn forward(module: &std::sync::Mutex<tch::CModule>, inputs: &[tch::Tensor], what: &str) -> Result<tch::Tensor> {
     let m = module
         .lock()
         .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
-    inference_mode(|| m.forward_ts(inputs))
+    call_module(inputs.first(), || m.forward_ts(inputs))
         .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))
 }
 
@@ -333,8 +357,9 @@ pub fn forward_tuple(
     let m = module
         .lock()
         .map_err(|_| Error::model("TorchScript module poisoned by an earlier panic"))?;
+    let first = inputs.first().map(|t| t.shallow_clone());
     let inputs: Vec<tch::IValue> = inputs.into_iter().map(tch::IValue::Tensor).collect();
-    let out = inference_mode(|| m.forward_is(&inputs))
+    let out = call_module(first.as_ref(), || m.forward_is(&inputs))
         .map_err(|e| Error::model(format!("{what} (TorchScript): {}", first_line(&e.to_string()))))?;
     let tch::IValue::Tuple(out) = out else {
         return Err(Error::model(format!(
@@ -371,10 +396,14 @@ mod tests {
     /// The tiny CLIP text tower scripts/setup.sh exports (a transformer with
     /// every kind of Linear a stage has: attention, MLP, projection).
     fn clip_text_module() -> std::path::PathBuf {
+        clip_module("text_model.ts")
+    }
+
+    fn clip_module(file: &str) -> std::path::PathBuf {
         let cache = std::env::var_os("RAGAR_CACHE")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ragar"));
-        let path = cache.join("models/clip-tiny-e2e/text_model.ts");
+        let path = cache.join("models/clip-tiny-e2e").join(file);
         assert!(
             path.is_file(),
             "{} is missing: run scripts/setup.sh first",
@@ -389,6 +418,26 @@ mod tests {
         vec![ids, mask]
     }
 
+    /// One token: every product has a single row.
+    fn one_token_inputs() -> Vec<tch::Tensor> {
+        vec![
+            tch::Tensor::from_slice(&[49407i64]).view([1, 1]),
+            tch::Tensor::from_slice(&[1i64]).view([1, 1]),
+        ]
+    }
+
+    /// A batch of three 5-token titles: the packed products see 15 rows
+    /// where `text_inputs` gives them 8 (MKL packs each weight once, for
+    /// every row count).
+    fn batch_inputs() -> Vec<tch::Tensor> {
+        let ids = tch::Tensor::from_slice(&[
+            49406i64, 320, 2368, 49407, 0, 49406, 1125, 539, 320, 49407, 49406, 49407, 0, 0, 0,
+        ])
+        .view([3, 5]);
+        let mask = tch::Tensor::from_slice(&[1i64, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]).view([3, 5]);
+        vec![ids, mask]
+    }
+
     /// On the CPU a loaded module is frozen (its weights are graph constants,
     /// no longer parameters) and computes what the module as saved computes.
     #[test]
@@ -399,18 +448,57 @@ mod tests {
         let mut saved = tch::CModule::load_on_device(&path, tch::Device::Cpu).unwrap();
         saved.set_eval();
         assert!(!saved.named_parameters().unwrap().is_empty());
-        let (a, b) = inference_mode(|| {
-            (
-                frozen.forward_ts(&text_inputs()).unwrap(),
-                saved.forward_ts(&text_inputs()).unwrap(),
-            )
-        });
-        let diff = (&a - &b).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "frozen vs saved: max |diff| {diff}");
-        // Every Linear became a product with a pre-transposed constant.
+        // Single rows first: a product that wrote into its bias constant
+        // there (once the case) would spoil every later call.
+        for inputs in [
+            one_token_inputs(),
+            text_inputs(),
+            batch_inputs(),
+            one_token_inputs(),
+            text_inputs(),
+        ] {
+            let (a, b) = inference_mode(|| (frozen.forward_ts(&inputs).unwrap(), saved.forward_ts(&inputs).unwrap()));
+            assert_eq!(a.size(), b.size());
+            let diff = (&a - &b).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-5,
+                "frozen vs saved at {:?}: max |diff| {diff}",
+                inputs[0].size()
+            );
+        }
+        // Every Linear became a product with a packed constant (this
+        // libtorch has MKL).
         let graph = forward_graph(&frozen).unwrap();
         assert!(!graph.contains("aten::linear"), "{graph}");
-        assert!(graph.matches("aten::matmul").count() >= 12, "{graph}");
+        assert!(graph.matches("ragar::packed_linear").count() >= 12, "{graph}");
+    }
+
+    /// The tiny CLIP image tower: its patch embedding (a 32 x 32 convolution
+    /// with stride 32) becomes one packed product, which computes what
+    /// oneDNN's convolution computes, also for a size that is not a whole
+    /// number of patches (the convolution drops the remainder).
+    #[test]
+    fn patch_embeddings_become_packed_products() {
+        let path = clip_module("vision_model.ts");
+        let frozen = load_module_as(&path, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        let mut saved = tch::CModule::load_on_device(&path, tch::Device::Cpu).unwrap();
+        saved.set_eval();
+        let graph = forward_graph(&frozen).unwrap();
+        assert!(graph.contains("ragar::packed_patch_conv"), "{graph}");
+        assert!(!graph.contains("aten::_convolution"), "{graph}");
+        tch::manual_seed(7);
+        for (n, side) in [(1, 224), (3, 230)] {
+            let pixels = tch::Tensor::randn([n, 3, side, side], (tch::Kind::Float, tch::Device::Cpu));
+            let (a, b) = inference_mode(|| {
+                (
+                    frozen.forward_ts(&[pixels.shallow_clone()]).unwrap(),
+                    saved.forward_ts(&[pixels.shallow_clone()]).unwrap(),
+                )
+            });
+            assert_eq!(a.size(), b.size());
+            let diff = (&a - &b).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "frozen vs saved at {n} x {side} px: max |diff| {diff}");
+        }
     }
 
     /// A module freezing refuses (here: one in training mode) comes back
