@@ -213,9 +213,11 @@ pub fn load_module_as(path: &std::path::Path, device: tch::Device, kind: tch::Ki
 /// comparing or for a module whose frozen form misbehaves.
 pub const UNFROZEN_ENV: &str = "RAGAR_TCH_UNFROZEN";
 
-/// Whether [`UNFROZEN_ENV`] is set to `1`.
+/// Whether [`UNFROZEN_ENV`] is set to `1`, read once per process (every
+/// module call asks).
 fn keeps_modules_unfrozen() -> bool {
-    std::env::var(UNFROZEN_ENV).is_ok_and(|v| v.trim() == "1")
+    static UNFROZEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNFROZEN.get_or_init(|| std::env::var(UNFROZEN_ENV).is_ok_and(|v| v.trim() == "1"))
 }
 
 extern "C" {
@@ -320,8 +322,9 @@ extern "C" {
 }
 
 /// Run `f`, a call of a module whose inputs start with `first`: in
-/// inference mode, and for a frozen (CPU) module with TorchScript's graph
-/// executor optimizations off on this thread (`shim/freeze.cpp` says why).
+/// inference mode, and for a CPU module (frozen at load, unless freezing
+/// refused it) with TorchScript's graph executor optimizations off on this
+/// thread (`shim/freeze.cpp` says why).
 fn call_module<T>(first: Option<&tch::Tensor>, f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {
@@ -330,10 +333,10 @@ fn call_module<T>(first: Option<&tch::Tensor>, f: impl FnOnce() -> T) -> T {
             unsafe { ragar_set_graph_executor_optimize(self.0) };
         }
     }
-    let frozen = first.is_some_and(|t| t.device() == tch::Device::Cpu) && !keeps_modules_unfrozen();
+    let on_cpu = first.is_some_and(|t| t.device() == tch::Device::Cpu) && !keeps_modules_unfrozen();
     // SAFETY: as above; the guard puts the previous setting back, also on a
     // panic.
-    let _restore = frozen.then(|| Restore(unsafe { ragar_set_graph_executor_optimize(false) }));
+    let _restore = on_cpu.then(|| Restore(unsafe { ragar_set_graph_executor_optimize(false) }));
     inference_mode(f)
 }
 
