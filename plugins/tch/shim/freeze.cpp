@@ -145,9 +145,9 @@ at::Tensor packed_patch_conv(const at::Tensor& x, const at::Tensor& packed, int6
 }
 
 // Registers ragar::packed_linear and ragar::packed_patch_conv once per
-// process. The host and a
-// dynamically loaded tch plugin each carry this shim; whichever freezes a
-// module first registers it and the other finds it there. The library
+// process. The host and a dynamically loaded tch plugin each carry this
+// shim; whichever freezes a module first registers them and the other
+// finds them there. The library
 // object is never destroyed, so the registration lasts the process.
 void register_packed_ops() {
   static std::mutex lock;
@@ -163,6 +163,17 @@ void register_packed_ops() {
       "packed_patch_conv(Tensor x, Tensor packed, int out_channels, int kh, int kw, Tensor? bias) "
       "-> Tensor",
       torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(packed_patch_conv)));
+}
+
+// Puts `replacement` (already inserted after `n`) in the place of `n`'s
+// output, removes `n`, and frees the weight constant `n` read unless
+// another node reads it (a tied embedding).
+void replace_node(Node* n, Node* replacement, Value* weight) {
+  n->output()->replaceAllUsesWith(replacement->output());
+  n->destroy();
+  if (!weight->hasUses()) {
+    weight->node()->destroy();
+  }
 }
 
 // Each aten::linear(x, W, b) with a constant 2-D W becomes
@@ -212,13 +223,7 @@ void relayout_frozen_linears(std::shared_ptr<Graph>& graph) {
         result = add;
       }
     }
-    n->output()->replaceAllUsesWith(result->output());
-    n->destroy();
-    // The original matrix is freed here unless another node reads it (a
-    // tied embedding).
-    if (!weight->hasUses()) {
-      weight->node()->destroy();
-    }
+    replace_node(n, result, weight);
   }
 }
 
@@ -278,11 +283,7 @@ void pack_frozen_patch_convs(std::shared_ptr<Graph>& graph) {
     Node* result = graph->create(op, {n->input(0), packed, out_channels, kh_v, kw_v, n->input(2)});
     result->insertAfter(n);
     result->output()->setType(n->output()->type());
-    n->output()->replaceAllUsesWith(result->output());
-    n->destroy();
-    if (!weight->hasUses()) {
-      weight->node()->destroy();
-    }
+    replace_node(n, result, weight);
   }
 }
 
