@@ -27,7 +27,7 @@ import json
 import os
 
 import torch
-from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save_onnx, trace, ts_name
 from transformers import CLIPModel
 
 
@@ -102,9 +102,7 @@ def main(model_dir, dtype, onnx=True):
          {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
     ]:
         if onnx_towers:
-            save(os.path.join(model_dir, name + ".onnx"), lambda p: torch.onnx.export(
-                onnx_towers[i], inputs, p, dynamo=False, opset_version=17, input_names=in_names,
-                output_names=[out_name], dynamic_axes=axes))
+            save_onnx(os.path.join(model_dir, name + ".onnx"), onnx_towers[i], inputs, in_names, [out_name], axes)
         trace(ts_towers[i], cast(inputs, dtype), os.path.join(model_dir, ts_name(name, dtype)))
 
     # Both exports must generalise to other batch sizes and lengths: against

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name  # noqa: E402
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save_onnx, trace, ts_name  # noqa: E402
 
 
 class Content(nn.Module):
@@ -115,9 +115,7 @@ def main(state, dtype):
         print("wrote", path)
         return
     ex_keep = tuple(x for n, x in zip(names, ex) if n in keep)
-    save(stem + ".onnx", lambda p: torch.onnx.export(
-        Onnx(m), ex_keep, p, dynamo=False, opset_version=17, input_names=keep, output_names=["scores"],
-        dynamic_axes=axes))
+    save_onnx(stem + ".onnx", Onnx(m), ex_keep, keep, ["scores"], axes)
     trace(m, ex, stem + ".ts")
 
     import onnxruntime as ort

@@ -69,14 +69,17 @@ class Hidden(torch.nn.Module):
         return self.model.model(inputs_embeds=x, return_dict=True).last_hidden_state
 
 
-def main(root, dtype):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager", dtype=torch.float32).eval()
+def cache_shape(cfg):
+    """(key / value heads, head dim) of a cache tensor [batch, heads, length, head_dim]."""
+    heads = cfg.num_attention_heads
+    return cfg.num_key_value_heads or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
+def decoder_graph(model, g):
+    """The cached decoder as the export writes it: (module, example inputs,
+    input names, output names, dynamic axes); `g` draws the example."""
     cfg = model.config
-    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    kv, hd = cfg.num_key_value_heads or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    decoder, hidden = Decoder(model).eval(), Hidden(model).eval()
-    g = torch.Generator().manual_seed(1)
+    (kv, hd), layers = cache_shape(cfg), cfg.num_hidden_layers
     past, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
@@ -84,8 +87,20 @@ def main(root, dtype):
     axes.update({n: {0: "batch", 2: "total_sequence"} for n in present})
     example = (torch.randint(0, cfg.vocab_size, (1, 3), generator=g), torch.ones(1, 7, dtype=torch.long),
                torch.arange(4, 7).unsqueeze(0), *[torch.randn(1, kv, 4, hd, generator=g) for _ in past])
-    export(root, "model", decoder, example, ["input_ids", "attention_mask", "position_ids"] + past,
-           ["logits"] + present, axes, dtype)
+    return (Decoder(model).eval(), example, ["input_ids", "attention_mask", "position_ids"] + past,
+            ["logits"] + present, axes)
+
+
+def main(root, dtype):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager", dtype=torch.float32).eval()
+    cfg = model.config
+    kv, hd = cache_shape(cfg)
+    hidden = Hidden(model).eval()
+    g = torch.Generator().manual_seed(1)
+    decoder, example, names, outs, axes = decoder_graph(model, g)
+    past = names[3:]
+    export(root, "model", decoder, example, names, outs, axes, dtype)
     export(root, "hidden_states", hidden,
            (torch.randint(0, cfg.vocab_size, (1, 5), generator=g), torch.randn(3, cfg.hidden_size, generator=g)),
            ["input_ids", "img_embeddings"], ["hidden_states"],

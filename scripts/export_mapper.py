@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name  # noqa: E402
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save_onnx, trace, ts_name  # noqa: E402
 from ragar_mapper import Mapper  # noqa: E402
 
 
@@ -66,9 +66,7 @@ def main(ckpt, dtype):
         print("wrote", path)
         return
     axes = {n: {0: "batch"} for n in ["x", "kw", "mapped", "preference"]}
-    save(stem + ".onnx", lambda p: torch.onnx.export(
-        m, example, p, dynamo=False, opset_version=17, input_names=["x", "kw"],
-        output_names=["mapped", "preference"], dynamic_axes=axes))
+    save_onnx(stem + ".onnx", m, example, ["x", "kw"], ["mapped", "preference"], axes)
     trace(m, example, stem + ".ts")
 
     import onnxruntime as ort

@@ -16,7 +16,7 @@ import copy
 import os
 
 import torch
-from ragar_export import DTYPES, HALF_LIMIT, command_line, relative, save, trace, ts_name
+from ragar_export import DTYPES, HALF_LIMIT, command_line, relative, save_onnx, trace, ts_name
 from transformers import AutoModel
 
 
@@ -57,13 +57,9 @@ def main(model_dir, dtype):
             assert d < HALF_LIMIT[dtype], "export does not reproduce the model"
         return
     onnx_path = os.path.join(model_dir, "model.onnx")
-    save(onnx_path, lambda p: torch.onnx.export(
-        wrapper, trace_inputs, p, dynamo=False, opset_version=17,
-        input_names=["input_ids", "attention_mask", "token_type_ids"],
-        output_names=["last_hidden_state"],
-        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in
-                      ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
-    ))
+    save_onnx(onnx_path, wrapper, trace_inputs, ["input_ids", "attention_mask", "token_type_ids"],
+              ["last_hidden_state"], {n: {0: "batch", 1: "sequence"} for n in
+                                      ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]})
     trace(wrapper, trace_inputs, ts_path)
 
     # The traced graph and the ONNX graph must generalise to other shapes.

