@@ -54,7 +54,7 @@ def _known(v):
 
 
 def _values(data):
-    """The inference's value of a shape tensor as a flat list (None if not one)."""
+    """The inference's value of a shape tensor (a list, an array or a scalar) as a flat list."""
     if isinstance(data, (list, tuple)):
         return list(data)
     if isinstance(data, np.ndarray):
@@ -88,9 +88,8 @@ def fold(model):
     produced = {o: n for n in graph.node for o in n.output}
     constant = {i.name for i in graph.initializer}
     constant.update(n.output[0] for n in graph.node if n.op_type == "Constant")
-    dtypes = {}
-    for vi in list(inference.known_vi_.values()):
-        dtypes[vi.name] = (vi.type.tensor_type.elem_type, len(vi.type.tensor_type.shape.dim))
+    dtypes = {name: (vi.type.tensor_type.elem_type, len(vi.type.tensor_type.shape.dim))
+              for name, vi in inference.known_vi_.items()}
     added = []
 
     def make_constant(node, index, values, dtype=np.int64, scalar=False):
