@@ -62,20 +62,25 @@ def _values(data):
     return [data]
 
 
+def _none_folded():
+    return {"reshape": 0, "expand": 0, "constant": 0, "dropped": 0}
+
+
 def fold(model):
     """Rewrite `model` (an onnx.ModelProto, in place) as above; returns
     {"reshape": n, "expand": n, "constant": n, "dropped": n} (how many
     targets became constants, and how many nodes were dropped after)."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    counts = {"reshape": 0, "expand": 0, "constant": 0, "dropped": 0}
-    inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+    counts = _none_folded()
     try:
+        # Inside: an onnxruntime without its tools (another build, another
+        # version on a GPU machine) leaves the graph as exported.
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
         inference._preprocess(model)
         complete = False
         while inference.run_:
             complete = inference._infer_impl()
-    except Exception as e:  # the inference covers most, not all, operators
+    except Exception as e:  # it covers most, not all, operators
         print(f"note: shape folding skipped: symbolic shape inference failed ({type(e).__name__}: {e})",
               file=sys.stderr)
         return counts
@@ -174,8 +179,12 @@ def fold_file(path):
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
         # Weights beside the graph (over 2 GB): one protobuf cannot hold them.
         print(f"note: {path}: shape folding skipped: its weights are stored outside the graph", file=sys.stderr)
-        return {"reshape": 0, "expand": 0, "constant": 0, "dropped": 0}
-    counts = fold(model)
+        return _none_folded()
+    try:
+        counts = fold(model)
+    except Exception as e:  # the inference's internals are not a stable API
+        print(f"note: {path}: shape folding skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return _none_folded()
     if counts["reshape"] + counts["expand"] + counts["constant"]:
         onnx.checker.check_model(model)
         onnx.save(model, path + ".fold")
