@@ -69,6 +69,11 @@ class Hidden(torch.nn.Module):
         return self.model.model(inputs_embeds=x, return_dict=True).last_hidden_state
 
 
+def load_model(root):
+    """The causal LM in `root` as the exports trace it: eager attention, f32, eval mode."""
+    return AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager", dtype=torch.float32).eval()
+
+
 def cache_shape(cfg):
     """(key / value heads, head dim) of a cache tensor [batch, heads, length, head_dim]."""
     heads = cfg.num_attention_heads
@@ -93,7 +98,7 @@ def decoder_graph(model, g):
 
 def main(root, dtype):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager", dtype=torch.float32).eval()
+    model = load_model(root)
     cfg = model.config
     kv, hd = cache_shape(cfg)
     hidden = Hidden(model).eval()

@@ -30,6 +30,7 @@ sizes and lengths, and tests/python/onnx_shapes_fold.py holds a decoder's
 folded graph to its unfolded one. A graph the inference cannot follow is
 left as exported.
 """
+import os
 import sys
 
 import numpy as np
@@ -174,7 +175,6 @@ def _drop_unused(graph):
 
 def fold_file(path):
     """Fold the graph at `path` in place (atomically); returns the counts."""
-    import os
     model = onnx.load(path, load_external_data=False)
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
         # Weights beside the graph (over 2 GB): one protobuf cannot hold them.

@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 import onnx_shapes  # noqa: E402
-from export_llm import cache_shape, decoder_graph  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from export_llm import cache_shape, decoder_graph, load_model  # noqa: E402
 
 
 def shape_nodes(path):
@@ -48,8 +47,7 @@ def run(session, ids, pieces, kv, hd, layers):
 
 def main(cache_dir):
     model_dir = os.path.join(cache_dir, "models", "qwen2-tiny-chat")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
-                                                 dtype=torch.float32).eval()
+    model = load_model(model_dir)
     cfg = model.config
     kv, hd = cache_shape(cfg)
     module, example, names, outs, axes = decoder_graph(model, torch.Generator().manual_seed(1))
