@@ -8,6 +8,11 @@ backends read. Nothing is downloaded.
                                     vision 12 x 768 at 224 px / 32 px
                                     patches, 512-d projections (151 M
                                     parameters; ~1.8 GB with the exports)
+  CACHE/bench/blip-base-random      Salesforce/blip-image-captioning-base's
+                                    architecture: ViT-B/16 at 384 px, a 12 x 768
+                                    BERT text decoder with cross-attention, BLIP's
+                                    real tokenizer (224 M parameters; ~2.7 GB with
+                                    the exports)
 
 With --gpu, the H100 targets' architectures instead (configs/bench/gpu.yaml),
 with f16 TorchScript exports (tch on CUDA; no ONNX: ort's CUDA provider is
@@ -21,11 +26,13 @@ unverified):
                                     860 M parameters, CLIP ViT-L/14 text tower,
                                     the SD VAE) in diffusers' layout
 
-The real tokenizer (CACHE/models/clip-tokenizer, made by scripts/setup.sh)
-is linked in. Real checkpoints need none of this: download one and run
-scripts/export_clip.py on it.
+The real tokenizers (CACHE/models/clip-tokenizer; BLIP's from the
+all-MiniLM-L6-v2 vocabulary, as scripts/fixtures/make_blip.py builds it) go
+in. Real checkpoints need none of this: download one and run
+scripts/export_clip.py / export_blip.py on it.
 
-Usage: python scripts/make_bench_models.py CACHE [--gpu]   (scripts/setup.sh --bench)
+Usage: python scripts/make_bench_models.py CACHE [clip-b32|blip-base|--gpu]   (scripts/setup.sh --bench;
+       without a name, clip-b32)
 """
 import os
 import shutil
@@ -50,6 +57,37 @@ def clip(cache, name, config):
         for f in os.listdir(tok):
             os.symlink(os.path.join(tok, f), os.path.join(part, f))
         os.replace(part, out)
+    return out
+
+
+def blip_base(cache):
+    """A random-weight BLIP captioner with blip-image-captioning-base's
+    architecture and processor (384 px, CLIP mean / std), made if missing;
+    returns its path. Weights are transformers' own initialization (normal,
+    std 0.02), seeded."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+    from make_blip import blip_tokenizer
+
+    out = os.path.join(cache, "bench", "blip-base-random")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    config = BlipConfig(
+        text_config=dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, encoder_hidden_size=768, max_position_embeddings=512,
+                         bos_token_id=30522, sep_token_id=102, pad_token_id=0, eos_token_id=2),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=384, patch_size=16),
+    )
+    torch.manual_seed(0)
+    part = out + ".part"
+    shutil.rmtree(part, ignore_errors=True)
+    BlipForConditionalGeneration(config).eval().save_pretrained(part, safe_serialization=True)
+    tok = blip_tokenizer(os.path.join(cache, "models", "all-MiniLM-L6-v2"))
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tok) \
+        .save_pretrained(part)
+    os.replace(part, out)
     return out
 
 
@@ -101,7 +139,10 @@ if __name__ == "__main__":
         # The GPU rows run f16 (candle converts the f32 safetensors itself).
         export_clip.main(l14, "f16", onnx=False)
         export_sd.main(sd, "f16", onnx=False)
-    elif sys.argv[2:]:
-        sys.exit("usage: python scripts/make_bench_models.py CACHE [--gpu]")
-    else:
+    elif sys.argv[2:] == ["blip-base"]:
+        import export_blip
+        export_blip.main(blip_base(cache), "f32")
+    elif sys.argv[2:] in ([], ["clip-b32"]):
         export_clip.main(clip(cache, "clip-vit-b32-random", CLIPConfig()), "f32")
+    else:
+        sys.exit("usage: python scripts/make_bench_models.py CACHE [clip-b32|blip-base|--gpu]")

@@ -249,14 +249,18 @@ if ! stamp_ok "$CACHE/data/metrics-ref/.stamp" "$want"; then
   "$V/bin/python" -W ignore "$ROOT/scripts/fixtures/make_metrics.py" "$CACHE/data/metrics-ref" > /dev/null
   echo "$want" > "$CACHE/data/metrics-ref/.stamp"
 fi
-# 13. With --bench: CLIP ViT-B/32 with random weights (+ exports), ~1.8 GB.
+# 13. With --bench: CLIP ViT-B/32 (~1.8 GB) and BLIP-base (~2.7 GB) with
+#     random weights (+ exports), for the matrix's real-size rows.
 if [[ $BENCH == 1 ]]; then
-  want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/export_clip.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
-  if ! stamp_ok "$CACHE/bench/clip-vit-b32-random/.stamp" "$want"; then
-    say "making CLIP ViT-B/32 with random weights (+ ONNX / TorchScript exports) for the benchmarks"
-    rm -rf "$CACHE/bench/clip-vit-b32-random"
-    "$V/bin/python" "$ROOT/scripts/make_bench_models.py" "$CACHE"
-    echo "$want" > "$CACHE/bench/clip-vit-b32-random/.stamp"
-  fi
+  for model in clip-b32:clip-vit-b32-random:export_clip blip-base:blip-base-random:export_blip; do
+    IFS=: read -r name dir exporter <<< "$model"
+    want="$(cat "$ROOT/scripts/make_bench_models.py" "$ROOT/scripts/fixtures/make_blip.py" "$ROOT/scripts/$exporter.py" "$ROOT/scripts/ragar_export.py" "$ROOT/scripts/onnx_shapes.py" | sha256sum | cut -c1-16)"
+    if ! stamp_ok "$CACHE/bench/$dir/.stamp" "$want"; then
+      say "making $dir (random weights, + ONNX / TorchScript exports) for the benchmarks"
+      rm -rf "$CACHE/bench/$dir"
+      "$V/bin/python" "$ROOT/scripts/make_bench_models.py" "$CACHE" "$name"
+      echo "$want" > "$CACHE/bench/$dir/.stamp"
+    fi
+  done
 fi
 say "ready: $CACHE"
