@@ -116,17 +116,19 @@ def trace(module, inputs, path):
         raise RuntimeError(f"{path}: {left} device constants left after tracing")
 
 
-def export(root, name, module, inputs, names, outs, axes, dtype="f32"):
+def export(root, name, module, inputs, names, outs, axes, dtype="f32", traced=None):
     """`root/name.onnx` (opset 17, dynamic `axes`) and `root/name.ts`
-    (traced); for a half `dtype`, `root/name.f16.ts` alone from a half copy
-    of `module`, traced on `inputs` cast to it."""
+    (traced from `traced`, where it is given, else `module`); for a half
+    `dtype`, `root/name.f16.ts` alone from a half copy of it, traced on
+    `inputs` cast to it."""
     path = os.path.join(root, name)
+    traced = module if traced is None else traced
     if dtype != "f32":
         import copy
-        trace(copy.deepcopy(module).to(DTYPES[dtype]), cast(inputs, dtype), os.path.join(root, ts_name(name, dtype)))
+        trace(copy.deepcopy(traced).to(DTYPES[dtype]), cast(inputs, dtype), os.path.join(root, ts_name(name, dtype)))
         return
     save_onnx(path + ".onnx", module, inputs, names, outs, axes)
-    trace(module, inputs, path + ".ts")
+    trace(traced, inputs, path + ".ts")
 
 
 def runners(root, graphs, dtype="f32"):
