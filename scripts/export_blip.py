@@ -33,6 +33,10 @@ stay in ragar (ragar_core::decoding, ragar_core::blip), shared with candle.
 Checked against transformers at other shapes (the cached decoders: the
 prefix fed in three pieces against one uncached pass).
 
+The TorchScript vision towers run attention as one fused
+aten::scaled_dot_product_attention (libtorch's flash kernels on the CPU and
+CUDA); the ONNX graphs keep transformers' separate ops.
+
 `--dtype f16` (or bf16) writes half-precision TorchScript modules instead
 (*.f16.ts: float inputs, caches and outputs in f16), which the tch backend
 reads for `dtype: f16`; ONNX exports stay f32.
@@ -135,11 +139,11 @@ class Decoder(torch.nn.Module):
 class Queries(torch.nn.Module):
     """BLIP-2: pixels -> vision model -> Q-Former -> language projection."""
 
-    def __init__(self, blip2):
+    def __init__(self, blip2, vision_model=None):
         super().__init__()
         # Not the language model: a traced module keeps every parameter of
         # the submodules it holds (OPT-2.7B's 10 GB in this file).
-        self.vision_model = blip2.vision_model
+        self.vision_model = blip2.vision_model if vision_model is None else vision_model
         self.query_tokens = blip2.query_tokens
         self.qformer = blip2.qformer
         self.language_projection = blip2.language_projection
@@ -151,6 +155,17 @@ class Queries(torch.nn.Module):
         out = self.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=mask,
                            return_dict=True).last_hidden_state
         return self.language_projection(out)
+
+
+def sdpa_vision(vision_model):
+    """A copy of BLIP-2's vision model on transformers' sdpa attention (one
+    aten::scaled_dot_product_attention per layer, as FusedAttention above),
+    for the TorchScript export; the model itself stays eager for the ONNX
+    graph and as the reference."""
+    import copy
+    fused = copy.deepcopy(vision_model)
+    fused.config._attn_implementation = "sdpa"
+    return fused.eval()
 
 
 class Embed(torch.nn.Module):
@@ -198,7 +213,8 @@ def main_blip2(root, dtype):
     lm_axes.update({f"past_key_values.{k}": {0: "batch", 2: "past_sequence"} for k in kv})
     lm_axes.update({f"present.{k}": {0: "batch", 2: "total_sequence"} for k in kv})
     export(root, "image_queries", queries, (px,), ["pixel_values"], ["image_queries"],
-           {"pixel_values": {0: "batch"}, "image_queries": {0: "batch"}}, dtype)
+           {"pixel_values": {0: "batch"}, "image_queries": {0: "batch"}}, dtype,
+           traced=Queries(blip2, sdpa_vision(blip2.vision_model)).eval())
     export(root, "embed_tokens", embed, (ids,), ["input_ids"], ["inputs_embeds"],
            {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}, dtype)
     export(root, "language_model_with_past", lm, (emb, mask, *past),
