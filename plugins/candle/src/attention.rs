@@ -14,7 +14,9 @@
 //! registers (4 query rows x 64 keys on AVX-512, x 16 on AVX2), adds the
 //! bias, takes the softmax, and multiplies by v before normalising (the
 //! division moves to the `d` outputs), writing its rows straight into
-//! `[b, sq, heads, d]`.
+//! `[b, sq, heads, d]`. A task of at most 4 query rows (a decoding step)
+//! reads k and v where they lie instead of packing them: a copy of the
+//! whole cache to serve one row cost more than the row's arithmetic.
 //! The softmax uses `activation`'s vectorised `exp`; a fully masked row
 //! gives NaN, as torch does.
 //!
@@ -246,13 +248,13 @@ unsafe fn run(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
             return unsafe { run_avx2(head, b, h, i0, i1, out) };
         }
     }
-    unsafe { block::<16>(head, b, h, i0, i1, out) }
+    unsafe { block::<16, 16, false>(head, b, h, i0, i1, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn run_avx512(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
-    unsafe { block::<64>(head, b, h, i0, i1, out) }
+    unsafe { block::<64, 64, true>(head, b, h, i0, i1, out) }
 }
 
 // 16 keys per score tile: with 32, the 4 rows' accumulators alone take
@@ -261,15 +263,37 @@ unsafe fn run_avx512(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
-    unsafe { block::<16>(head, b, h, i0, i1, out) }
+    unsafe { block::<16, 16, true>(head, b, h, i0, i1, out) }
 }
 
-/// Lanes of the output kernel's accumulators (one zmm).
+/// Lanes of the output kernel's narrowest tile (one zmm); v's rows are
+/// padded to a multiple of it.
 const LANES: usize = 16;
 
-/// The task: `W` keys per score tile (`ROWS x W` accumulators).
+/// `a * b + c`, in one rounding (an FMA instruction) where `FMA` says the
+/// calling kernel's CPU has them; Rust never fuses `a * b + c` itself, and
+/// without the instruction `mul_add` is a library call.
 #[inline(always)]
-unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// The task: `W` keys per score tile (`ROWS x W` accumulators), output
+/// tiles up to `V` of the head's `d` values wide (`ROWS x V` accumulators),
+/// multiply-adds fused where `FMA`.
+#[inline(always)]
+unsafe fn block<const W: usize, const V: usize, const FMA: bool>(
+    head: &Head,
+    b: usize,
+    h: usize,
+    i0: usize,
+    i1: usize,
+    out: Out,
+) {
     let Head {
         q,
         k,
@@ -284,18 +308,32 @@ unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: 
     let hk = h / group;
     if d <= NARROW_D && i1 - i0 >= QL / 2 {
         return match d {
-            0..=4 => unsafe { narrow::<4>(head, b, h, i0, i1, out) },
-            5..=8 => unsafe { narrow::<8>(head, b, h, i0, i1, out) },
-            _ => unsafe { narrow::<16>(head, b, h, i0, i1, out) },
+            0..=4 => unsafe { narrow::<4, FMA>(head, b, h, i0, i1, out) },
+            5..=8 => unsafe { narrow::<8, FMA>(head, b, h, i0, i1, out) },
+            _ => unsafe { narrow::<16, FMA>(head, b, h, i0, i1, out) },
         };
+    }
+    if i1 - i0 <= ROWS {
+        return unsafe { few_rows::<FMA>(head, b, h, i0, i1, out) };
     }
     // kᵀ as `d` rows of `skp` keys (zero past sk), and v as `sk` rows of
     // `dp` values (zero past d), so every tile loads whole vectors.
     let (skp, dp) = (sk.next_multiple_of(W), d.next_multiple_of(LANES));
+    // Transposed 16 keys at a time: their rows stay in L1 while each of
+    // the `d` destination rows gets 16 adjacent values. Key by key, every
+    // key's `d` values went to `d` rows `skp` apart, a quarter of a BLIP-
+    // base attention's time.
     let mut kt = vec![0.0f32; d * skp];
-    for j in 0..sk {
-        for (t, &x) in k.row(b, hk, j, d).iter().enumerate() {
-            kt[t * skp + j] = x;
+    for j0 in (0..sk).step_by(16) {
+        let n = (sk - j0).min(16);
+        let mut keys: [&[f32]; 16] = [&[]; 16];
+        for (slot, j) in keys.iter_mut().zip(j0..j0 + n) {
+            *slot = k.row(b, hk, j, d);
+        }
+        for t in 0..d {
+            for (o, key) in kt[t * skp + j0..].iter_mut().zip(&keys[..n]) {
+                *o = key[t];
+            }
         }
     }
     let mut vp = vec![0.0f32; sk * dp];
@@ -314,7 +352,7 @@ unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: 
                 *o = x * head.scale;
             }
         }
-        scores::<W>(&qs, &kt, d, skp, &mut s);
+        scores::<W, FMA>(&qs, &kt, d, skp, &mut s);
         let mut inv = [0.0f32; ROWS];
         for r in 0..rows {
             let row = &mut s[r * skp..r * skp + sk];
@@ -328,29 +366,151 @@ unsafe fn block<const W: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: 
             row.iter_mut().for_each(|x| *x = exp(*x - max));
             inv[r] = 1.0 / reduce(row, 0.0, |a, x| a + x);
         }
-        for dc in (0..dp).step_by(LANES) {
-            let mut acc = [[0.0f32; LANES]; ROWS];
-            for j in 0..sk {
-                let vv: &[f32; LANES] = vp[j * dp + dc..j * dp + dc + LANES].try_into().unwrap();
-                for r in 0..ROWS {
-                    let p = s[r * skp + j];
-                    for c in 0..LANES {
-                        acc[r][c] += p * vv[c];
-                    }
-                }
-            }
-            let cols = LANES.min(d - dc);
-            for r in 0..rows {
-                // SAFETY: row i + r of head h lies inside `out` ([b, sq,
-                // heads, d]) and only this task writes it.
-                let dst = unsafe { out.0.add(((b * sq + i + r) * heads + h) * d + dc) };
-                for c in 0..cols {
-                    unsafe { *dst.add(c) = acc[r][c] * inv[r] };
-                }
-            }
+        // The widest tiles that fit what is left of `dp`: a 64-wide head is
+        // one 4 x 64 tile on AVX-512 (16 accumulators, each key's weights
+        // and values loaded once for 16 products) where 16-wide tiles did
+        // 4 products per load, one dependent chain per row.
+        let mut dc = 0;
+        while dc < dp {
+            let tile = Tile {
+                s: &s,
+                skp,
+                vp: &vp,
+                dp,
+                dc,
+                sk,
+                rows,
+                inv: &inv,
+                d,
+                // SAFETY: row i of head h lies inside `out` ([b, sq, heads,
+                // d]) and only this task writes rows i..i + rows.
+                dst: unsafe { out.0.add(((b * sq + i) * heads + h) * d) },
+                row_stride: heads * d,
+            };
+            dc += match dp - dc {
+                left if V >= 64 && left >= 64 => unsafe { tile.weighted::<64, FMA>() },
+                left if V >= 32 && left >= 32 => unsafe { tile.weighted::<32, FMA>() },
+                _ => unsafe { tile.weighted::<LANES, FMA>() },
+            };
         }
         i += rows;
     }
+}
+
+/// One output tile: [`ROWS`] query rows' softmax weights `s` times v's
+/// values `dc..dc + C`, normalised, written to `dst`.
+struct Tile<'a> {
+    s: &'a [f32],
+    skp: usize,
+    vp: &'a [f32],
+    dp: usize,
+    dc: usize,
+    sk: usize,
+    rows: usize,
+    inv: &'a [f32; ROWS],
+    d: usize,
+    /// The first row's output values; rows are `row_stride` apart.
+    dst: *mut f32,
+    row_stride: usize,
+}
+
+impl Tile<'_> {
+    /// The tile `C` values wide; returns `C`.
+    #[inline(always)]
+    unsafe fn weighted<const C: usize, const FMA: bool>(&self) -> usize {
+        let Tile {
+            s, skp, vp, dp, dc, sk, ..
+        } = *self;
+        // Checked once here: a bounds check per load in the loop below made
+        // LLVM keep the accumulators in memory, a store per product.
+        assert!(sk <= skp && s.len() >= ROWS * skp && dc + C <= dp && vp.len() >= sk * dp);
+        let mut acc = [[0.0f32; C]; ROWS];
+        for j in 0..sk {
+            // SAFETY: j < sk and dc + C <= dp (asserted above).
+            let vv = unsafe { &*vp.as_ptr().add(j * dp + dc).cast::<[f32; C]>() };
+            for r in 0..ROWS {
+                // SAFETY: r * skp + j < ROWS * skp <= s.len().
+                let p = unsafe { *s.get_unchecked(r * skp + j) };
+                for c in 0..C {
+                    acc[r][c] = madd::<FMA>(p, vv[c], acc[r][c]);
+                }
+            }
+        }
+        let cols = C.min(self.d - dc.min(self.d));
+        for r in 0..self.rows {
+            for c in 0..cols {
+                // SAFETY: value dc + c < d of row r of the caller's rows.
+                unsafe { *self.dst.add(r * self.row_stride + dc + c) = acc[r][c] * self.inv[r] };
+            }
+        }
+        C
+    }
+}
+
+/// The task for at most [`ROWS`] query rows (a decoding step: one new
+/// token against the cache, or against the image's cross keys): each
+/// score is a dot product of the query with a key row where the keys lie,
+/// and the output sums value rows where they lie. Packing kᵀ and v, as
+/// [`block`] does for many rows, copied the whole cache to serve one row:
+/// with BLIP-base's 577 image keys, a quarter of a caption's attention.
+#[inline(always)]
+unsafe fn few_rows<const FMA: bool>(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+    let Head {
+        q,
+        k,
+        v,
+        sq,
+        sk,
+        d,
+        heads,
+        group,
+        scale,
+        ..
+    } = *head;
+    let hk = h / group;
+    let mut s = vec![0.0f32; sk];
+    let mut o = vec![0.0f32; d];
+    for i in i0..i1 {
+        let qi = q.row(b, h, i, d);
+        for (j, x) in s.iter_mut().enumerate() {
+            *x = dot::<FMA>(qi, k.row(b, hk, j, d)) * scale;
+        }
+        if let Some((m, start, st)) = head.bias {
+            let at = start + b * st[0] + h * st[1] + i * st[2];
+            s.iter_mut().enumerate().for_each(|(j, x)| *x += m[at + j * st[3]]);
+        }
+        // NaN is passed over here and comes back through exp; a row of
+        // -inf (fully masked) gives NaN, as torch does.
+        let max = reduce(&s, f32::NEG_INFINITY, |a, x| if x > a { x } else { a });
+        s.iter_mut().for_each(|x| *x = exp(*x - max));
+        let inv = 1.0 / reduce(&s, 0.0, |a, x| a + x);
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (j, &p) in s.iter().enumerate() {
+            for (x, &y) in o.iter_mut().zip(v.row(b, hk, j, d)) {
+                *x = madd::<FMA>(p, y, *x);
+            }
+        }
+        for (c, &x) in o.iter().enumerate() {
+            // SAFETY: row i of head h lies inside `out` ([b, sq, heads, d])
+            // and only this task writes it.
+            unsafe { *out.0.add(((b * sq + i) * heads + h) * d + c) = x * inv };
+        }
+    }
+}
+
+/// `a · b` over equal lengths, [`LANES`] partial sums at a time.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    let tail = ar.iter().zip(br).fold(0.0, |t, (&x, &y)| madd::<FMA>(x, y, t));
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Heads this narrow or narrower take [`narrow`] (given enough query rows).
@@ -367,7 +527,7 @@ const QL: usize = 16;
 /// the outputs are `D` products with broadcast values; `D` (4, 8 or 16) is
 /// the head width rounded up, zero-padded.
 #[inline(always)]
-unsafe fn narrow<const D: usize>(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
+unsafe fn narrow<const D: usize, const FMA: bool>(head: &Head, b: usize, h: usize, i0: usize, i1: usize, out: Out) {
     let Head {
         q,
         k,
@@ -412,7 +572,7 @@ unsafe fn narrow<const D: usize>(head: &Head, b: usize, h: usize, i0: usize, i1:
             let mut acc = [0.0f32; QL];
             for t in 0..D {
                 for l in 0..QL {
-                    acc[l] += kp[j][t] * qt[t][l];
+                    acc[l] = madd::<FMA>(kp[j][t], qt[t][l], acc[l]);
                 }
             }
             if !bias.is_empty() {
@@ -435,7 +595,7 @@ unsafe fn narrow<const D: usize>(head: &Head, b: usize, h: usize, i0: usize, i1:
             }
             for c in 0..D {
                 for l in 0..QL {
-                    o[c][l] += p[l] * vp[j][c];
+                    o[c][l] = madd::<FMA>(p[l], vp[j][c], o[c][l]);
                 }
             }
         }
@@ -455,15 +615,19 @@ unsafe fn narrow<const D: usize>(head: &Head, b: usize, h: usize, i0: usize, i1:
 /// `s[r * skp + j] = qs_r · kt_j` for [`ROWS`] rows, `W` keys at a time in
 /// registers.
 #[inline(always)]
-fn scores<const W: usize>(qs: &[f32], kt: &[f32], d: usize, skp: usize, s: &mut [f32]) {
+fn scores<const W: usize, const FMA: bool>(qs: &[f32], kt: &[f32], d: usize, skp: usize, s: &mut [f32]) {
+    // Checked once here, not per load in the loop (see Tile::weighted).
+    assert!(skp % W == 0 && kt.len() >= d * skp && qs.len() >= ROWS * d && s.len() >= ROWS * skp);
     for jc in (0..skp).step_by(W) {
         let mut acc = [[0.0f32; W]; ROWS];
         for t in 0..d {
-            let kk: &[f32; W] = kt[t * skp + jc..t * skp + jc + W].try_into().unwrap();
+            // SAFETY: jc + W <= skp and t < d (asserted above).
+            let kk = unsafe { &*kt.as_ptr().add(t * skp + jc).cast::<[f32; W]>() };
             for r in 0..ROWS {
-                let a = qs[r * d + t];
+                // SAFETY: r * d + t < ROWS * d <= qs.len().
+                let a = unsafe { *qs.get_unchecked(r * d + t) };
                 for c in 0..W {
-                    acc[r][c] += a * kk[c];
+                    acc[r][c] = madd::<FMA>(a, kk[c], acc[r][c]);
                 }
             }
         }
@@ -508,6 +672,9 @@ mod tests {
             (1, 4, 65, 33, 17),
             (3, 1, 130, 129, 64),
             (1, 8, 1, 20, 64),
+            // Output tiles of 64 + 16 and 64 + 32 values.
+            (1, 2, 9, 70, 80),
+            (2, 1, 6, 33, 96),
             // Narrow heads (query rows in the lanes): 1 / 4 / 8 / 16 wide,
             // rows around the 16 lanes.
             (2, 4, 64, 77, 4),
